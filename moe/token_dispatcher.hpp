@@ -1,0 +1,56 @@
+#pragma once
+// Token dispatcher: spine steps 4 (permute), 5 (dispatch), 7 (combine + unpermute).
+//
+// plan()      sorts this rank's kept (token, slot) pairs by global expert id and agrees with the
+//             EP group on how many rows go where (one counts all-to-all). The plan is computed
+//             once per layer call and reused by combine and by backward (autograd keeps it).
+// permute()   x [T, H] -> xp [N, H], rows grouped by global expert (N = kept slots).
+// dispatch()  xp -> [R, H] rows for this rank's E/ep local experts, grouped by local expert,
+//             then by source rank (R = rows received). Differentiable (all-to-all-v).
+// combine()   inverse of dispatch: expert outputs [R, H] -> [N, H] back on the source rank.
+// unpermute() y[t] = Σ_j gate[t, j] · out[t, j] summed in slot order j = 0..k-1, dropped slots
+//             contribute 0 — a fixed order, so the result does not depend on ep_size.
+// Collective: plan/dispatch/combine must be called by every EP-group member in the same order.
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "parallel/communicator.hpp"
+
+namespace moeforge::moe {
+
+struct DispatchPlan {
+  int64_t num_tokens = 0;
+  int64_t top_k = 0;
+  at::Tensor slot_order;                       // [N] int64 flat slot ids (t*k + j) by expert
+  at::Tensor token_of_row;                     // [N] int64 token of each permuted row
+  std::vector<int64_t> send_rows;              // [ep] rows this rank sends to each EP rank
+  std::vector<int64_t> recv_rows;              // [ep] rows this rank receives from each
+  at::Tensor local_order;                      // [R] received row -> (local expert, source) order
+  std::vector<int64_t> rows_per_local_expert;  // [E/ep]
+};
+
+class TokenDispatcher {
+ public:
+  // `ep` is the expert-parallel group (size 1 = all experts local). Not owned.
+  TokenDispatcher(parallel::Communicator& ep, int64_t num_experts);
+
+  // expert_ids [T, k] int64; keep [T, k] bool or undefined (= keep all).
+  DispatchPlan plan(const at::Tensor& expert_ids, const at::Tensor& keep) const;
+  at::Tensor permute(const at::Tensor& x, const DispatchPlan& plan) const;
+  at::Tensor dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
+  at::Tensor combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
+  at::Tensor unpermute(const at::Tensor& combined, const at::Tensor& gates,
+                       const DispatchPlan& plan) const;
+
+  int64_t num_local_experts() const { return num_local_experts_; }
+  int64_t first_local_expert() const { return first_local_expert_; }
+
+ private:
+  parallel::Communicator& ep_;
+  int64_t num_experts_;
+  int64_t num_local_experts_;
+  int64_t first_local_expert_;
+};
+
+}  // namespace moeforge::moe

@@ -1,0 +1,59 @@
+#pragma once
+// Communicator: the collectives the trainer needs, on tensors, within one process group.
+//
+// Contract:
+//  - Every member of the group must call the same collectives in the same order (like MPI).
+//  - Calls block until this rank's part is complete; input tensors are not modified unless the
+//    call says "in place"; returned tensors are freshly allocated and owned by the caller.
+//  - Row-wise calls treat dim 0 as rows; a row is the contiguous slice input[i].
+//  - Not thread-safe: one thread at a time uses a given communicator.
+//  - Errors (unsupported dtype, bad split sizes) throw std::runtime_error; a failed peer makes
+//    MPI abort the whole job rather than hang.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moeforge::parallel {
+
+enum class ReduceOp { kSum, kMax, kMin };
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend() const = 0;
+
+  // In place: tensor <- op over all members' tensors. `tensor` must be contiguous.
+  virtual void all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) = 0;
+
+  // Sends rows [offset_p, offset_p + send_rows[p]) of `input` to member p (offsets are the
+  // running sum of send_rows) and returns the rows received, ordered by source member:
+  // shape [sum(recv_rows), input.sizes()[1:]...]. recv_rows must match the peers' send_rows.
+  virtual at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
+                                  const std::vector<int64_t>& recv_rows) = 0;
+
+  // In place: every member's `tensor` becomes root's.
+  virtual void broadcast(at::Tensor& tensor, int root) = 0;
+
+  // Returns [size(), tensor.sizes()...]: member i's tensor in slot i. Same shape on all members.
+  virtual at::Tensor all_gather(const at::Tensor& tensor) = 0;
+
+  virtual void barrier() = 0;
+};
+
+// Exchanges one int64 per peer: element p of `send` goes to member p; returns what each member
+// sent to this one (element p from member p). Used to agree on all-to-all-v split sizes.
+std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send);
+
+// Sum of an int64 vector over the group (for load counts / telemetry).
+std::vector<int64_t> all_reduce_counts(Communicator& comm, const std::vector<int64_t>& values);
+
+// Mean of a double over the group.
+double all_reduce_mean(Communicator& comm, double value);
+
+}  // namespace moeforge::parallel

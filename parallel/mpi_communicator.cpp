@@ -1,0 +1,165 @@
+#include "parallel/mpi_communicator.hpp"
+
+#include <ATen/ATen.h>
+
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace moeforge::parallel {
+namespace {
+
+void check_mpi(int code, const char* what) {
+  if (code == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(code, text, &length);
+  throw std::runtime_error(std::string(what) + " failed: " + std::string(text, length));
+}
+
+// Datatype for element-wise reductions; 16-bit floats have no MPI reduction type.
+MPI_Datatype reduction_type(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kLong: return MPI_INT64_T;
+    case at::kInt: return MPI_INT32_T;
+    case at::kByte: return MPI_UINT8_T;
+    default:
+      throw std::runtime_error(std::string("MPI all_reduce: unsupported dtype ") +
+                               c10::toString(type));
+  }
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return MPI_SUM;
+    case ReduceOp::kMax: return MPI_MAX;
+    case ReduceOp::kMin: return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+// A committed datatype of `bytes` contiguous bytes; freed when it goes out of scope.
+class RowType {
+ public:
+  explicit RowType(int64_t bytes) {
+    check_mpi(MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &type_), "MPI_Type_contiguous");
+    check_mpi(MPI_Type_commit(&type_), "MPI_Type_commit");
+  }
+  ~RowType() { MPI_Type_free(&type_); }
+  MPI_Datatype get() const { return type_; }
+
+ private:
+  MPI_Datatype type_;
+};
+
+std::vector<int> to_int_counts(const std::vector<int64_t>& rows, const char* what) {
+  std::vector<int> counts(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || rows[i] > std::numeric_limits<int>::max())
+      throw std::runtime_error(std::string(what) + ": row count out of range");
+    counts[i] = static_cast<int>(rows[i]);
+  }
+  return counts;
+}
+
+std::vector<int> displacements(const std::vector<int>& counts) {
+  std::vector<int> displs(counts.size(), 0);
+  for (size_t i = 1; i < counts.size(); ++i) displs[i] = displs[i - 1] + counts[i - 1];
+  return displs;
+}
+
+}  // namespace
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_SELF &&
+      comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+}
+
+void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
+  TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(),
+              "MPI all_reduce needs a contiguous CPU tensor");
+  if (size_ == 1 || tensor.numel() == 0) return;
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
+                          reduction_type(tensor.scalar_type()), mpi_op(op), comm_),
+            "MPI_Allreduce");
+}
+
+at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
+                                         const std::vector<int64_t>& send_rows,
+                                         const std::vector<int64_t>& recv_rows) {
+  TORCH_CHECK(static_cast<int>(send_rows.size()) == size_ &&
+                  static_cast<int>(recv_rows.size()) == size_,
+              "all_to_all_v: need one split size per peer");
+  TORCH_CHECK(input.device().is_cpu(), "MPI all_to_all_v needs CPU tensors");
+  const auto source = input.contiguous();
+  const int64_t total_send = std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0});
+  const int64_t total_recv = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
+  TORCH_CHECK(source.dim() >= 1 && source.size(0) == total_send,
+              "all_to_all_v: send split sizes sum to ", total_send, " but input has ",
+              source.dim() ? source.size(0) : 0, " rows");
+  auto out_shape = source.sizes().vec();
+  out_shape[0] = total_recv;
+  auto output = at::empty(out_shape, source.options());
+  const int64_t row_bytes = source.dim() == 1 ? source.element_size()
+                                              : source[0].numel() * source.element_size();
+  if (size_ == 1) {
+    if (total_send > 0) output.copy_(source);
+    return output;
+  }
+  if (row_bytes == 0) return output;
+  RowType row(row_bytes);
+  const auto send_counts = to_int_counts(send_rows, "all_to_all_v");
+  const auto recv_counts = to_int_counts(recv_rows, "all_to_all_v");
+  const auto send_displs = displacements(send_counts);
+  const auto recv_displs = displacements(recv_counts);
+  check_mpi(MPI_Alltoallv(source.data_ptr(), send_counts.data(), send_displs.data(), row.get(),
+                          output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(),
+                          comm_),
+            "MPI_Alltoallv");
+  return output;
+}
+
+void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
+  TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(),
+              "MPI broadcast needs a contiguous CPU tensor");
+  if (size_ == 1 || tensor.numel() == 0) return;
+  const int64_t bytes = tensor.numel() * tensor.element_size();
+  RowType row(bytes);
+  check_mpi(MPI_Bcast(tensor.data_ptr(), 1, row.get(), root, comm_), "MPI_Bcast");
+}
+
+at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
+  const auto source = tensor.contiguous();
+  auto shape = source.sizes().vec();
+  shape.insert(shape.begin(), size_);
+  auto output = at::empty(shape, source.options());
+  const int64_t bytes = source.numel() * source.element_size();
+  if (bytes == 0) return output;
+  if (size_ == 1) {
+    output[0].copy_(source);
+    return output;
+  }
+  RowType row(bytes);
+  check_mpi(MPI_Allgather(source.data_ptr(), 1, row.get(), output.data_ptr(), 1, row.get(), comm_),
+            "MPI_Allgather");
+  return output;
+}
+
+void MpiCommunicator::barrier() { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key) const {
+  MPI_Comm child;
+  check_mpi(MPI_Comm_split(comm_, color, key, &child), "MPI_Comm_split");
+  return std::make_unique<MpiCommunicator>(child);
+}
+
+}  // namespace moeforge::parallel

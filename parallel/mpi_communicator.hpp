@@ -1,0 +1,42 @@
+#pragma once
+// MpiCommunicator: Communicator over an MPI communicator, for CPU tensors. Works within a node
+// and across nodes (whatever transport OpenMPI picks). Owns the MPI_Comm it is given (frees it
+// on destruction unless it is MPI_COMM_WORLD). Large messages are sent as rows of a contiguous
+// derived datatype so counts stay within MPI's int range.
+#include <mpi.h>
+
+#include <memory>
+
+#include "parallel/communicator.hpp"
+
+namespace moeforge::parallel {
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm);
+  ~MpiCommunicator() override;
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+  MPI_Comm mpi_comm() const { return comm_; }
+
+  void all_reduce(at::Tensor& tensor, ReduceOp op) override;
+  at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows) override;
+  void broadcast(at::Tensor& tensor, int root) override;
+  at::Tensor all_gather(const at::Tensor& tensor) override;
+  void barrier() override;
+
+  // A new communicator for the members with the same `color`, ordered by `key` (MPI_Comm_split).
+  std::unique_ptr<MpiCommunicator> split(int color, int key) const;
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+}  // namespace moeforge::parallel

@@ -1,0 +1,33 @@
+#pragma once
+// Process topology (docs/architecture.md, "Process topology"):
+//   world: all W ranks;
+//   ep:    expert-parallel group k = ranks [k*ep_size, (k+1)*ep_size) — together they hold all
+//          experts, E/ep_size each; global expert g lives on EP-rank g / (E/ep_size);
+//   edp:   expert-data-parallel group = ranks with the same EP-rank in every EP group; expert
+//          gradients are reduced over it, non-expert gradients over world.
+// Creating groups is collective over the world communicator.
+#include <memory>
+
+#include "parallel/communicator.hpp"
+
+namespace moeforge::parallel {
+
+class MpiCommunicator;
+
+struct ProcessGroups {
+  std::shared_ptr<Communicator> world;
+  std::shared_ptr<Communicator> ep;
+  std::shared_ptr<Communicator> edp;
+  int ep_size = 1;
+
+  int ep_rank() const { return ep->rank(); }
+  int dp_rank() const { return edp->rank(); }  // which EP group this rank is in
+};
+
+// Splits `world` into EP and EDP groups. Throws UserError when ep_size does not divide W.
+ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size);
+
+// One-rank groups (world = ep = edp = this process) for tests and single-process tools.
+ProcessGroups make_single_process_groups();
+
+}  // namespace moeforge::parallel

@@ -1,0 +1,206 @@
+// Dense building blocks, optimizer and schedule against naive float64 / closed-form references.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "moe/experts.hpp"
+#include "parallel/process_groups.hpp"
+#include "trainer/model.hpp"
+#include "trainer/optimizer.hpp"
+
+namespace moeforge {
+namespace {
+
+double relative_error(const at::Tensor& actual, const at::Tensor& expected) {
+  const auto a = actual.to(at::kDouble), e = expected.to(at::kDouble);
+  return (a - e).norm().item<double>() / std::max(e.norm().item<double>(), 1e-30);
+}
+
+TEST(RMSNorm, MatchesFormula) {
+  RMSNorm norm(6, 1e-5);
+  at::manual_seed(1);
+  {
+    at::NoGradGuard no_grad;
+    norm->weight.normal_();
+  }
+  const auto x = at::randn({3, 6});
+  const auto x64 = x.to(at::kDouble);
+  const auto expected =
+      x64 / at::sqrt((x64 * x64).mean(-1, true) + 1e-5) * norm->weight.to(at::kDouble);
+  EXPECT_LT(relative_error(norm->forward(x), expected), 1e-6);
+}
+
+TEST(Rope, RotatesEachPairByPositionTimesFrequency) {
+  const int64_t heads = 2, seq = 5, dim = 8;
+  const double theta = 500.0;
+  const auto x = at::randn({1, heads, seq, dim});
+  const auto y = apply_rope(x, theta);
+  // Naive: pair (i, i + D/2) is a complex number rotated by pos · theta^(-2i/D).
+  auto expected = at::zeros({1, heads, seq, dim}, at::kDouble);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t p = 0; p < seq; ++p)
+      for (int64_t i = 0; i < dim / 2; ++i) {
+        const double angle = p * std::pow(theta, -2.0 * i / dim);
+        const double a = x[0][h][p][i].item<double>(), b = x[0][h][p][i + dim / 2].item<double>();
+        expected[0][h][p][i] = a * std::cos(angle) - b * std::sin(angle);
+        expected[0][h][p][i + dim / 2] = b * std::cos(angle) + a * std::sin(angle);
+      }
+  EXPECT_LT(relative_error(y, expected), 1e-6);
+}
+
+TEST(Attention, CausalGqaMatchesNaiveFloat64) {
+  for (const bool bias : {false, true}) {
+    ModelConfig c;
+    c.hidden_size = 16;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.qkv_bias = bias;
+    c.rope_theta = 10000.0;
+    Attention attn(c);
+    at::manual_seed(7);
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : attn->parameters()) p.normal_(0, 0.3);
+    }
+    const int64_t batch = 2, seq = 6, hd = 4;
+    const auto x = at::randn({batch, seq, 16});
+    const auto y = attn->forward(x);
+
+    const auto x64 = x.to(at::kDouble);
+    auto proj = [&](torch::nn::Linear& l) {
+      auto out = at::matmul(x64, l->weight.to(at::kDouble).t());
+      if (bias) out = out + l->bias.to(at::kDouble);
+      return out;
+    };
+    const auto q = apply_rope(proj(attn->q_proj).view({batch, seq, 4, hd}).transpose(1, 2), 10000.0);
+    const auto k = apply_rope(proj(attn->k_proj).view({batch, seq, 2, hd}).transpose(1, 2), 10000.0);
+    const auto v = proj(attn->v_proj).view({batch, seq, 2, hd}).transpose(1, 2);
+    auto heads_out = at::zeros({batch, 4, seq, hd}, at::kDouble);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < 4; ++h) {
+        const int64_t kvh = h / 2;  // GQA: two query heads share a kv head
+        for (int64_t i = 0; i < seq; ++i) {
+          std::vector<double> w;
+          double max_w = -1e300;
+          for (int64_t j = 0; j <= i; ++j) {
+            w.push_back((q[b][h][i] * k[b][kvh][j]).sum().item<double>() / std::sqrt(hd));
+            max_w = std::max(max_w, w.back());
+          }
+          double z = 0;
+          for (auto& value : w) z += (value = std::exp(value - max_w));
+          auto acc = at::zeros({hd}, at::kDouble);
+          for (int64_t j = 0; j <= i; ++j) acc = acc + (w[j] / z) * v[b][kvh][j];
+          heads_out[b][h][i] = acc;
+        }
+      }
+    const auto merged = heads_out.transpose(1, 2).reshape({batch, seq, 16});
+    const auto expected = at::matmul(merged, attn->o_proj->weight.to(at::kDouble).t());
+    EXPECT_LT(relative_error(y, expected), 1e-5) << "bias " << bias;
+  }
+}
+
+TEST(SwiGLU, FeedForwardMatchesFormula) {
+  moe::FeedForward ffn(4, 7);
+  at::manual_seed(3);
+  {
+    at::NoGradGuard no_grad;
+    for (auto& p : ffn->parameters()) p.normal_();
+  }
+  const auto x = at::randn({5, 4});
+  const auto x64 = x.to(at::kDouble);
+  const auto g = at::matmul(x64, ffn->w_gate.to(at::kDouble).t());
+  const auto u = at::matmul(x64, ffn->w_up.to(at::kDouble).t());
+  const auto expected = at::matmul(g / (1 + at::exp(-g)) * u, ffn->w_down.to(at::kDouble).t());
+  EXPECT_LT(relative_error(ffn->forward(x), expected), 1e-6);
+}
+
+TEST(Model, ForwardShapesAndMoePlacement) {
+  Config config;
+  config.model.vocab_size = 32;
+  config.model.hidden_size = 16;
+  config.model.num_layers = 4;
+  config.model.num_heads = 2;
+  config.model.num_kv_heads = 1;
+  config.model.ffn_size = 24;
+  config.moe.num_experts = 4;
+  config.moe.top_k = 2;
+  config.moe.expert_ffn_size = 8;
+  config.moe.first_k_dense = 1;
+  config.moe.layer_freq = 2;
+  auto groups = parallel::make_single_process_groups();
+  DecoderLM model(config, *groups.ep);
+  initialize_parameters(*model, config, 1);
+  EXPECT_EQ(model->moe_layers().size(), 2u);  // blocks 1 and 3
+  const auto out = model->forward(at::randint(32, {2, 5}, at::kLong));
+  EXPECT_EQ(out.logits.sizes(), (std::vector<int64_t>{2, 5, 32}));
+  bool found_expert = false;
+  for (const auto& p : model->named_parameters()) {
+    if (p.key() == "layers.1.mlp.experts.w_gate") found_expert = true;
+    EXPECT_NE(p.key(), "layers.0.mlp.experts.w_gate");
+  }
+  EXPECT_TRUE(found_expert);
+  // Same seed, same weights; a different seed, different weights.
+  DecoderLM again(config, *groups.ep);
+  initialize_parameters(*again, config, 1);
+  EXPECT_TRUE(at::equal(model->embed->weight, again->embed->weight));
+  initialize_parameters(*again, config, 2);
+  EXPECT_FALSE(at::equal(model->embed->weight, again->embed->weight));
+}
+
+TEST(Optimizer, LearningRateScheduleClosedForm) {
+  TrainConfig t;
+  t.lr = 1.0;
+  t.min_lr = 0.1;
+  t.warmup_steps = 10;
+  t.steps = 110;
+  EXPECT_NEAR(learning_rate(t, 0), 0.1, 1e-12);
+  EXPECT_NEAR(learning_rate(t, 9), 1.0, 1e-12);
+  EXPECT_NEAR(learning_rate(t, 10), 1.0, 1e-12);
+  EXPECT_NEAR(learning_rate(t, 60), 0.1 + 0.45, 1e-12);  // halfway through the cosine
+  EXPECT_NEAR(learning_rate(t, 110), 0.1, 1e-12);
+}
+
+TEST(Optimizer, AdamWTwoStepsMatchClosedForm) {
+  TrainConfig t;
+  t.beta1 = 0.9;
+  t.beta2 = 0.99;
+  t.eps = 1e-8;
+  t.weight_decay = 0.1;
+  auto w = at::tensor({1.0f, -2.0f}).set_requires_grad(true);
+  auto norm = at::tensor({1.0f}).set_requires_grad(true);
+  AdamW opt({{"layers.0.attn.q_proj.weight", w}, {"layers.0.attn_norm.weight", norm}}, t);
+  EXPECT_TRUE(AdamW::decays("layers.0.attn.q_proj.weight"));
+  EXPECT_FALSE(AdamW::decays("layers.0.attn_norm.weight"));
+  EXPECT_FALSE(AdamW::decays("embed.weight"));
+  EXPECT_FALSE(AdamW::decays("layers.0.attn.q_proj.bias"));
+  const double lr = 0.01;
+  std::vector<double> p = {1.0, -2.0}, m(2, 0), v(2, 0);
+  double pn = 1.0, mn = 0, vn = 0;
+  const std::vector<std::vector<double>> grads = {{0.5, -1.0}, {0.25, 2.0}};
+  const std::vector<double> norm_grads = {0.3, -0.7};
+  for (int step = 1; step <= 2; ++step) {
+    w.mutable_grad() = at::tensor({static_cast<float>(grads[step - 1][0]),
+                                   static_cast<float>(grads[step - 1][1])});
+    norm.mutable_grad() = at::tensor({static_cast<float>(norm_grads[step - 1])});
+    opt.step(lr);
+    const double b1 = 1 - std::pow(0.9, step), b2 = 1 - std::pow(0.99, step);
+    for (int i = 0; i < 2; ++i) {
+      const double g = grads[step - 1][i];
+      m[i] = 0.9 * m[i] + 0.1 * g;
+      v[i] = 0.99 * v[i] + 0.01 * g * g;
+      p[i] *= 1 - lr * 0.1;
+      p[i] -= lr * (m[i] / b1) / (std::sqrt(v[i] / b2) + 1e-8);
+    }
+    const double g = norm_grads[step - 1];
+    mn = 0.9 * mn + 0.1 * g;
+    vn = 0.99 * vn + 0.01 * g * g;
+    pn -= lr * (mn / b1) / (std::sqrt(vn / b2) + 1e-8);  // no decay on norms
+  }
+  EXPECT_NEAR(w[0].item<double>(), p[0], 1e-6);
+  EXPECT_NEAR(w[1].item<double>(), p[1], 1e-6);
+  EXPECT_NEAR(norm[0].item<double>(), pn, 1e-6);
+}
+
+}  // namespace
+}  // namespace moeforge

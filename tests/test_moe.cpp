@@ -1,0 +1,265 @@
+// MoE layer, router, balancing losses and capacity against independent float64 references.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+
+#include <cmath>
+
+#include "moe/capacity.hpp"
+#include "moe/load_balancing.hpp"
+#include "moe/moe_layer.hpp"
+#include "parallel/process_groups.hpp"
+
+namespace moeforge::moe {
+namespace {
+
+double relative_error(const at::Tensor& actual, const at::Tensor& expected) {
+  const auto a = actual.to(at::kDouble), e = expected.to(at::kDouble);
+  return (a - e).norm().item<double>() / std::max(e.norm().item<double>(), 1e-30);
+}
+
+MoeConfig small_moe(int64_t experts, int64_t k, const std::string& score = "softmax") {
+  MoeConfig c;
+  c.num_experts = experts;
+  c.top_k = k;
+  c.expert_ffn_size = 6;
+  c.router.score = score;
+  return c;
+}
+
+void randomize(torch::nn::Module& module, uint64_t seed, double std = 0.5) {
+  at::manual_seed(seed);
+  at::NoGradGuard no_grad;
+  for (auto& p : module.parameters()) p.normal_(0.0, std);
+}
+
+TEST(Router, TopKAndGatesMatchFloat64Reference) {
+  for (const std::string score : {"softmax", "sigmoid"}) {
+    auto config = small_moe(6, 2, score);
+    Router router(5, config);
+    randomize(*router, 1);
+    const auto x = at::randn({9, 5});
+    const auto out = router->forward(x);
+    const auto logits = at::matmul(x.to(at::kDouble), router->weight.to(at::kDouble).t());
+    const auto scores = score == "softmax" ? at::softmax(logits, -1) : at::sigmoid(logits);
+    for (int64_t t = 0; t < 9; ++t) {
+      // Reference top-2 by a plain scan.
+      int64_t best = -1, second = -1;
+      for (int64_t e = 0; e < 6; ++e) {
+        const double v = scores[t][e].item<double>();
+        if (best < 0 || v > scores[t][best].item<double>()) {
+          second = best;
+          best = e;
+        } else if (second < 0 || v > scores[t][second].item<double>()) {
+          second = e;
+        }
+      }
+      EXPECT_EQ(out.expert_ids[t][0].item<int64_t>(), best);
+      EXPECT_EQ(out.expert_ids[t][1].item<int64_t>(), second);
+      const double s0 = scores[t][best].item<double>(), s1 = scores[t][second].item<double>();
+      EXPECT_NEAR(out.gates[t][0].item<double>(), s0 / (s0 + s1), 1e-6);
+      EXPECT_NEAR(out.gates[t][1].item<double>(), s1 / (s0 + s1), 1e-6);
+    }
+  }
+}
+
+TEST(Router, ExpertBiasSteersSelectionButNotGates) {
+  auto config = small_moe(4, 1);
+  config.router.normalize_gates = false;
+  Router router(3, config);
+  randomize(*router, 2);
+  const auto x = at::randn({16, 3});
+  router->expert_bias.fill_(0.0);
+  router->expert_bias[3] = 10.0f;  // expert 3 wins every selection
+  const auto out = router->forward(x);
+  EXPECT_TRUE((out.expert_ids == 3).all().item<bool>());
+  // Gates are the *unbiased* softmax probability of expert 3.
+  const auto probs = at::softmax(at::matmul(x, router->weight.t()), -1);
+  EXPECT_LT(relative_error(out.gates.squeeze(1), probs.select(1, 3)), 1e-6);
+}
+
+TEST(Balancing, AuxLossIsOneForAUniformRouter) {
+  const auto scores = at::full({8, 4}, 0.25);
+  const auto ids = at::tensor({0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 0, 0, 1, 1, 1, 1}, at::kLong).view({8, 2});
+  // f is skewed, but P is uniform: E · Σ f_i / E = Σ f_i = 1.
+  EXPECT_NEAR(aux_loss(scores, ids, 4, "micro_batch", 8).item<double>(), 1.0, 1e-6);
+}
+
+TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
+  at::manual_seed(3);
+  const int64_t tokens = 12, experts = 5, k = 2, seq = 4;
+  const auto logits = at::randn({tokens, experts}, at::kFloat).set_requires_grad(true);
+  const auto ids = std::get<1>(at::topk(logits.detach(), k, -1));
+  for (const std::string scope : {"micro_batch", "sequence"}) {
+    const auto scores = at::softmax(logits, -1);
+    const auto loss = aux_loss(scores, ids, experts, scope, seq);
+    auto grad = torch::autograd::grad({loss}, {logits})[0];
+    // Reference in float64 with explicit loops over groups of tokens.
+    const auto logits64 = logits.detach().to(at::kDouble).set_requires_grad(true);
+    const auto p64 = at::softmax(logits64, -1);
+    const int64_t group = scope == "sequence" ? seq : tokens;
+    auto total = at::zeros({}, at::kDouble);
+    for (int64_t start = 0; start < tokens; start += group) {
+      for (int64_t e = 0; e < experts; ++e) {
+        double count = 0;
+        for (int64_t t = start; t < start + group; ++t)
+          for (int64_t j = 0; j < k; ++j) count += ids[t][j].item<int64_t>() == e ? 1 : 0;
+        const auto mean_p = p64.narrow(0, start, group).select(1, e).mean();
+        total = total + experts * (count / (group * k)) * mean_p;
+      }
+    }
+    total = total / static_cast<double>(tokens / group);
+    const auto grad64 = torch::autograd::grad({total}, {logits64})[0];
+    EXPECT_NEAR(loss.item<double>(), total.item<double>(), 1e-6) << scope;
+    EXPECT_LT(relative_error(grad, grad64), 1e-5) << scope;
+  }
+}
+
+TEST(Balancing, ZLossMatchesClosedForm) {
+  const auto logits = at::tensor({1.0, 2.0, 3.0, 0.0, 0.0, 0.0}, at::kFloat).view({2, 3});
+  const double a = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0));
+  const double b = std::log(3.0);
+  EXPECT_NEAR(z_loss(logits).item<double>(), (a * a + b * b) / 2, 1e-5);
+}
+
+TEST(Balancing, MaxViolationAndLoad) {
+  const auto ids = at::tensor({0, 0, 0, 1, 2, 3, 0, 1}, at::kLong).view({4, 2});
+  const auto load = expert_load(ids, 4);
+  EXPECT_TRUE(at::equal(load, at::tensor({4, 2, 1, 1}, at::kLong)));
+  EXPECT_NEAR(max_violation(load), 4.0 / 2.0 - 1.0, 1e-12);
+}
+
+TEST(Capacity, DropPoliciesDropExactlyTheSpecifiedPairs) {
+  // 4 tokens, k=1, everyone picks expert 0; capacity 2.
+  const auto ids = at::zeros({4, 1}, at::kLong);
+  const auto gates = at::tensor({0.1, 0.9, 0.5, 0.7}, at::kFloat).view({4, 1});
+  const auto by_probs = capacity_keep_mask(ids, gates, 2, 2, "probs");
+  EXPECT_TRUE(at::equal(by_probs.view(-1), at::tensor({0, 1, 0, 1}, at::kInt).to(at::kBool)));
+  const auto by_position = capacity_keep_mask(ids, gates, 2, 2, "position");
+  EXPECT_TRUE(at::equal(by_position.view(-1), at::tensor({1, 1, 0, 0}, at::kInt).to(at::kBool)));
+  EXPECT_EQ(expert_capacity(1.0, 4, 1, 2), 2);
+  EXPECT_EQ(expert_capacity(1.25, 10, 2, 8), 4);  // ceil(25/8)
+}
+
+// Reference MoE forward: a per-token float64 loop with its own routing.
+at::Tensor reference_moe(const at::Tensor& x, MoeLayerImpl& layer, const MoeConfig& config,
+                         const std::vector<at::Tensor>& params64, int64_t capacity_keep_all) {
+  // params64: router [E,H], w_gate [E,F,H], w_up [E,F,H], w_down [E,H,F], shared g/u/d
+  const auto& wr = params64[0];
+  const auto& wg = params64[1];
+  const auto& wu = params64[2];
+  const auto& wd = params64[3];
+  const int64_t tokens = x.size(0);
+  std::vector<at::Tensor> rows;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const auto xt = x[t];
+    const auto probs = at::softmax(at::mv(wr, xt), 0);
+    const auto top = std::get<1>(at::topk(probs.detach(), config.top_k));
+    auto denom = at::zeros({}, at::kDouble);
+    for (int64_t j = 0; j < config.top_k; ++j) denom = denom + probs[top[j].item<int64_t>()];
+    auto yt = at::zeros_like(xt);
+    for (int64_t j = 0; j < config.top_k; ++j) {
+      const int64_t e = top[j].item<int64_t>();
+      const auto h = at::silu(at::mv(wg[e], xt)) * at::mv(wu[e], xt);
+      yt = yt + (probs[e] / denom) * at::mv(wd[e], h);
+    }
+    if (params64.size() > 4) {
+      const auto h = at::silu(at::mv(params64[4], xt)) * at::mv(params64[5], xt);
+      yt = yt + at::mv(params64[6], h);
+    }
+    rows.push_back(yt);
+  }
+  return at::stack(rows);
+}
+
+void check_layer_against_reference(int64_t shared, bool force_empty_experts) {
+  auto groups = parallel::make_single_process_groups();
+  auto config = small_moe(4, 2);
+  config.num_shared_experts = shared;
+  MoeLayer layer(5, config, *groups.ep);
+  randomize(*layer, 4);
+  if (force_empty_experts) {
+    at::NoGradGuard no_grad;
+    layer->router->weight.narrow(0, 2, 2).fill_(0.0);
+    layer->router->weight.narrow(0, 0, 2).abs_();  // experts 2, 3 lose for positive inputs
+  }
+  const auto x = (force_empty_experts ? at::rand({7, 5}) + 0.5 : at::randn({7, 5}))
+                     .set_requires_grad(true);
+  const auto out = layer->forward(x, 7);
+  const auto weight = at::randn({7, 5});
+  const auto loss = (out.y * weight).sum();
+  loss.backward();
+
+  std::vector<at::Tensor> params = {layer->router->weight, layer->experts->w_gate,
+                                    layer->experts->w_up, layer->experts->w_down};
+  if (shared) {
+    params.push_back(layer->shared_experts->w_gate);
+    params.push_back(layer->shared_experts->w_up);
+    params.push_back(layer->shared_experts->w_down);
+  }
+  std::vector<at::Tensor> params64;
+  for (const auto& p : params) params64.push_back(p.detach().to(at::kDouble).set_requires_grad(true));
+  const auto x64 = x.detach().to(at::kDouble).set_requires_grad(true);
+  const auto y64 = reference_moe(x64, *layer, config, params64, 0);
+  const auto loss64 = (y64 * weight.to(at::kDouble)).sum();
+  std::vector<at::Tensor> inputs = params64;
+  inputs.push_back(x64);
+  const auto grads64 = torch::autograd::grad({loss64}, inputs, {}, false, false, true);
+
+  EXPECT_LT(relative_error(out.y, y64), 1e-5);
+  EXPECT_LT(relative_error(x.grad(), grads64.back()), 1e-5);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& g = params[i].grad();
+    const auto expected = grads64[i].defined() ? grads64[i] : at::zeros_like(params64[i]);
+    if (!g.defined()) {
+      EXPECT_EQ(expected.abs().max().item<double>(), 0.0) << "param " << i;
+      continue;
+    }
+    EXPECT_LT(relative_error(g, expected), 1e-5) << "param " << i;
+  }
+  if (force_empty_experts) {
+    const auto& load = layer->last_stats().load;
+    EXPECT_EQ(load[2].item<int64_t>() + load[3].item<int64_t>(), 0);
+    // Experts that saw no token get no gradient.
+    const auto& g = layer->experts->w_gate.grad();
+    EXPECT_EQ(g.narrow(0, 2, 2).abs().max().item<double>(), 0.0);
+  }
+}
+
+TEST(MoeLayer, OutputAndGradientsMatchPerTokenFloat64Loop) { check_layer_against_reference(0, false); }
+TEST(MoeLayer, WithSharedExpert) { check_layer_against_reference(1, false); }
+TEST(MoeLayer, WithEmptyExperts) { check_layer_against_reference(0, true); }
+
+TEST(MoeLayer, CapacityDropsGiveZeroContributionForDroppedSlots) {
+  auto groups = parallel::make_single_process_groups();
+  auto config = small_moe(2, 1);
+  config.router.normalize_gates = false;
+  config.capacity.factor = 0.5;  // capacity = ceil(0.5 · 8 / 2) = 2 per expert
+  config.capacity.drop_policy = "position";
+  MoeLayer layer(3, config, *groups.ep);
+  randomize(*layer, 5);
+  layer->train();
+  const auto x = at::randn({8, 3});
+  const auto y = layer->forward(x, 8).y;
+  const auto ids = layer->router->forward(x).expert_ids.view(-1);
+  // Position policy: for each expert only its first 2 tokens are served; the others give 0.
+  std::vector<int> seen(2, 0);
+  int64_t dropped = 0;
+  for (int64_t t = 0; t < 8; ++t) {
+    const int64_t e = ids[t].item<int64_t>();
+    if (seen[e]++ >= 2) {
+      EXPECT_EQ(y[t].abs().max().item<double>(), 0.0) << "token " << t;
+      ++dropped;
+    } else {
+      EXPECT_GT(y[t].abs().max().item<double>(), 0.0) << "token " << t;
+    }
+  }
+  EXPECT_EQ(layer->last_stats().dropped, dropped);
+  // Eval is dropless by default.
+  layer->eval();
+  const auto y_eval = layer->forward(x, 8).y;
+  EXPECT_GT(y_eval.abs().amax(1).min().item<double>(), 0.0);
+}
+
+}  // namespace
+}  // namespace moeforge::moe

@@ -1,0 +1,54 @@
+#pragma once
+// Step metrics: one console line per logged step and the same as one JSON object per line in
+// <out_dir>/metrics.jsonl (rank 0 writes; other ranks only compute). Stable keys: step, loss,
+// aux_loss, z_loss, lr, grad_norm, tokens_per_s, max_vio, and per MoE layer `moe_layers`:
+// [{layer, expert_load: [...], max_vio, router_entropy, dropped_frac}].
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+struct MoeLayerMetrics {
+  int64_t layer = 0;                // block index
+  std::vector<int64_t> expert_load;  // routed slots per global expert, whole global batch
+  double max_vio = 0.0;
+  double router_entropy = 0.0;
+  double dropped_frac = 0.0;
+};
+
+struct StepMetrics {
+  int64_t step = 0;  // 1-based: the step just completed
+  int64_t total_steps = 0;
+  double loss = 0.0;  // language-model cross-entropy, mean over the global batch
+  double aux_loss = 0.0;
+  double z_loss = 0.0;
+  double lr = 0.0;
+  double grad_norm = 0.0;  // before clipping
+  double tokens_per_s = 0.0;
+  double step_seconds = 0.0;
+  double max_vio = 0.0;  // max over MoE layers of the global-batch MaxVio
+  std::vector<MoeLayerMetrics> layers;
+};
+
+struct EvalMetrics {
+  int64_t step = 0;
+  double val_loss = 0.0;
+};
+
+class MetricsLog {
+ public:
+  // `path` empty = no file. Appends when `append` (resume), truncates otherwise.
+  // `console`: also print lines to stdout.
+  MetricsLog(const std::string& path, bool append, bool console);
+  void log(const StepMetrics& metrics);
+  void log(const EvalMetrics& metrics);
+
+  static std::string console_line(const StepMetrics& metrics);
+
+ private:
+  std::ofstream file_;
+  bool console_;
+};
+
+}  // namespace moeforge

@@ -1,0 +1,65 @@
+#include "trainer/optimizer.hpp"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace moeforge {
+
+bool AdamW::decays(const std::string& name) {
+  const bool is_norm = name.find("norm.") != std::string::npos;
+  const bool is_bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+  const bool is_embedding = name.rfind("embed.", 0) == 0;
+  return !(is_norm || is_bias || is_embedding);
+}
+
+AdamW::AdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_parameters,
+             const TrainConfig& config)
+    : beta1_(config.beta1), beta2_(config.beta2), eps_(config.eps),
+      weight_decay_(config.weight_decay) {
+  for (const auto& [name, param] : named_parameters) {
+    OptimizerSlot slot;
+    slot.name = name;
+    slot.param = param;
+    slot.decay = decays(name);
+    slot.exp_avg = at::zeros_like(param, at::kFloat);
+    slot.exp_avg_sq = at::zeros_like(param, at::kFloat);
+    slots_.push_back(std::move(slot));
+  }
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  ++steps_taken_;
+  const double bias1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_taken_));
+  const double bias2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_taken_));
+  for (auto& slot : slots_) {
+    const auto& grad = slot.param.grad();
+    if (!grad.defined()) continue;
+    const auto g = grad.to(at::kFloat);
+    slot.exp_avg.mul_(beta1_).add_(g, 1.0 - beta1_);
+    slot.exp_avg_sq.mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
+    if (slot.decay && weight_decay_ > 0) slot.param.mul_(1.0 - lr * weight_decay_);
+    const auto denom = (slot.exp_avg_sq / bias2).sqrt_().add_(eps_);
+    slot.param.addcdiv_(slot.exp_avg, denom, -lr / bias1);
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& slot : slots_) {
+    auto& grad = slot.param.mutable_grad();
+    if (grad.defined()) grad.zero_();
+  }
+}
+
+double learning_rate(const TrainConfig& config, int64_t step) {
+  if (config.warmup_steps > 0 && step < config.warmup_steps) {
+    return config.lr * static_cast<double>(step + 1) / static_cast<double>(config.warmup_steps);
+  }
+  const double span = static_cast<double>(std::max<int64_t>(1, config.steps - config.warmup_steps));
+  const double progress =
+      std::min(1.0, static_cast<double>(step - config.warmup_steps) / span);
+  return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+}  // namespace moeforge

@@ -1,0 +1,303 @@
+#include "trainer/trainer.hpp"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include "moe/load_balancing.hpp"
+#include "trainer/user_error.hpp"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::vector<std::pair<std::string, at::Tensor>> named_parameters(DecoderLMImpl& model) {
+  std::vector<std::pair<std::string, at::Tensor>> result;
+  for (const auto& item : model.named_parameters()) result.emplace_back(item.key(), item.value());
+  return result;
+}
+
+std::vector<at::Tensor> select_parameters(DecoderLMImpl& model, bool experts) {
+  std::vector<at::Tensor> result;
+  for (const auto& item : model.named_parameters())
+    if (is_expert_parameter(item.key()) == experts) result.push_back(item.value());
+  return result;
+}
+
+// Test hook: MOEFORGE_FAIL_AT="rank:step" makes that rank throw at that step, to prove that one
+// failing rank stops the whole job.
+void maybe_inject_failure(int rank, int64_t step) {
+  const char* spec = std::getenv("MOEFORGE_FAIL_AT");
+  if (spec == nullptr) return;
+  int fail_rank = -1;
+  long long fail_step = -1;
+  if (std::sscanf(spec, "%d:%lld", &fail_rank, &fail_step) == 2 && fail_rank == rank &&
+      fail_step == step) {
+    throw std::runtime_error(fmt::format("injected failure on rank {} at step {} (MOEFORGE_FAIL_AT)",
+                                         rank, step));
+  }
+}
+
+}  // namespace
+
+Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, TokenDataset data,
+                 RunOptions options)
+    : config_(config), groups_(groups), data_(std::move(data)), options_(std::move(options)) {
+  is_root_ = groups_.world->rank() == 0;
+  at::manual_seed(static_cast<uint64_t>(config_.train.seed));
+  model_ = DecoderLM(config_, *groups_.ep);
+  initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
+  model_->train();
+  optimizer_ = std::make_unique<AdamW>(named_parameters(*model_), config_.train);
+  const auto bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * 1024 * 1024);
+  const int world = groups_.world->size();
+  dense_sync_ = std::make_unique<parallel::GradientSynchronizer>(
+      select_parameters(*model_, false), *groups_.world, world, bucket_bytes);
+  expert_sync_ = std::make_unique<parallel::GradientSynchronizer>(
+      select_parameters(*model_, true), *groups_.edp, world, bucket_bytes);
+  checkpoints_ = std::make_unique<CheckpointManager>(
+      (fs::path(config_.train.out_dir) / "checkpoints").string(), groups_);
+  if (options_.resume) {
+    const auto dir = checkpoints_->resolve(*options_.resume);
+    state_ = checkpoints_->load(dir, *model_, *optimizer_);
+    if (is_root_ && options_.print)
+      std::cout << fmt::format("resumed from {} (step {}, {} samples consumed)", dir, state_.step,
+                               state_.samples_consumed)
+                << std::endl;
+  }
+}
+
+Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
+  const auto& t = config_.train;
+  const int world = groups_.world->size();
+  const int rank = groups_.world->rank();
+  const auto& balancing = config_.moe.balancing;
+  const auto layers = model_->moe_layers();
+  MicroBatchTotals totals;
+  for (size_t i = 0; i < layers.size(); ++i)  // one tensor each: they are summed in place
+    totals.load.push_back(at::zeros({config_.moe.num_experts}, at::kLong));
+  totals.dropped.assign(layers.size(), 0.0);
+  totals.slots.assign(layers.size(), 0.0);
+  totals.entropy.assign(layers.size(), 0.0);
+  optimizer_->zero_grad();
+  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+    // Global batch = [samples_consumed, +world·accum·mbs); this rank's micro-batch slice:
+    const int64_t first = samples_consumed + (micro * world + rank) * t.micro_batch_size;
+    const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed);  // [B, S+1]
+    const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
+    const auto lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
+    const double lm_value = lm_loss.item<double>();
+    if (!std::isfinite(lm_value))
+      throw std::runtime_error(fmt::format(
+          "non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data",
+          lm_value, rank, state_.step + 1));
+    const auto total = lm_loss + balancing.aux_loss.coeff * out.aux_loss +
+                       balancing.z_loss.coeff * out.z_loss;
+    (total / static_cast<double>(t.grad_accum)).backward();
+    totals.loss += lm_value / t.grad_accum;
+    totals.aux += out.aux_loss.item<double>() / t.grad_accum;
+    totals.z += out.z_loss.item<double>() / t.grad_accum;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& stats = layers[i]->last_stats();
+      totals.load[i] += stats.load;
+      totals.dropped[i] += static_cast<double>(stats.dropped);
+      totals.slots[i] += static_cast<double>(stats.slots);
+      totals.entropy[i] += stats.entropy / t.grad_accum;
+    }
+  }
+  dense_sync_->synchronize();
+  expert_sync_->synchronize();
+  return totals;
+}
+
+double Trainer::compute_gradients(int64_t samples_consumed) {
+  const auto totals = forward_backward(samples_consumed);
+  return parallel::all_reduce_mean(*groups_.world, totals.loss);
+}
+
+double Trainer::clip_gradients() {
+  at::NoGradGuard no_grad;
+  // Non-expert gradients are identical on every rank after sync: count them once. Expert
+  // gradients are distinct across the EP group (and identical across EDP): sum over EP.
+  double dense_sq = 0.0;
+  auto expert_sq = at::zeros({1}, at::kDouble);
+  for (auto& slot : optimizer_->slots()) {
+    const auto& grad = slot.param.grad();
+    if (!grad.defined()) continue;
+    const double sq = grad.to(at::kDouble).square().sum().item<double>();
+    if (is_expert_parameter(slot.name)) expert_sq += sq;
+    else dense_sq += sq;
+  }
+  groups_.ep->all_reduce(expert_sq);
+  const double norm = std::sqrt(dense_sq + expert_sq.item<double>());
+  const double clip = config_.train.grad_clip;
+  if (clip > 0 && norm > clip) {
+    const double scale = clip / (norm + 1e-6);
+    for (auto& slot : optimizer_->slots())
+      if (slot.param.grad().defined()) slot.param.mutable_grad().mul_(scale);
+  }
+  return norm;
+}
+
+void Trainer::update_expert_bias(const std::vector<at::Tensor>& global_load) {
+  // Auxiliary-loss-free balancing (DeepSeek-V3): once per optimizer step, from loads summed over
+  // the whole world and all micro-batches: b_i += rate · sign(mean − load_i).
+  const auto& bias_config = config_.moe.balancing.expert_bias;
+  if (bias_config.rate <= 0) return;
+  at::NoGradGuard no_grad;
+  const auto layers = model_->moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto load = global_load[i].to(at::kFloat);
+    auto& bias = layers[i]->router->expert_bias;
+    bias.add_(at::sign(load.mean() - load) * bias_config.rate);
+    if (bias_config.mean_center) bias.sub_(bias.mean());
+  }
+}
+
+StepMetrics Trainer::train_step() {
+  const auto& t = config_.train;
+  const auto start = Clock::now();
+  const int world = groups_.world->size();
+  maybe_inject_failure(groups_.world->rank(), state_.step + 1);
+  const double lr = learning_rate(t, state_.step);
+
+  const auto layers = model_->moe_layers();
+  const int64_t num_experts = config_.moe.num_experts;
+  const auto totals = forward_backward(state_.samples_consumed);
+  const double grad_norm = clip_gradients();
+  optimizer_->step(lr);
+
+  // One all-reduce for every reported number: [loss, aux, z, per layer: dropped, slots, entropy].
+  std::vector<double> packed = {totals.loss, totals.aux, totals.z};
+  for (size_t i = 0; i < layers.size(); ++i) {
+    packed.push_back(totals.dropped[i]);
+    packed.push_back(totals.slots[i]);
+    packed.push_back(totals.entropy[i]);
+  }
+  auto packed_tensor = at::tensor(packed, at::kDouble);
+  groups_.world->all_reduce(packed_tensor);
+  const double* reduced = packed_tensor.data_ptr<double>();
+  std::vector<at::Tensor> global_load;
+  for (const auto& l : totals.load) {
+    auto g = l.contiguous();
+    groups_.world->all_reduce(g);
+    global_load.push_back(g);
+  }
+  update_expert_bias(global_load);
+
+  state_.step += 1;
+  state_.samples_consumed += static_cast<int64_t>(world) * t.grad_accum * t.micro_batch_size;
+
+  StepMetrics m;
+  m.step = state_.step;
+  m.total_steps = t.steps;
+  m.loss = reduced[0] / world;
+  m.aux_loss = reduced[1] / world;
+  m.z_loss = reduced[2] / world;
+  m.lr = lr;
+  m.grad_norm = grad_norm;
+  m.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  m.tokens_per_s = static_cast<double>(world * t.grad_accum * t.micro_batch_size * t.seq_len) /
+                   m.step_seconds;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    MoeLayerMetrics layer;
+    int64_t block = 0;
+    for (int64_t b = 0, seen = 0; b < config_.model.num_layers; ++b) {
+      if (is_moe_block(config_.moe, b) && seen++ == static_cast<int64_t>(i)) block = b;
+    }
+    layer.layer = block;
+    const auto* counts = global_load[i].data_ptr<int64_t>();
+    layer.expert_load.assign(counts, counts + num_experts);
+    layer.max_vio = moe::max_violation(global_load[i]);
+    layer.dropped_frac = reduced[3 + 3 * i + 1] > 0 ? reduced[3 + 3 * i] / reduced[3 + 3 * i + 1] : 0;
+    layer.router_entropy = reduced[3 + 3 * i + 2] / world;
+    m.max_vio = std::max(m.max_vio, layer.max_vio);
+    m.layers.push_back(std::move(layer));
+  }
+  return m;
+}
+
+double Trainer::evaluate() {
+  const auto& t = config_.train;
+  const int world = groups_.world->size();
+  const int rank = groups_.world->rank();
+  at::NoGradGuard no_grad;
+  model_->eval();
+  double loss_sum = 0.0;
+  for (int64_t b = 0; b < t.eval_batches; ++b) {
+    const auto batch = data_.val_samples((b * world + rank) * t.micro_batch_size,
+                                         t.micro_batch_size);
+    const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
+    loss_sum += language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len)).item<double>();
+  }
+  model_->train();
+  return parallel::all_reduce_mean(*groups_.world, loss_sum / std::max<int64_t>(1, t.eval_batches));
+}
+
+RunSummary Trainer::run() {
+  const auto& t = config_.train;
+  const bool print = is_root_ && options_.print;
+  const bool write = options_.write_outputs;
+  RunSummary summary;
+  summary.out_dir = t.out_dir;
+  summary.unigram_entropy = data_.unigram_entropy_nats();
+  const std::string resolved = to_yaml(config_);
+  if (write && is_root_) {
+    fs::create_directories(t.out_dir);
+    std::ofstream(fs::path(t.out_dir) / "config.resolved.yaml") << resolved;
+  }
+  MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",
+                 options_.resume.has_value(), print);
+  groups_.world->barrier();
+  if (print) {
+    std::cout << fmt::format(
+                     "moeforge train: {} ranks (ep_size {}), {} steps × {} tokens/step, "
+                     "out_dir {}",
+                     groups_.world->size(), groups_.ep_size, t.steps,
+                     groups_.world->size() * t.grad_accum * t.micro_batch_size * t.seq_len,
+                     t.out_dir)
+              << std::endl;
+  }
+  while (state_.step < t.steps) {
+    auto m = train_step();
+    summary.steps.push_back(m);
+    const bool last = state_.step == t.steps;
+    if (is_root_ && (state_.step % config_.logging.every == 0 || last)) log.log(m);
+    const bool eval_now = (t.eval_every > 0 && state_.step % t.eval_every == 0) || last;
+    if (eval_now) {
+      EvalMetrics e{state_.step, evaluate()};
+      summary.evals.push_back(e);
+      if (is_root_) log.log(e);
+    }
+    const bool save_now =
+        (config_.checkpoint.every > 0 && state_.step % config_.checkpoint.every == 0) || last;
+    if (write && save_now) {
+      summary.last_checkpoint =
+          checkpoints_->save(*model_, *optimizer_, state_, resolved, config_.checkpoint.keep);
+    }
+  }
+  const size_t n = summary.steps.size();
+  if (n > 0) {
+    const size_t tail = std::min<size_t>(10, n);
+    double loss = 0.0;
+    for (size_t i = n - tail; i < n; ++i) loss += summary.steps[i].loss;
+    summary.final_train_loss = loss / static_cast<double>(tail);
+    double tokens_per_s = 0.0;
+    const size_t first = n > 1 ? 1 : 0;
+    for (size_t i = first; i < n; ++i) tokens_per_s += summary.steps[i].tokens_per_s;
+    summary.tokens_per_s = tokens_per_s / static_cast<double>(n - first);
+  }
+  if (!summary.evals.empty()) summary.final_val_loss = summary.evals.back().val_loss;
+  return summary;
+}
+
+}  // namespace moeforge

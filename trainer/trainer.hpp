@@ -1,0 +1,84 @@
+#pragma once
+// The training loop: a short list of steps per optimizer step —
+//   for each micro-batch: forward, loss (+ weighted aux / z losses), backward
+//   synchronise gradients (non-expert over world, expert over EDP), clip by the global norm,
+//   AdamW step, expert-bias update, metrics, periodic eval and checkpoint.
+// Parallelism is applied from outside (process groups); the loop only sequences.
+// Collective: every rank of the world runs it together.
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "parallel/grad_sync.hpp"
+#include "parallel/process_groups.hpp"
+#include "trainer/checkpoint.hpp"
+#include "trainer/config.hpp"
+#include "trainer/data.hpp"
+#include "trainer/metrics.hpp"
+#include "trainer/model.hpp"
+#include "trainer/optimizer.hpp"
+
+namespace moeforge {
+
+struct RunOptions {
+  std::optional<std::string> resume;  // set = resume; "" or "latest" = newest in out_dir
+  bool write_outputs = true;          // metrics.jsonl, config.resolved.yaml, checkpoints
+  bool print = true;                  // console lines (rank 0 only in any case)
+};
+
+struct RunSummary {
+  std::vector<StepMetrics> steps;
+  std::vector<EvalMetrics> evals;
+  double final_train_loss = 0.0;  // mean of the last (up to) 10 steps' loss
+  double final_val_loss = 0.0;
+  double tokens_per_s = 0.0;  // mean over steps after the first
+  double unigram_entropy = 0.0;
+  std::string out_dir;
+  std::string last_checkpoint;
+};
+
+class Trainer {
+ public:
+  Trainer(const Config& config, const parallel::ProcessGroups& groups, TokenDataset data,
+          RunOptions options);
+
+  // Trains from the current state (0, or the resumed checkpoint) to train.steps.
+  RunSummary run();
+
+  // Forward + backward over one global batch (all micro-batches of this rank) and gradient
+  // synchronisation, without the optimizer step. Returns the mean LM loss (world mean).
+  double compute_gradients(int64_t samples_consumed);
+
+  // Mean validation loss over train.eval_batches micro-batches per rank (world mean).
+  double evaluate();
+
+  DecoderLMImpl& model() { return *model_; }
+  const TrainingState& state() const { return state_; }
+
+ private:
+  // Sums over this rank's micro-batches of one optimizer step (loss terms are means).
+  struct MicroBatchTotals {
+    double loss = 0.0, aux = 0.0, z = 0.0;
+    std::vector<at::Tensor> load;  // per MoE layer [E] int64
+    std::vector<double> dropped, slots, entropy;
+  };
+  MicroBatchTotals forward_backward(int64_t samples_consumed);
+  StepMetrics train_step();
+  void update_expert_bias(const std::vector<at::Tensor>& global_load);
+  double clip_gradients();
+
+  Config config_;
+  const parallel::ProcessGroups& groups_;
+  TokenDataset data_;
+  RunOptions options_;
+  DecoderLM model_{nullptr};
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<parallel::GradientSynchronizer> dense_sync_;
+  std::unique_ptr<parallel::GradientSynchronizer> expert_sync_;
+  std::unique_ptr<CheckpointManager> checkpoints_;
+  TrainingState state_;
+  bool is_root_ = false;
+};
+
+}  // namespace moeforge
