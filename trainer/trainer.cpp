@@ -267,10 +267,12 @@ RunSummary Trainer::run() {
                      t.out_dir)
               << std::endl;
   }
-  while (state_.step < t.steps) {
+  const int64_t end_step =
+      options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
+  while (state_.step < end_step) {
     auto m = train_step();
     summary.steps.push_back(m);
-    const bool last = state_.step == t.steps;
+    const bool last = state_.step == end_step;
     if (is_root_ && (state_.step % config_.logging.every == 0 || last)) log.log(m);
     const bool eval_now = (t.eval_every > 0 && state_.step % t.eval_every == 0) || last;
     if (eval_now) {

@@ -25,6 +25,8 @@ struct RunOptions {
   std::optional<std::string> resume;  // set = resume; "" or "latest" = newest in out_dir
   bool write_outputs = true;          // metrics.jsonl, config.resolved.yaml, checkpoints
   bool print = true;                  // console lines (rank 0 only in any case)
+  int64_t stop_at_step = 0;           // > 0: stop (and checkpoint) there; the LR schedule still
+                                      // follows train.steps, so a later --resume continues it
 };
 
 struct RunSummary {

@@ -1,0 +1,154 @@
+#include "parallel/nccl_communicator.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace moeforge::parallel {
+namespace {
+
+void check_nccl(ncclResult_t result, const char* what) {
+  if (result != ncclSuccess)
+    throw std::runtime_error(std::string(what) + " failed: " + ncclGetErrorString(result));
+}
+
+ncclDataType_t nccl_type(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return ncclFloat32;
+    case at::kDouble: return ncclFloat64;
+    case at::kHalf: return ncclFloat16;
+    case at::kBFloat16: return ncclBfloat16;
+    case at::kLong: return ncclInt64;
+    case at::kInt: return ncclInt32;
+    case at::kByte: return ncclUint8;
+    case at::kChar: return ncclInt8;
+    default:
+      throw std::runtime_error(std::string("NCCL: unsupported dtype ") + c10::toString(type));
+  }
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return ncclSum;
+    case ReduceOp::kMax: return ncclMax;
+    case ReduceOp::kMin: return ncclMin;
+  }
+  return ncclSum;
+}
+
+cudaStream_t current_stream(int device) { return at::cuda::getCurrentCUDAStream(device).stream(); }
+
+}  // namespace
+
+struct NcclCommunicator::Handle {
+  ncclComm_t comm = nullptr;
+};
+
+bool nccl_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+NcclCommunicator::NcclCommunicator(const MpiCommunicator& bootstrap, int device)
+    : handle_(std::make_unique<Handle>()),
+      rank_(bootstrap.rank()),
+      size_(bootstrap.size()),
+      device_(device) {
+  ncclUniqueId id;
+  if (rank_ == 0) check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
+  // The id is plain bytes: broadcast it over the MPI bootstrap communicator.
+  auto bytes = at::empty({static_cast<int64_t>(sizeof(id))}, at::kByte);
+  if (rank_ == 0) std::memcpy(bytes.data_ptr(), &id, sizeof(id));
+  const_cast<MpiCommunicator&>(bootstrap).broadcast(bytes, 0);
+  std::memcpy(&id, bytes.data_ptr(), sizeof(id));
+  c10::cuda::CUDAGuard guard(device_);
+  check_nccl(ncclCommInitRank(&handle_->comm, size_, id, rank_), "ncclCommInitRank");
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (handle_ && handle_->comm != nullptr) ncclCommDestroy(handle_->comm);
+}
+
+void NcclCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
+  TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "NCCL all_reduce needs a contiguous CUDA tensor");
+  c10::cuda::CUDAGuard guard(device_);
+  check_nccl(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                           nccl_type(tensor.scalar_type()), nccl_op(op), handle_->comm,
+                           current_stream(device_)),
+             "ncclAllReduce");
+}
+
+at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& input,
+                                          const std::vector<int64_t>& send_rows,
+                                          const std::vector<int64_t>& recv_rows) {
+  TORCH_CHECK(input.is_cuda(), "NCCL all_to_all_v needs CUDA tensors");
+  TORCH_CHECK(static_cast<int>(send_rows.size()) == size_ &&
+                  static_cast<int>(recv_rows.size()) == size_,
+              "all_to_all_v: need one split size per peer");
+  c10::cuda::CUDAGuard guard(device_);
+  const auto source = input.contiguous();
+  const int64_t total_recv = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
+  auto shape = source.sizes().vec();
+  shape[0] = total_recv;
+  auto output = at::empty(shape, source.options());
+  const int64_t row = source.dim() == 1 ? 1 : source[0].numel();
+  const int64_t row_bytes = row * source.element_size();
+  const auto type = nccl_type(source.scalar_type());
+  auto* send_base = static_cast<char*>(source.data_ptr());
+  auto* recv_base = static_cast<char*>(output.data_ptr());
+  const auto stream = current_stream(device_);
+  // One fused group: every send and receive is posted before any may block.
+  check_nccl(ncclGroupStart(), "ncclGroupStart");
+  int64_t send_offset = 0, recv_offset = 0;
+  for (int peer = 0; peer < size_; ++peer) {
+    if (send_rows[peer] > 0)
+      check_nccl(ncclSend(send_base + send_offset * row_bytes, send_rows[peer] * row, type, peer,
+                          handle_->comm, stream),
+                 "ncclSend");
+    if (recv_rows[peer] > 0)
+      check_nccl(ncclRecv(recv_base + recv_offset * row_bytes, recv_rows[peer] * row, type, peer,
+                          handle_->comm, stream),
+                 "ncclRecv");
+    send_offset += send_rows[peer];
+    recv_offset += recv_rows[peer];
+  }
+  check_nccl(ncclGroupEnd(), "ncclGroupEnd");
+  return output;
+}
+
+void NcclCommunicator::broadcast(at::Tensor& tensor, int root) {
+  TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "NCCL broadcast needs a contiguous CUDA tensor");
+  c10::cuda::CUDAGuard guard(device_);
+  check_nccl(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                           nccl_type(tensor.scalar_type()), root, handle_->comm,
+                           current_stream(device_)),
+             "ncclBroadcast");
+}
+
+at::Tensor NcclCommunicator::all_gather(const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.is_cuda(), "NCCL all_gather needs CUDA tensors");
+  c10::cuda::CUDAGuard guard(device_);
+  const auto source = tensor.contiguous();
+  auto shape = source.sizes().vec();
+  shape.insert(shape.begin(), size_);
+  auto output = at::empty(shape, source.options());
+  check_nccl(ncclAllGather(source.data_ptr(), output.data_ptr(), source.numel(),
+                           nccl_type(source.scalar_type()), handle_->comm, current_stream(device_)),
+             "ncclAllGather");
+  return output;
+}
+
+void NcclCommunicator::barrier() {
+  c10::cuda::CUDAGuard guard(device_);
+  auto token = at::ones({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device_));
+  all_reduce(token, ReduceOp::kSum);
+  at::cuda::getCurrentCUDAStream(device_).synchronize();
+}
+
+}  // namespace moeforge::parallel

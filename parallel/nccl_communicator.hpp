@@ -1,0 +1,47 @@
+#pragma once
+// NcclCommunicator: Communicator over NCCL for CUDA tensors (built when LibTorch has CUDA).
+//
+// Bootstrapped from an MPI communicator: member 0 creates the ncclUniqueId and broadcasts it
+// over MPI, then every member calls ncclCommInitRank with its MPI rank. Collectives are
+// enqueued on the *current* CUDA stream of the tensor's device, so they are ordered with the
+// compute that produced their inputs; the call returns once enqueued (stream semantics), except
+// all_to_all_v's split sizes, which are host vectors agreed beforehand. all-to-all-v is a
+// grouped ncclSend/ncclRecv per peer. Not thread-safe.
+#include <memory>
+
+#include "parallel/communicator.hpp"
+#include "parallel/mpi_communicator.hpp"
+
+namespace moeforge::parallel {
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // Collective over `bootstrap`. `device`: the CUDA device this rank uses.
+  NcclCommunicator(const MpiCommunicator& bootstrap, int device);
+  ~NcclCommunicator() override;
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "nccl"; }
+
+  void all_reduce(at::Tensor& tensor, ReduceOp op) override;
+  at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows) override;
+  void broadcast(at::Tensor& tensor, int root) override;
+  at::Tensor all_gather(const at::Tensor& tensor) override;
+  void barrier() override;
+
+ private:
+  struct Handle;
+  std::unique_ptr<Handle> handle_;
+  int rank_ = 0;
+  int size_ = 1;
+  int device_ = 0;
+};
+
+// True when this build has the NCCL backend and a CUDA device is visible.
+bool nccl_available();
+
+}  // namespace moeforge::parallel

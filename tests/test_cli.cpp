@@ -1,0 +1,143 @@
+// End-to-end: the real `moeforge` binary under mpiexec, as a user runs it.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string output;  // stdout + stderr
+  double seconds = 0;
+};
+
+Result run_shell(const std::string& command) {
+  const auto start = std::chrono::steady_clock::now();
+  Result result;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return result;
+  std::array<char, 4096> buffer{};
+  while (fgets(buffer.data(), buffer.size(), pipe) != nullptr) result.output += buffer.data();
+  const int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  result.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return result;
+}
+
+std::string mpirun(int ranks) {
+  return std::string("OMP_NUM_THREADS=1 ") + MOEFORGE_MPIEXEC +
+         " --allow-run-as-root --oversubscribe --bind-to none -n " + std::to_string(ranks) + " " +
+         MOEFORGE_BINARY;
+}
+
+std::string scratch(const std::string& tag) {
+  const auto dir = fs::temp_directory_path() / ("moeforge-cli-" + tag + "-" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  return dir.string();
+}
+
+size_t count(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1)) ++n;
+  return n;
+}
+
+std::vector<nlohmann::json> read_jsonl(const fs::path& path) {
+  std::vector<nlohmann::json> rows;
+  std::ifstream in(path);
+  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+const std::string kTiny = std::string(MOEFORGE_SOURCE_DIR) + "/configs/tiny.yaml";
+
+// The README's demo: the tiny config on 2 data-parallel ranks. The loss must fall from about
+// ln(256) = 5.5 by at least 2.5 nats, and the run directory must hold what users script against.
+TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {
+  const auto out = scratch("tiny");
+  const auto r = run_shell(mpirun(2) + " train --config " + kTiny + " --set train.out_dir=" + out +
+                           " --set train.steps=100 --set train.eval_every=50");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("== summary =="), std::string::npos) << r.output;
+  EXPECT_EQ(count(r.output, "step    10/100"), 1u) << "progress lines printed once, by rank 0";
+  const auto rows = read_jsonl(fs::path(out) / "metrics.jsonl");
+  std::vector<nlohmann::json> steps;
+  for (const auto& row : rows)
+    if (row.contains("loss")) steps.push_back(row);
+  ASSERT_EQ(steps.size(), 100u);
+  for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_vio", "moe_layers"})
+    EXPECT_TRUE(steps.back().contains(key)) << key;
+  EXPECT_EQ(steps.back()["moe_layers"][0]["expert_load"].size(), 8u);
+  const double first = steps.front()["loss"], last = steps.back()["loss"];
+  EXPECT_GT(first, 5.0);
+  EXPECT_LT(last, first - 2.5) << "loss fell only from " << first << " to " << last;
+  EXPECT_TRUE(fs::exists(fs::path(out) / "config.resolved.yaml"));
+  EXPECT_TRUE(fs::exists(fs::path(out) / "checkpoints" / "latest"));
+
+  // --resume picks up the latest checkpoint and appends to the metrics.
+  const auto resumed = run_shell(mpirun(2) + " train --config " + kTiny + " --set train.out_dir=" +
+                                 out + " --set train.steps=104 --resume");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from"), std::string::npos);
+  EXPECT_NE(resumed.output.find("step   104/104"), std::string::npos) << resumed.output;
+  fs::remove_all(out);
+}
+
+TEST(Cli, BadConfigFailsOnceWithFileLineAndKey) {
+  const auto out = scratch("bad");
+  fs::create_directories(out);
+  const auto config = fs::path(out) / "bad.yaml";
+  std::ofstream(config) << "model:\n  hidden_size: 64\nmoe:\n  num_experts: 4\n  topk: 2\n";
+  const auto r = run_shell(mpirun(2) + " train --config " + config.string());
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(count(r.output, "unknown key"), 1u) << r.output;
+  EXPECT_NE(r.output.find("bad.yaml:5"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("top_k"), std::string::npos) << r.output;
+  fs::remove_all(out);
+}
+
+TEST(Cli, BadOverrideAndMissingFileAreClearErrors) {
+  auto r = run_shell(mpirun(1) + " train --config " + kTiny + " --set moe.top_k=64");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("moe.top_k"), std::string::npos) << r.output;
+  r = run_shell(mpirun(1) + " train --config /nonexistent/x.yaml");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("/nonexistent/x.yaml"), std::string::npos) << r.output;
+  r = run_shell(mpirun(1) + " train --config " + kTiny + " --set data.source=text --set data.path=/nonexistent/corpus.txt");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("/nonexistent/corpus.txt"), std::string::npos) << r.output;
+  r = run_shell(mpirun(1) + " train");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--config"), std::string::npos) << r.output;
+}
+
+// One rank fails mid-run: every rank stops promptly, the message appears once, exit non-zero.
+TEST(Cli, OneFailingRankStopsTheWholeJob) {
+  const auto out = scratch("fail");
+  const auto r = run_shell("MOEFORGE_FAIL_AT=1:3 " + mpirun(2) + " train --config " + kTiny +
+                           " --set train.out_dir=" + out + " --set train.steps=50");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(count(r.output, "injected failure on rank 1 at step 3"), 1u) << r.output;
+  EXPECT_LT(r.seconds, 120.0);
+  EXPECT_EQ(r.output.find("step    10/"), std::string::npos) << "training went on after the failure";
+  fs::remove_all(out);
+}
+
+TEST(Cli, EpSizeMustDivideWorld) {
+  const auto r = run_shell(mpirun(2) + " train --config " + kTiny + " --set parallel.ep_size=4");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("ep_size"), std::string::npos) << r.output;
+}
+
+}  // namespace

@@ -1,0 +1,70 @@
+#pragma once
+// Shared helpers for the LibTorch tests: a very small config that trains in seconds, relative
+// error, and a per-job scratch directory agreed across ranks.
+#include <ATen/ATen.h>
+#include <mpi.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <string>
+
+#include "trainer/config.hpp"
+
+namespace moeforge::testing {
+
+inline double relative_error(const at::Tensor& actual, const at::Tensor& expected) {
+  const auto a = actual.to(at::kDouble), e = expected.to(at::kDouble);
+  return (a - e).norm().item<double>() / std::max(e.norm().item<double>(), 1e-30);
+}
+
+inline double relative_difference(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-30);
+}
+
+// A model small enough for 20 steps × several layouts on oversubscribed ranks.
+inline Config small_test_config() {
+  Config c;
+  c.model.vocab_size = 256;
+  c.model.hidden_size = 32;
+  c.model.num_layers = 2;
+  c.model.num_heads = 4;
+  c.model.num_kv_heads = 2;
+  c.model.ffn_size = 64;
+  c.model.max_seq_len = 32;
+  c.moe.num_experts = 8;
+  c.moe.top_k = 2;
+  c.moe.expert_ffn_size = 16;
+  c.moe.num_shared_experts = 1;
+  c.moe.balancing.aux_loss.coeff = 0.01;
+  c.moe.balancing.z_loss.coeff = 0.001;
+  c.train.steps = 20;
+  c.train.seq_len = 16;
+  c.train.micro_batch_size = 2;
+  c.train.grad_accum = 1;
+  c.train.lr = 3e-3;
+  c.train.min_lr = 3e-4;
+  c.train.warmup_steps = 2;
+  c.train.eval_every = 0;
+  c.train.eval_batches = 1;
+  c.checkpoint.every = 0;
+  c.data.builtin_bytes = 200000;
+  return c;
+}
+
+// A fresh directory with the same path on every rank of MPI_COMM_WORLD.
+inline std::string shared_scratch_dir(const std::string& tag) {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  long long id = static_cast<long long>(getpid());
+  MPI_Bcast(&id, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("moeforge-test-" + tag + "-" + std::to_string(id));
+  if (rank == 0) {
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  return dir.string();
+}
+
+}  // namespace moeforge::testing

@@ -1,0 +1,144 @@
+// Single-process training behaviour: determinism, exact resume, checkpoint integrity and
+// layout, and that a small model learns the built-in corpus.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "parallel/process_groups.hpp"
+#include "test_support.hpp"
+#include "trainer/checkpoint.hpp"
+#include "trainer/data.hpp"
+#include "trainer/safetensors.hpp"
+#include "trainer/trainer.hpp"
+#include "trainer/user_error.hpp"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+RunSummary run(const Config& config, RunOptions options) {
+  const auto groups = parallel::make_single_process_groups();
+  Trainer trainer(config, groups,
+                  TokenDataset::open(config.data, config.model.vocab_size, config.train.seq_len),
+                  options);
+  return trainer.run();
+}
+
+RunOptions quiet(bool write = false) {
+  RunOptions o;
+  o.print = false;
+  o.write_outputs = write;
+  return o;
+}
+
+TEST(Training, SameSeedSameLosses) {
+  auto config = testing::small_test_config();
+  config.train.steps = 6;
+  const auto a = run(config, quiet());
+  const auto b = run(config, quiet());
+  ASSERT_EQ(a.steps.size(), 6u);
+  for (size_t i = 0; i < a.steps.size(); ++i) EXPECT_EQ(a.steps[i].loss, b.steps[i].loss);
+  config.train.seed = 99;
+  const auto c = run(config, quiet());
+  EXPECT_NE(a.steps[0].loss, c.steps[0].loss);
+}
+
+TEST(Training, TwentyStraightStepsEqualTenResumeTen) {
+  auto config = testing::small_test_config();
+  config.moe.balancing.expert_bias.rate = 0.001;  // the bias must survive the checkpoint too
+  config.train.grad_accum = 2;
+  config.train.out_dir = testing::shared_scratch_dir("resume");
+  const auto straight = run(config, quiet());
+  auto first_half = quiet(true);
+  first_half.stop_at_step = 10;
+  run(config, first_half);
+  auto second_half = quiet(true);
+  second_half.resume = "latest";
+  const auto resumed = run(config, second_half);
+  ASSERT_EQ(resumed.steps.size(), 10u);
+  for (size_t i = 0; i < 10; ++i) {
+    EXPECT_EQ(resumed.steps[i].step, straight.steps[10 + i].step);
+    EXPECT_EQ(resumed.steps[i].loss, straight.steps[10 + i].loss) << "step " << i + 11;
+    EXPECT_EQ(resumed.steps[i].grad_norm, straight.steps[10 + i].grad_norm);
+  }
+  // The run directory holds what users script against.
+  const fs::path out(config.train.out_dir);
+  EXPECT_TRUE(fs::exists(out / "config.resolved.yaml"));
+  EXPECT_TRUE(fs::exists(out / "metrics.jsonl"));
+  EXPECT_TRUE(fs::exists(out / "checkpoints" / "latest"));
+  fs::remove_all(out);
+}
+
+TEST(Checkpoint, GlobalExpertNamesAndChecksumRefusal) {
+  auto config = testing::small_test_config();
+  config.train.steps = 2;
+  config.train.out_dir = testing::shared_scratch_dir("ckpt");
+  const auto summary = run(config, quiet(true));
+  const fs::path dir = summary.last_checkpoint;
+  ASSERT_TRUE(fs::exists(dir / "checkpoint.json"));
+  EXPECT_FALSE(fs::exists(fs::path(dir.string() + ".tmp")));
+
+  const auto experts = safetensors::File::open((dir / "experts-00000-of-00001.safetensors").string());
+  for (int e = 0; e < 8; ++e) {
+    EXPECT_TRUE(experts.contains("layers.1.mlp.experts." + std::to_string(e) + ".w_gate"));
+    EXPECT_TRUE(experts.contains("exp_avg.layers.0.mlp.experts." + std::to_string(e) + ".w_down"));
+  }
+  const auto model = safetensors::File::open((dir / "model.safetensors").string());
+  EXPECT_TRUE(model.contains("layers.0.mlp.router.expert_bias"));
+  EXPECT_TRUE(model.contains("embed.weight"));
+
+  // Flip one byte in the middle of the experts file: the checkpoint is refused by name.
+  const auto victim = dir / "experts-00000-of-00001.safetensors";
+  {
+    std::fstream f(victim, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(fs::file_size(victim) / 2));
+    char byte = 0;
+    f.read(&byte, 1);
+    byte = static_cast<char>(byte ^ 0x5a);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(victim) / 2));
+    f.write(&byte, 1);
+  }
+  auto resume = quiet();
+  resume.resume = dir.string();
+  try {
+    run(config, resume);
+    FAIL() << "a corrupt checkpoint was accepted";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("checksum mismatch"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("experts-00000-of-00001.safetensors"), std::string::npos);
+  }
+  fs::remove_all(config.train.out_dir);
+}
+
+TEST(Checkpoint, ResumeWithoutCheckpointIsAClearError) {
+  auto config = testing::small_test_config();
+  config.train.out_dir = testing::shared_scratch_dir("nockpt");
+  auto resume = quiet();
+  resume.resume = "latest";
+  try {
+    run(config, resume);
+    FAIL() << "expected an error";
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("no checkpoint to resume from"), std::string::npos);
+  }
+  fs::remove_all(config.train.out_dir);
+}
+
+TEST(Training, SmallModelLearnsTheBuiltinCorpus) {
+  auto config = testing::small_test_config();
+  config.train.steps = 60;
+  config.train.micro_batch_size = 8;
+  config.train.seq_len = 32;
+  config.train.eval_every = 0;
+  config.train.eval_batches = 2;
+  const auto summary = run(config, quiet());
+  // Starts near ln(256) = 5.55; must end well below it and below the unigram entropy.
+  EXPECT_GT(summary.steps.front().loss, 5.0);
+  EXPECT_LT(summary.final_train_loss, summary.unigram_entropy);
+  EXPECT_LT(summary.final_val_loss, summary.steps.front().loss - 2.0);
+}
+
+}  // namespace
+}  // namespace moeforge
