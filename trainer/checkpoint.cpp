@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -187,7 +188,7 @@ std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
 std::string CheckpointManager::resolve(const std::string& requested) const {
   fs::path base = requested.empty() || requested == "latest" ? fs::path(dir_) : fs::path(requested);
   if (fs::exists(base / kMetadataFile)) return base.string();
-  for (const fs::path candidate : {base, base / "checkpoints"}) {
+  for (const fs::path& candidate : {base, base / "checkpoints"}) {
     if (fs::exists(candidate / "latest")) {
       std::string name = read_text((candidate / "latest").string());
       name.erase(name.find_last_not_of(" \n\r\t") + 1);

@@ -1,0 +1,175 @@
+// Config parsing and validation: every bad input gets one message with file, line, key and what
+// is allowed; good input round-trips.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "trainer/config.hpp"
+#include "trainer/user_error.hpp"
+
+namespace moeforge {
+namespace {
+
+std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  try {
+    load_config_from_string(yaml, "bad.yaml", overrides);
+  } catch (const UserError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+struct BadConfig {
+  const char* name;
+  const char* yaml;
+  std::vector<std::string> overrides;
+  std::vector<const char*> expected;  // substrings of the message
+};
+
+class BadConfigs : public ::testing::TestWithParam<BadConfig> {};
+
+TEST_P(BadConfigs, ClearMessage) {
+  const auto& c = GetParam();
+  const auto message = error_of(c.yaml, c.overrides);
+  for (const char* piece : c.expected) EXPECT_NE(message.find(piece), std::string::npos)
+      << c.name << ": expected '" << piece << "' in: " << message;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Config, BadConfigs,
+    ::testing::Values(
+        BadConfig{"unknown_key", "moe:\n  num_experts: 8\n  topk: 2\n", {},
+                  {"bad.yaml:3", "unknown key 'moe.topk'", "did you mean 'moe.top_k'"}},
+        BadConfig{"unknown_section", "modle:\n  hidden_size: 64\n", {},
+                  {"bad.yaml:1", "unknown key 'modle'", "did you mean 'model'"}},
+        BadConfig{"misplaced_key", "top_k: 2\n", {}, {"bad.yaml:1", "did you mean 'moe.top_k'"}},
+        BadConfig{"string_for_int", "moe:\n  top_k: two\n", {},
+                  {"bad.yaml:2", "moe.top_k", "must be an integer in [1, 64]", "'two'"}},
+        BadConfig{"float_for_int", "model:\n  num_layers: 2.5\n", {},
+                  {"bad.yaml:2", "model.num_layers", "an integer", "'2.5'"}},
+        BadConfig{"list_for_scalar", "train:\n  lr: [1, 2]\n", {},
+                  {"bad.yaml:2", "train.lr", "a number", "got a list"}},
+        BadConfig{"scalar_for_section", "moe: 3\n", {}, {"bad.yaml:1", "moe", "must be a section"}},
+        BadConfig{"map_for_scalar", "train:\n  steps: {a: 1}\n", {}, {"bad.yaml:2", "train.steps", "got a map"}},
+        BadConfig{"bad_bool", "model:\n  qkv_bias: maybe\n", {}, {"bad.yaml:2", "model.qkv_bias", "true or false"}},
+        BadConfig{"out_of_range_int", "moe:\n  top_k: 0\n", {}, {"bad.yaml:2", "moe.top_k", "[1, 64]", "got 0"}},
+        BadConfig{"out_of_range_float", "data:\n  val_fraction: 0.9\n", {},
+                  {"bad.yaml:2", "data.val_fraction", "[0.0001, 0.5]", "0.9"}},
+        BadConfig{"negative_lr", "train:\n  lr: -1\n", {}, {"bad.yaml:2", "train.lr", "[0, 10]"}},
+        BadConfig{"bad_enum", "moe:\n  router:\n    score: relu\n", {},
+                  {"bad.yaml:3", "moe.router.score", "one of softmax | sigmoid", "'relu'"}},
+        BadConfig{"bad_scope", "moe:\n  balancing:\n    aux_loss:\n      scope: batch\n", {},
+                  {"bad.yaml:4", "moe.balancing.aux_loss.scope", "micro_batch | sequence"}},
+        BadConfig{"missing_value", "train:\n  steps:\n", {}, {"bad.yaml:2", "train.steps", "has no value"}},
+        BadConfig{"top_k_over_experts", "moe:\n  num_experts: 4\n  top_k: 6\n", {},
+                  {"bad.yaml:3", "moe.top_k", "more than moe.num_experts = 4"}},
+        BadConfig{"hidden_not_divisible", "model:\n  hidden_size: 100\n  num_heads: 8\n", {},
+                  {"bad.yaml:2", "model.hidden_size", "not divisible by model.num_heads = 8"}},
+        BadConfig{"kv_heads_not_dividing", "model:\n  num_heads: 4\n  num_kv_heads: 3\n", {},
+                  {"bad.yaml:3", "model.num_kv_heads", "does not divide model.num_heads = 4"}},
+        BadConfig{"odd_head_dim", "model:\n  hidden_size: 12\n  num_heads: 4\n  num_kv_heads: 1\n", {},
+                  {"bad.yaml:2", "head size", "must be even"}},
+        BadConfig{"seq_len_too_long", "model:\n  max_seq_len: 64\ntrain:\n  seq_len: 128\n", {},
+                  {"bad.yaml:4", "train.seq_len", "longer than model.max_seq_len = 64"}},
+        BadConfig{"min_lr_above_lr", "train:\n  lr: 0.001\n  min_lr: 0.01\n", {},
+                  {"bad.yaml:3", "train.min_lr", "above train.lr"}},
+        BadConfig{"warmup_too_long", "train:\n  steps: 10\n  warmup_steps: 20\n", {},
+                  {"bad.yaml:3", "train.warmup_steps", "more than train.steps = 10"}},
+        BadConfig{"text_without_path", "data:\n  source: text\n", {},
+                  {"bad.yaml:2", "data.source", "needs data.path"}},
+        BadConfig{"first_k_dense_too_many", "model:\n  num_layers: 2\nmoe:\n  first_k_dense: 3\n", {},
+                  {"bad.yaml:4", "moe.first_k_dense", "more than model.num_layers = 2"}},
+        BadConfig{"ep_not_dividing_experts", "moe:\n  num_experts: 6\nparallel:\n  ep_size: 4\n", {},
+                  {"bad.yaml:4", "parallel.ep_size", "does not divide moe.num_experts = 6"}},
+        BadConfig{"vocab_too_small_for_bytes", "model:\n  vocab_size: 100\n", {},
+                  {"bad.yaml:2", "model.vocab_size", "needs ≥ 256"}},
+        BadConfig{"syntax_error", "model:\n  hidden_size: [1, 2\n", {}, {"bad.yaml:", "YAML syntax error"}},
+        BadConfig{"top_level_list", "- a\n- b\n", {}, {"bad.yaml:1", "top level must be a map"}},
+        BadConfig{"bad_override_value", "", {"moe.top_k=lots"},
+                  {"--set moe.top_k=lots", "moe.top_k", "an integer"}},
+        BadConfig{"override_unknown_key", "", {"moe.topk=2"},
+                  {"--set moe.topk=2", "unknown key 'moe.topk'", "did you mean 'moe.top_k'"}},
+        BadConfig{"override_without_equals", "", {"moe.top_k"}, {"--set moe.top_k", "expected key.path=value"}},
+        BadConfig{"override_breaks_rule", "moe:\n  num_experts: 4\n", {"moe.top_k=8"},
+                  {"--set moe.top_k=8", "more than moe.num_experts = 4"}}),
+    [](const ::testing::TestParamInfo<BadConfig>& info) { return info.param.name; });
+
+TEST(Config, EmptyFileOrSectionKeepsDefaults) {
+  EXPECT_EQ(load_config_from_string("model:\n", "x.yaml").model.hidden_size,
+            ModelConfig{}.hidden_size);
+  EXPECT_EQ(load_config_from_string("# only a comment\n", "x.yaml").moe.top_k, MoeConfig{}.top_k);
+}
+
+TEST(Config, ShippedConfigsLoad) {
+  const std::string root = MOEFORGE_SOURCE_DIR;
+  const auto tiny = load_config(root + "/configs/tiny.yaml");
+  EXPECT_EQ(tiny.moe.num_experts, 8);
+  EXPECT_EQ(tiny.moe.num_shared_experts, 1);
+  EXPECT_EQ(tiny.train.out_dir, "runs/tiny");
+  const auto small = load_config(root + "/configs/small.yaml");
+  EXPECT_EQ(small.moe.first_k_dense, 1);
+}
+
+TEST(Config, MissingFile) {
+  try {
+    load_config("/nonexistent/config.yaml");
+    FAIL();
+  } catch (const UserError& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot open config file '/nonexistent/config.yaml'"),
+              std::string::npos);
+  }
+}
+
+TEST(Config, OverridesApplyWithYamlTypes) {
+  const auto c = load_config_from_string(
+      "moe:\n  top_k: 2\n", "x.yaml",
+      {"moe.top_k=4", "train.lr=0.01", "model.qkv_bias=true", "moe.router.score=sigmoid",
+       "train.out_dir=/tmp/run 1"});
+  EXPECT_EQ(c.moe.top_k, 4);
+  EXPECT_DOUBLE_EQ(c.train.lr, 0.01);
+  EXPECT_TRUE(c.model.qkv_bias);
+  EXPECT_EQ(c.moe.router.score, "sigmoid");
+  EXPECT_EQ(c.train.out_dir, "/tmp/run 1");
+}
+
+TEST(Config, ResolvedYamlRoundTrips) {
+  const auto c = load_config_from_string(
+      "model:\n  rope_theta: 500000\n  rms_norm_eps: 1.0e-5\nmoe:\n  router: {score: sigmoid}\n"
+      "train:\n  lr: 0.0007\n  out_dir: 'runs/x y'\ndata: {source: text, path: '123'}\n",
+      "x.yaml");
+  const auto text = to_yaml(c);
+  const auto again = load_config_from_string(text, "resolved.yaml");
+  EXPECT_EQ(to_yaml(again), text);
+  EXPECT_DOUBLE_EQ(again.model.rms_norm_eps, 1e-5);
+  EXPECT_DOUBLE_EQ(again.train.lr, 0.0007);
+  EXPECT_EQ(again.data.path, "123");
+  EXPECT_EQ(again.train.out_dir, "runs/x y");
+  EXPECT_NE(text.find("moe:"), std::string::npos);
+  EXPECT_NE(text.find("expert_ffn_size:"), std::string::npos);  // defaults are written out
+}
+
+TEST(Config, WorldSizeRules) {
+  auto c = load_config_from_string("parallel:\n  ep_size: 4\n", "x.yaml");
+  EXPECT_NO_THROW(validate_for_world(c, 4));
+  EXPECT_NO_THROW(validate_for_world(c, 8));
+  try {
+    validate_for_world(c, 2);
+    FAIL();
+  } catch (const UserError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("parallel.ep_size = 4 does not divide the world size 2"), std::string::npos) << m;
+    EXPECT_NE(m.find("use one of 1, 2"), std::string::npos) << m;
+  }
+}
+
+TEST(Config, ReadmeDocumentsEveryKey) {
+  std::ifstream in(std::string(MOEFORGE_SOURCE_DIR) + "/configs/README.md");
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_NE(text.str().find(config_reference_markdown()), std::string::npos)
+      << "configs/README.md is out of date: regenerate its reference with `moeforge config-doc`";
+}
+
+}  // namespace
+}  // namespace moeforge
