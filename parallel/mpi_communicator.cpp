@@ -109,8 +109,9 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
   auto out_shape = source.sizes().vec();
   out_shape[0] = total_recv;
   auto output = at::empty(out_shape, source.options());
-  const int64_t row_bytes = source.dim() == 1 ? source.element_size()
-                                              : source[0].numel() * source.element_size();
+  int64_t row_elements = 1;  // product of the trailing dims (valid with zero rows too)
+  for (int64_t d = 1; d < source.dim(); ++d) row_elements *= source.size(d);
+  const int64_t row_bytes = row_elements * source.element_size();
   if (size_ == 1) {
     if (total_send > 0) output.copy_(source);
     return output;

@@ -97,7 +97,8 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& input,
   auto shape = source.sizes().vec();
   shape[0] = total_recv;
   auto output = at::empty(shape, source.options());
-  const int64_t row = source.dim() == 1 ? 1 : source[0].numel();
+  int64_t row = 1;  // elements per row: product of the trailing dims (valid with zero rows)
+  for (int64_t d = 1; d < source.dim(); ++d) row *= source.size(d);
   const int64_t row_bytes = row * source.element_size();
   const auto type = nccl_type(source.scalar_type());
   auto* send_base = static_cast<char*>(source.data_ptr());

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 
+#include "moe/moe_layer.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
@@ -67,6 +68,90 @@ TEST(DataParallel, GradientsEqualSingleProcessOnConcatenatedBatch) {
                                    layers.front()->num_local_experts());
       }
       EXPECT_LT(relative_error(p.value().grad(), expected), 1e-5) << p.key() << " ep " << ep;
+    }
+  }
+}
+
+// One MoE layer sharded over the world (ep = W) against the same layer unsharded in one
+// process, on each rank's own tokens. Edge cases: a rank whose experts receive no tokens, a
+// rank that sends none, capacity drops, uneven counts.
+struct LayerCase {
+  const char* name;
+  double capacity_factor;
+  bool starve_last_rank_experts;  // expert bias keeps the last EP rank's experts unselected
+  bool last_rank_sends_nothing;
+};
+
+TEST(ExpertParallel, LayerMatchesUnshardedLayerInEdgeCases) {
+  const int world = world_size();
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const std::vector<LayerCase> cases = {{"dropless", 0.0, false, false},
+                                        {"capacity", 0.5, false, false},
+                                        {"starved_rank", 0.0, true, false},
+                                        {"empty_sender", 0.0, false, true},
+                                        {"capacity_starved_empty", 0.75, true, true}};
+  for (const auto& c : cases) {
+    MoeConfig config;
+    config.num_experts = 2 * world;
+    config.top_k = 2;
+    config.expert_ffn_size = 6;
+    config.num_shared_experts = 1;
+    config.capacity.factor = c.capacity_factor;
+    parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+    const auto groups = parallel::make_process_groups(world_comm, world);
+    const auto self = parallel::make_single_process_groups();
+    moe::MoeLayer sharded(6, config, *groups.ep);
+    moe::MoeLayer full(6, config, *self.ep);
+    at::manual_seed(11);  // same weights on every rank
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : full->parameters()) p.normal_(0, 0.5);
+      if (c.starve_last_rank_experts)
+        full->router->expert_bias.narrow(0, config.num_experts - 2, 2).fill_(-100.0);
+      const int64_t first = sharded->first_local_expert(), n = sharded->num_local_experts();
+      sharded->router->weight.copy_(full->router->weight);
+      sharded->router->expert_bias.copy_(full->router->expert_bias);
+      sharded->shared_experts->w_gate.copy_(full->shared_experts->w_gate);
+      sharded->shared_experts->w_up.copy_(full->shared_experts->w_up);
+      sharded->shared_experts->w_down.copy_(full->shared_experts->w_down);
+      sharded->experts->w_gate.copy_(full->experts->w_gate.narrow(0, first, n));
+      sharded->experts->w_up.copy_(full->experts->w_up.narrow(0, first, n));
+      sharded->experts->w_down.copy_(full->experts->w_down.narrow(0, first, n));
+    }
+    at::manual_seed(100 + rank);  // each rank its own tokens, uneven counts per expert
+    const int64_t tokens = c.last_rank_sends_nothing && rank == world - 1 ? 0 : 9 + 3 * rank;
+    const auto x = at::randn({tokens, 6});
+    const auto weight = at::randn({tokens, 6});
+    const auto xs = x.clone().set_requires_grad(true);
+    const auto xf = x.clone().set_requires_grad(true);
+    (sharded->forward(xs, std::max<int64_t>(tokens, 1)).y * weight).sum().backward();
+    const auto yf = full->forward(xf, std::max<int64_t>(tokens, 1)).y;
+    (yf * weight).sum().backward();
+    const auto ys = sharded->forward(x, std::max<int64_t>(tokens, 1)).y;
+    if (tokens > 0) {
+      EXPECT_LT(relative_error(ys, yf.detach()), 1e-5) << c.name;
+      EXPECT_LT(relative_error(xs.grad(), xf.grad()), 1e-5) << c.name;
+    }
+    // Router / shared grads are per-rank; expert grads gather every rank's tokens.
+    auto router_grad = sharded->router->weight.grad().defined() ? sharded->router->weight.grad()
+                                                               : at::zeros_like(sharded->router->weight);
+    auto full_router_grad = full->router->weight.grad().defined() ? full->router->weight.grad()
+                                                                  : at::zeros_like(full->router->weight);
+    EXPECT_LT((router_grad - full_router_grad).abs().max().item<double>(), 1e-5) << c.name;
+    for (const auto& [local, global] :
+         {std::pair{sharded->experts->w_gate, full->experts->w_gate},
+          std::pair{sharded->experts->w_down, full->experts->w_down}}) {
+      auto summed = global.grad().defined() ? global.grad().clone() : at::zeros_like(global);
+      groups.world->all_reduce(summed);
+      const auto expected = summed.narrow(0, sharded->first_local_expert(), sharded->num_local_experts());
+      const auto actual = local.grad().defined() ? local.grad() : at::zeros_like(local);
+      EXPECT_LT((actual - expected).abs().max().item<double>(), 1e-5) << c.name;
+    }
+    if (c.starve_last_rank_experts) {
+      auto load = sharded->last_stats().load.clone();
+      groups.world->all_reduce(load);
+      EXPECT_EQ(load.narrow(0, config.num_experts - 2, 2).sum().item<int64_t>(), 0) << c.name;
     }
   }
 }
