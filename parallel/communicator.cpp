@@ -4,6 +4,17 @@
 
 namespace moeforge::parallel {
 
+at::Tensor SelfCommunicator::all_to_all_v(const at::Tensor& input,
+                                          const std::vector<int64_t>& send_rows,
+                                          const std::vector<int64_t>& recv_rows) {
+  TORCH_CHECK(send_rows.size() == 1 && recv_rows.size() == 1 && send_rows[0] == recv_rows[0] &&
+                  input.size(0) == send_rows[0],
+              "all_to_all_v on a one-process group: split sizes must match the input");
+  return input.clone();
+}
+
+at::Tensor SelfCommunicator::all_gather(const at::Tensor& tensor) { return tensor.unsqueeze(0).clone(); }
+
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send) {
   TORCH_CHECK(static_cast<int>(send.size()) == comm.size(), "exchange_counts: need one count per peer");
   auto input = at::tensor(send, at::kLong).view({comm.size(), 1});

@@ -46,6 +46,20 @@ class Communicator {
   virtual void barrier() = 0;
 };
 
+// The group of one process: every collective is a copy. Needs no MPI (tools, benchmarks, tests).
+class SelfCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string backend() const override { return "self"; }
+  void all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) override {}
+  at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows) override;
+  void broadcast(at::Tensor& tensor, int root) override {}
+  at::Tensor all_gather(const at::Tensor& tensor) override;
+  void barrier() override {}
+};
+
 // Exchanges one int64 per peer: element p of `send` goes to member p; returns what each member
 // sent to this one (element p from member p). Used to agree on all-to-all-v split sizes.
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send);

@@ -23,7 +23,7 @@ ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size) {
 
 ProcessGroups make_single_process_groups() {
   ProcessGroups groups;
-  groups.world = std::make_shared<MpiCommunicator>(MPI_COMM_SELF);
+  groups.world = std::make_shared<SelfCommunicator>();
   groups.ep = groups.world;
   groups.edp = groups.world;
   return groups;

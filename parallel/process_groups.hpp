@@ -27,7 +27,7 @@ struct ProcessGroups {
 // Splits `world` into EP and EDP groups. Throws UserError when ep_size does not divide W.
 ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size);
 
-// One-rank groups (world = ep = edp = this process) for tests and single-process tools.
+// One-rank groups (world = ep = edp = this process, no MPI needed) for tests and tools.
 ProcessGroups make_single_process_groups();
 
 }  // namespace moeforge::parallel

@@ -1,0 +1,134 @@
+// MoE layer forward+backward throughput beside a dense SwiGLU of the same FLOPs, measured
+// side by side in one run (this machine is noisy: the ratio is what we compare).
+//
+//   build/bench/bench_moe_layer [--quick]
+//
+// For each shape: achieved GFLOP/s of the MoE layer (routed experts only count: 3 GEMMs of
+// 2·H·F per routed slot, ×3 for forward+backward), of a dense SwiGLU with intermediate k·F on
+// the same T tokens (identical FLOPs), their ratio (target ≥ 0.85), and the peak resident memory
+// of each (measured in a forked child so runs do not share a high-water mark).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "moe/moe_layer.hpp"
+#include "parallel/process_groups.hpp"
+
+using namespace moeforge;
+
+namespace {
+
+struct Shape {
+  const char* name;
+  int64_t tokens, hidden, experts, top_k, ffn;
+};
+
+long current_rss_kb() {
+  FILE* f = fopen("/proc/self/statm", "r");
+  long pages = 0, resident = 0;
+  if (f) {
+    if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    fclose(f);
+  }
+  return resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+struct Measurement {
+  double seconds = 0;     // median per iteration
+  double peak_mib = 0;    // peak RSS growth over the baseline
+};
+
+// Runs `body` in a forked child: warm-up, then `iterations` timed runs; reports the median time
+// and the peak RSS growth through a pipe.
+Measurement measure(const std::function<void()>& body, int iterations) {
+  int fds[2];
+  if (pipe(fds) != 0) return {};
+  const pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    const long baseline = current_rss_kb();
+    body();  // warm-up (allocations, caches)
+    std::vector<double> times;
+    for (int i = 0; i < iterations; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      body();
+      times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+    std::sort(times.begin(), times.end());
+    struct rusage usage {};
+    getrusage(RUSAGE_SELF, &usage);
+    Measurement m{times[times.size() / 2], (usage.ru_maxrss - baseline) / 1024.0};
+    if (write(fds[1], &m, sizeof(m)) != sizeof(m)) _exit(1);
+    _exit(0);
+  }
+  close(fds[1]);
+  Measurement m;
+  if (read(fds[0], &m, sizeof(m)) != sizeof(m)) m = {};
+  close(fds[0]);
+  waitpid(pid, nullptr, 0);
+  return m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const int iterations = quick ? 2 : 5;
+  const std::vector<Shape> shapes = {
+      {"E8 k2 (Mixtral-like)", 4096, 512, 8, 2, 1024},
+      {"E64 k6 fine-grained", 4096, 512, 64, 6, 256},
+      {"E16 k2 small-T", 1024, 256, 16, 2, 512},
+  };
+  fmt::print("threads {}\n", at::get_num_threads());
+  fmt::print("{:<22} {:>10} {:>10} {:>7} {:>11} {:>11}\n", "shape", "MoE GF/s", "dense GF/s",
+             "ratio", "MoE MiB", "dense MiB");
+  auto groups = parallel::make_single_process_groups();
+  for (const auto& s : shapes) {
+    MoeConfig config;
+    config.num_experts = s.experts;
+    config.top_k = s.top_k;
+    config.expert_ffn_size = s.ffn;
+    const double flops = 3.0 * s.tokens * s.top_k * 3.0 * 2.0 * s.hidden * s.ffn;
+
+    const auto moe_run = [&] {
+      at::manual_seed(0);
+      moe::MoeLayer layer(s.hidden, config, *groups.ep);
+      {
+        at::NoGradGuard no_grad;
+        for (auto& p : layer->parameters()) p.normal_(0, 0.02);
+      }
+      const auto x = at::randn({s.tokens, s.hidden}).set_requires_grad(true);
+      return std::make_pair(layer, x);
+    };
+    auto [layer, x] = moe_run();
+    const auto moe = measure([&, &layer = layer, &x = x] {
+      layer->zero_grad();
+      layer->forward(x, s.tokens).y.sum().backward();
+    }, iterations);
+
+    moe::FeedForward dense(s.hidden, s.top_k * s.ffn);
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : dense->parameters()) p.normal_(0, 0.02);
+    }
+    const auto dense_time = measure([&] {
+      dense->zero_grad();
+      dense->forward(x).sum().backward();
+    }, iterations);
+
+    const double moe_gflops = flops / moe.seconds / 1e9;
+    const double dense_gflops = flops / dense_time.seconds / 1e9;
+    fmt::print("{:<22} {:>10.1f} {:>10.1f} {:>7.3f} {:>11.1f} {:>11.1f}\n", s.name, moe_gflops,
+               dense_gflops, moe_gflops / dense_gflops, moe.peak_mib, dense_time.peak_mib);
+  }
+  return 0;
+}
