@@ -47,15 +47,17 @@ struct Measurement {
   double peak_mib = 0;    // peak RSS growth over the baseline
 };
 
-// Runs `body` in a forked child: warm-up, then `iterations` timed runs; reports the median time
-// and the peak RSS growth through a pipe.
-Measurement measure(const std::function<void()>& body, int iterations) {
+// Runs `make_body` and then the body it returns in a forked child: warm-up, then `iterations`
+// timed runs; reports the median time and the peak RSS growth through a pipe. All ATen work
+// happens in the child, so no OpenMP thread pool is ever forked.
+Measurement measure(const std::function<std::function<void()>()>& make_body, int iterations) {
   int fds[2];
   if (pipe(fds) != 0) return {};
   const pid_t pid = fork();
   if (pid == 0) {
     close(fds[0]);
     const long baseline = current_rss_kb();
+    const auto body = make_body();
     body();  // warm-up (allocations, caches)
     std::vector<double> times;
     for (int i = 0; i < iterations; ++i) {
@@ -88,47 +90,51 @@ int main(int argc, char** argv) {
       {"E64 k6 fine-grained", 4096, 512, 64, 6, 256},
       {"E16 k2 small-T", 1024, 256, 16, 2, 512},
   };
-  fmt::print("threads {}\n", at::get_num_threads());
   fmt::print("{:<22} {:>10} {:>10} {:>7} {:>11} {:>11}\n", "shape", "MoE GF/s", "dense GF/s",
              "ratio", "MoE MiB", "dense MiB");
-  auto groups = parallel::make_single_process_groups();
   for (const auto& s : shapes) {
-    MoeConfig config;
-    config.num_experts = s.experts;
-    config.top_k = s.top_k;
-    config.expert_ffn_size = s.ffn;
     const double flops = 3.0 * s.tokens * s.top_k * 3.0 * 2.0 * s.hidden * s.ffn;
-
-    const auto moe_run = [&] {
-      at::manual_seed(0);
-      moe::MoeLayer layer(s.hidden, config, *groups.ep);
-      {
-        at::NoGradGuard no_grad;
-        for (auto& p : layer->parameters()) p.normal_(0, 0.02);
-      }
-      const auto x = at::randn({s.tokens, s.hidden}).set_requires_grad(true);
-      return std::make_pair(layer, x);
-    };
-    auto [layer, x] = moe_run();
-    const auto moe = measure([&, &layer = layer, &x = x] {
-      layer->zero_grad();
-      layer->forward(x, s.tokens).y.sum().backward();
-    }, iterations);
-
-    moe::FeedForward dense(s.hidden, s.top_k * s.ffn);
-    {
-      at::NoGradGuard no_grad;
-      for (auto& p : dense->parameters()) p.normal_(0, 0.02);
-    }
-    const auto dense_time = measure([&] {
-      dense->zero_grad();
-      dense->forward(x).sum().backward();
-    }, iterations);
+    const auto moe = measure(
+        [&]() -> std::function<void()> {
+          MoeConfig config;
+          config.num_experts = s.experts;
+          config.top_k = s.top_k;
+          config.expert_ffn_size = s.ffn;
+          auto groups = std::make_shared<parallel::ProcessGroups>(
+              parallel::make_single_process_groups());
+          at::manual_seed(0);
+          moe::MoeLayer layer(s.hidden, config, *groups->ep);
+          {
+            at::NoGradGuard no_grad;
+            for (auto& p : layer->parameters()) p.normal_(0, 0.02);
+          }
+          const auto x = at::randn({s.tokens, s.hidden}).set_requires_grad(true);
+          return [groups, layer, x, tokens = s.tokens]() mutable {
+            layer->zero_grad();
+            layer->forward(x, tokens).y.sum().backward();
+          };
+        },
+        iterations);
+    const auto dense = measure(
+        [&]() -> std::function<void()> {
+          at::manual_seed(0);
+          moe::FeedForward feed_forward(s.hidden, s.top_k * s.ffn);
+          {
+            at::NoGradGuard no_grad;
+            for (auto& p : feed_forward->parameters()) p.normal_(0, 0.02);
+          }
+          const auto x = at::randn({s.tokens, s.hidden}).set_requires_grad(true);
+          return [feed_forward, x]() mutable {
+            feed_forward->zero_grad();
+            feed_forward->forward(x).sum().backward();
+          };
+        },
+        iterations);
 
     const double moe_gflops = flops / moe.seconds / 1e9;
-    const double dense_gflops = flops / dense_time.seconds / 1e9;
+    const double dense_gflops = flops / dense.seconds / 1e9;
     fmt::print("{:<22} {:>10.1f} {:>10.1f} {:>7.3f} {:>11.1f} {:>11.1f}\n", s.name, moe_gflops,
-               dense_gflops, moe_gflops / dense_gflops, moe.peak_mib, dense_time.peak_mib);
+               dense_gflops, moe_gflops / dense_gflops, moe.peak_mib, dense.peak_mib);
   }
   return 0;
 }

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "moe/grouped_matmul.hpp"
+
 namespace moeforge::moe {
 
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
@@ -28,19 +30,10 @@ GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_local_experts, int64_t hidden
 
 at::Tensor GroupedExpertsImpl::forward(const at::Tensor& x,
                                        const std::vector<int64_t>& rows_per_expert) {
-  // CPU path: one GEMM chain per non-empty expert block (GEMMs of a few hundred rows keep the
-  // BLAS efficient); the CUDA path replaces this with a grouped GEMM.
-  std::vector<at::Tensor> outputs;
-  outputs.reserve(rows_per_expert.size());
-  int64_t offset = 0;
-  for (size_t e = 0; e < rows_per_expert.size(); ++e) {
-    const int64_t rows = rows_per_expert[e];
-    if (rows == 0) continue;
-    outputs.push_back(swiglu(x.narrow(0, offset, rows), w_gate[e], w_up[e], w_down[e]));
-    offset += rows;
-  }
-  if (outputs.empty()) return x.mul(0);  // keeps the graph (and the collectives) connected
-  return outputs.size() == 1 ? outputs.front() : at::cat(outputs);
+  // Same SwiGLU as swiglu(), with every matmul grouped over the local experts.
+  const auto gate = at::silu(grouped_matmul(x, w_gate.transpose(1, 2), rows_per_expert));  // [R, F]
+  const auto up = grouped_matmul(x, w_up.transpose(1, 2), rows_per_expert);               // [R, F]
+  return grouped_matmul(gate * up, w_down.transpose(1, 2), rows_per_expert);               // [R, H]
 }
 
 }  // namespace moeforge::moe

@@ -5,7 +5,7 @@
 //   (w_gate, w_up [F, H]; w_down [H, F]) so Hugging Face weights copy over unchanged. Used for
 //   dense blocks and for the shared experts (n shared experts of size F == one of size n·F).
 // GroupedExperts: this rank's E/ep experts stacked ([El, F, H] / [El, H, F]); forward takes rows
-//   already grouped in contiguous per-expert blocks and runs each block through its expert —
+//   already grouped in contiguous per-expert blocks and runs them through grouped GEMMs —
 //   no per-token loop, no expert ever sees another expert's tokens, nothing of shape [T, E, H].
 #include <torch/nn/module.h>
 

@@ -26,9 +26,14 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   const int64_t num_experts = config_.num_experts;
   const auto& balancing = config_.balancing;
   MoeOutput out;
+  const auto mark = [this](const char* phase) {
+    if (timer_) timer_->mark(phase);
+  };
+  if (timer_) timer_->start();
 
   // 1 route: fp32 logits/scores, top-k on (scores + bias), gates from unbiased scores.
   const RouterOutput route = router->forward(x);  // ids, gates: [T, k]
+  mark("route");
 
   // 2 balance: loss-based terms (weighted by the model) and load for telemetry / bias update.
   out.aux_loss = balancing.aux_loss.coeff > 0
@@ -51,25 +56,33 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   } else {
     stats_.dropped = 0;
   }
+  mark("balance+capacity");
 
   // 4 permute: rows sorted by global expert id; counts agreed with the EP group.
   const DispatchPlan plan = dispatcher_.plan(route.expert_ids, keep);
+  mark("plan+counts a2a");
   const auto permuted = dispatcher_.permute(x, plan);  // [N, H]
+  mark("permute");
 
   // 5 dispatch: all-to-all-v to the ranks owning the experts.
   const auto local_rows = dispatcher_.dispatch(permuted, plan);  // [R, H] by local expert
+  mark("dispatch a2a");
 
   // + shared experts on every token (independent of routing).
   at::Tensor shared;
   if (shared_experts) shared = shared_experts->forward(x);  // [T, H]
+  if (shared_experts) mark("shared experts");
 
   // 6 experts: grouped SwiGLU over contiguous per-expert blocks.
   const auto expert_out = experts->forward(local_rows, plan.rows_per_local_expert);  // [R, H]
+  mark("experts");
 
   // 7 combine: all-to-all-v back, then y[t] = Σ_j gate[t, j] · out[t, j] in slot order.
   const auto combined = dispatcher_.combine(expert_out, plan);  // [N, H]
-  out.y = dispatcher_.unpermute(combined, route.gates, plan);   // [T, H]
+  mark("combine a2a");
+  out.y = dispatcher_.unpermute(combined, route.gates, plan);  // [T, H]
   if (shared.defined()) out.y = out.y + shared;
+  mark("unpermute");
   return out;
 }
 

@@ -10,6 +10,7 @@
 #include <torch/nn/module.h>
 
 #include "moe/experts.hpp"
+#include "moe/phase_timer.hpp"
 #include "moe/router.hpp"
 #include "moe/token_dispatcher.hpp"
 #include "trainer/config.hpp"
@@ -42,6 +43,9 @@ class MoeLayerImpl : public torch::nn::Module {
   int64_t first_local_expert() const { return dispatcher_.first_local_expert(); }
   int64_t num_local_experts() const { return dispatcher_.num_local_experts(); }
 
+  // Optional per-step timing of forward (not owned; null = off).
+  void set_phase_timer(PhaseTimer* timer) { timer_ = timer; }
+
   Router router{nullptr};
   GroupedExperts experts{nullptr};
   FeedForward shared_experts{nullptr};  // null when num_shared_experts == 0
@@ -50,6 +54,7 @@ class MoeLayerImpl : public torch::nn::Module {
   MoeConfig config_;
   TokenDispatcher dispatcher_;
   RoutingStats stats_;
+  PhaseTimer* timer_ = nullptr;
 };
 TORCH_MODULE(MoeLayer);
 

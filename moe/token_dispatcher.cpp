@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <numeric>
+
 #include "parallel/all_to_all.hpp"
 
 namespace moeforge::moe {
@@ -47,24 +49,23 @@ DispatchPlan TokenDispatcher::plan(const at::Tensor& expert_ids, const at::Tenso
   const int64_t* recv = received_counts.data_ptr<int64_t>();
   plan.recv_rows.assign(ep, 0);
   plan.rows_per_local_expert.assign(local, 0);
-  std::vector<int64_t> block_start(ep * local, 0);  // start of (source p, expert e) in recv rows
+  // Send blocks: rows of global expert g are contiguous in the permuted order and go to EP rank
+  // g / El. Receive blocks: expert-major layout (local expert, then source rank), so the
+  // experts read contiguous per-expert rows with no reorder after the exchange.
   int64_t offset = 0;
-  for (int64_t p = 0; p < ep; ++p) {
-    for (int64_t e = 0; e < local; ++e) {
-      block_start[p * local + e] = offset;
-      offset += recv[p * local + e];
-      plan.recv_rows[p] += recv[p * local + e];
-      plan.rows_per_local_expert[e] += recv[p * local + e];
-    }
+  for (int64_t g = 0; g < num_experts_; ++g) {
+    plan.send_blocks.push_back({static_cast<int>(g / local), offset, count[g]});
+    offset += count[g];
   }
-  // Received rows arrive as (source, local expert); experts want (local expert, source).
-  auto order = at::empty({offset}, at::kLong);
-  int64_t* out = order.data_ptr<int64_t>();
-  int64_t position = 0;
+  offset = 0;
   for (int64_t e = 0; e < local; ++e)
-    for (int64_t p = 0; p < ep; ++p)
-      for (int64_t r = 0; r < recv[p * local + e]; ++r) out[position++] = block_start[p * local + e] + r;
-  plan.local_order = order;
+    for (int64_t p = 0; p < ep; ++p) {
+      const int64_t rows = recv[p * local + e];
+      plan.recv_blocks.push_back({static_cast<int>(p), offset, rows});
+      offset += rows;
+      plan.recv_rows[p] += rows;
+      plan.rows_per_local_expert[e] += rows;
+    }
   return plan;
 }
 
@@ -73,30 +74,28 @@ at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& pla
 }
 
 at::Tensor TokenDispatcher::dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const {
-  auto received = ep_.size() == 1
-                      ? permuted
-                      : parallel::all_to_all_v_autograd(permuted, ep_, plan.send_rows,
-                                                        plan.recv_rows);  // [R, H] (src, e)
-  if (ep_.size() == 1) return received;  // already grouped by expert
-  return received.index_select(0, plan.local_order);  // [R, H] (e, src)
+  if (ep_.size() == 1) return permuted;  // already grouped by expert
+  const int64_t received = std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
+  return parallel::all_to_all_blocks_autograd(permuted, ep_, plan.send_blocks, plan.recv_blocks,
+                                              received);  // [R, H] (local expert, source)
 }
 
 at::Tensor TokenDispatcher::combine(const at::Tensor& expert_out, const DispatchPlan& plan) const {
   if (ep_.size() == 1) return expert_out;
-  // Undo the (e, src) grouping, then send each source its rows back.
-  auto by_source = at::empty_like(expert_out).index_copy(0, plan.local_order, expert_out);
-  return parallel::all_to_all_v_autograd(by_source, ep_, plan.recv_rows, plan.send_rows);
+  // The reverse exchange: each (expert, source) block goes back to its place on the source.
+  return parallel::all_to_all_blocks_autograd(expert_out, ep_, plan.recv_blocks, plan.send_blocks,
+                                              plan.slot_order.size(0));  // [N, H]
 }
 
 at::Tensor TokenDispatcher::unpermute(const at::Tensor& combined, const at::Tensor& gates,
                                       const DispatchPlan& plan) const {
-  const int64_t hidden = combined.size(1);
-  const int64_t slots = plan.num_tokens * plan.top_k;
-  // Scatter rows back to their (token, slot) place; dropped slots stay 0.
-  auto per_slot = at::zeros({slots, hidden}, combined.options()).index_copy(0, plan.slot_order, combined);
-  auto weighted = per_slot.view({plan.num_tokens, plan.top_k, hidden}) *
-                  gates.to(combined.scalar_type()).unsqueeze(-1);
-  return weighted.sum(1);  // [T, H]
+  // Weight each row by its slot's gate, then add rows into their token in permuted-row order
+  // (by global expert, then slot): that order does not depend on ep_size, and nothing of
+  // size [T·k, H] is materialised. Dropped slots have no row and contribute 0.
+  const auto row_gates =
+      gates.reshape({-1}).index_select(0, plan.slot_order).to(combined.scalar_type());  // [N]
+  return at::zeros({plan.num_tokens, combined.size(1)}, combined.options())
+      .index_add(0, plan.token_of_row, combined * row_gates.unsqueeze(1));  // [T, H]
 }
 
 }  // namespace moeforge::moe

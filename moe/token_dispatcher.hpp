@@ -6,10 +6,12 @@
 //             once per layer call and reused by combine and by backward (autograd keeps it).
 // permute()   x [T, H] -> xp [N, H], rows grouped by global expert (N = kept slots).
 // dispatch()  xp -> [R, H] rows for this rank's E/ep local experts, grouped by local expert,
-//             then by source rank (R = rows received). Differentiable (all-to-all-v).
+//             then by source rank (R = rows received). Differentiable block all-to-all that
+//             writes rows straight into that layout (no reorder pass after the exchange).
 // combine()   inverse of dispatch: expert outputs [R, H] -> [N, H] back on the source rank.
-// unpermute() y[t] = Σ_j gate[t, j] · out[t, j] summed in slot order j = 0..k-1, dropped slots
-//             contribute 0 — a fixed order, so the result does not depend on ep_size.
+// unpermute() y[t] = Σ_j gate[t, j] · out[t, j], summed in permuted-row order (global expert,
+//             then slot); dropped slots contribute 0. The row order is the same for every
+//             ep_size, so the result does not depend on it (CPU index_add is sequential).
 // Collective: plan/dispatch/combine must be called by every EP-group member in the same order.
 #include <ATen/core/Tensor.h>
 
@@ -26,7 +28,8 @@ struct DispatchPlan {
   at::Tensor token_of_row;                     // [N] int64 token of each permuted row
   std::vector<int64_t> send_rows;              // [ep] rows this rank sends to each EP rank
   std::vector<int64_t> recv_rows;              // [ep] rows this rank receives from each
-  at::Tensor local_order;                      // [R] received row -> (local expert, source) order
+  std::vector<parallel::RowBlock> send_blocks;  // [E] one per global expert, permuted order
+  std::vector<parallel::RowBlock> recv_blocks;  // [El·ep] (local expert, source) layout
   std::vector<int64_t> rows_per_local_expert;  // [E/ep]
 };
 

@@ -1,7 +1,8 @@
 #pragma once
-// Differentiable all-to-all-v: forward sends rows to peers by split sizes; backward sends the
-// incoming gradient rows back by the swapped split sizes (the reverse exchange). Collective:
-// every member of the group must call it (and run backward) in the same order.
+// Differentiable block all-to-all (Communicator::all_to_all_blocks): forward sends each send
+// block to its peer; backward sends the incoming gradient rows back with the send and receive
+// block lists swapped (the reverse exchange). Collective: every member of the group must call
+// it (and run backward) in the same order.
 #include <ATen/core/Tensor.h>
 
 #include <vector>
@@ -10,9 +11,8 @@
 
 namespace moeforge::parallel {
 
-// input [sum(send_rows), ...] -> [sum(recv_rows), ...], rows grouped by source member.
-at::Tensor all_to_all_v_autograd(const at::Tensor& input, Communicator& comm,
-                                 const std::vector<int64_t>& send_rows,
-                                 const std::vector<int64_t>& recv_rows);
+at::Tensor all_to_all_blocks_autograd(const at::Tensor& input, Communicator& comm,
+                                      const std::vector<RowBlock>& send,
+                                      const std::vector<RowBlock>& recv, int64_t output_rows);
 
 }  // namespace moeforge::parallel

@@ -13,6 +13,50 @@ at::Tensor SelfCommunicator::all_to_all_v(const at::Tensor& input,
   return input.clone();
 }
 
+at::Tensor SelfCommunicator::all_to_all_blocks(const at::Tensor& input,
+                                               const std::vector<RowBlock>& send,
+                                               const std::vector<RowBlock>& recv,
+                                               int64_t output_rows) {
+  auto output = block_exchange_output(input, send, recv, output_rows, 1);
+  copy_self_blocks(input, send, recv, 0, output);
+  return output;
+}
+
+at::Tensor block_exchange_output(const at::Tensor& input, const std::vector<RowBlock>& send,
+                                 const std::vector<RowBlock>& recv, int64_t output_rows,
+                                 int group_size) {
+  TORCH_CHECK(input.dim() >= 1, "all_to_all_blocks: input needs a row dimension");
+  const auto check = [group_size](const RowBlock& block, int64_t limit, const char* side) {
+    TORCH_CHECK(block.peer >= 0 && block.peer < group_size && block.rows >= 0 &&
+                    block.offset >= 0 && block.offset + block.rows <= limit,
+                "all_to_all_blocks: ", side, " block (peer ", block.peer, ", offset ", block.offset,
+                ", rows ", block.rows, ") outside ", limit, " rows / ", group_size, " members");
+  };
+  for (const auto& block : send) check(block, input.size(0), "send");
+  for (const auto& block : recv) check(block, output_rows, "receive");
+  auto shape = input.sizes().vec();
+  shape[0] = output_rows;
+  return at::empty(shape, input.options());
+}
+
+void copy_self_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
+                      const std::vector<RowBlock>& recv, int self, at::Tensor& output) {
+  std::vector<const RowBlock*> incoming;
+  for (const auto& block : recv)
+    if (block.peer == self && block.rows > 0) incoming.push_back(&block);
+  size_t next = 0;
+  for (const auto& block : send) {
+    if (block.peer != self || block.rows == 0) continue;
+    TORCH_CHECK(next < incoming.size() && incoming[next]->rows == block.rows,
+                "all_to_all_blocks: blocks sent to self do not match blocks received from self");
+    output.narrow(0, incoming[next]->offset, block.rows)
+        .copy_(input.narrow(0, block.offset, block.rows));
+    ++next;
+  }
+  TORCH_CHECK(next == incoming.size(),
+              "all_to_all_blocks: blocks sent to self do not match blocks received from self");
+}
+
 at::Tensor SelfCommunicator::all_gather(const at::Tensor& tensor) { return tensor.unsqueeze(0).clone(); }
 
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send) {

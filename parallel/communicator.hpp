@@ -20,6 +20,13 @@ namespace moeforge::parallel {
 
 enum class ReduceOp { kSum, kMax, kMin };
 
+// A run of `rows` consecutive rows starting at row `offset`, exchanged with member `peer`.
+struct RowBlock {
+  int peer = 0;
+  int64_t offset = 0;
+  int64_t rows = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -36,6 +43,15 @@ class Communicator {
   // shape [sum(recv_rows), input.sizes()[1:]...]. recv_rows must match the peers' send_rows.
   virtual at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
                                   const std::vector<int64_t>& recv_rows) = 0;
+
+  // Block all-to-all: sends each block of `send` (rows of `input`) to its peer and receives each
+  // block of `recv` into the returned [output_rows, ...] tensor. The k-th non-empty block this
+  // member sends to p is the k-th non-empty block p lists in `recv` for this member, with the
+  // same row count. Lets the receiver place rows straight into the layout it needs (the MoE
+  // dispatcher's expert-major order) instead of reordering after an all-to-all-v. Output rows
+  // covered by no block are left uninitialised.
+  virtual at::Tensor all_to_all_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
+                                       const std::vector<RowBlock>& recv, int64_t output_rows) = 0;
 
   // In place: every member's `tensor` becomes root's.
   virtual void broadcast(at::Tensor& tensor, int root) = 0;
@@ -55,10 +71,23 @@ class SelfCommunicator final : public Communicator {
   void all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum) override {}
   at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
+  at::Tensor all_to_all_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
+                               const std::vector<RowBlock>& recv, int64_t output_rows) override;
   void broadcast(at::Tensor& tensor, int root) override {}
   at::Tensor all_gather(const at::Tensor& tensor) override;
   void barrier() override {}
 };
+
+// Output tensor of an all_to_all_blocks call, after checking every block lies inside its tensor
+// and names a valid peer.
+at::Tensor block_exchange_output(const at::Tensor& input, const std::vector<RowBlock>& send,
+                                 const std::vector<RowBlock>& recv, int64_t output_rows,
+                                 int group_size);
+
+// Copies the blocks this member sends to itself into their places in `output` (matched in order
+// as all_to_all_blocks says); every backend does its self-exchange this way.
+void copy_self_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
+                      const std::vector<RowBlock>& recv, int self, at::Tensor& output);
 
 // Exchanges one int64 per peer: element p of `send` goes to member p; returns what each member
 // sent to this one (element p from member p). Used to agree on all-to-all-v split sizes.

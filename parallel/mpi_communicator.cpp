@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -126,6 +127,45 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
                           output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(),
                           comm_),
             "MPI_Alltoallv");
+  return output;
+}
+
+at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
+                                              const std::vector<RowBlock>& send,
+                                              const std::vector<RowBlock>& recv,
+                                              int64_t output_rows) {
+  TORCH_CHECK(input.device().is_cpu(), "MPI all_to_all_blocks needs CPU tensors");
+  const auto source = input.contiguous();
+  auto output = block_exchange_output(source, send, recv, output_rows, size_);
+  copy_self_blocks(source, send, recv, rank_, output);
+  const int64_t row_bytes = source.dim() == 0 ? 0 : source.stride(0) * source.element_size();
+  if (size_ == 1 || row_bytes == 0) return output;
+  // Point-to-point per block, every block contiguous on both sides: the data lands in place
+  // with one copy (no packing), which a derived-datatype Alltoallw does not guarantee. The tag
+  // is the block's position among the non-empty blocks exchanged with that peer.
+  RowType row(row_bytes);
+  std::vector<MPI_Request> requests;
+  requests.reserve(send.size() + recv.size());
+  std::vector<int> next_tag(size_, 0);
+  auto* recv_base = static_cast<char*>(output.data_ptr());
+  for (const auto& block : recv) {
+    if (block.peer == rank_ || block.rows == 0) continue;
+    requests.emplace_back();
+    check_mpi(MPI_Irecv(recv_base + block.offset * row_bytes, to_int_counts({block.rows}, "all_to_all_blocks")[0],
+                        row.get(), block.peer, next_tag[block.peer]++, comm_, &requests.back()),
+              "MPI_Irecv");
+  }
+  std::fill(next_tag.begin(), next_tag.end(), 0);
+  auto* send_base = static_cast<char*>(source.data_ptr());
+  for (const auto& block : send) {
+    if (block.peer == rank_ || block.rows == 0) continue;
+    requests.emplace_back();
+    check_mpi(MPI_Isend(send_base + block.offset * row_bytes, to_int_counts({block.rows}, "all_to_all_blocks")[0],
+                        row.get(), block.peer, next_tag[block.peer]++, comm_, &requests.back()),
+              "MPI_Isend");
+  }
+  check_mpi(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
+            "MPI_Waitall");
   return output;
 }
 

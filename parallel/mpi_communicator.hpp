@@ -26,6 +26,8 @@ class MpiCommunicator final : public Communicator {
   void all_reduce(at::Tensor& tensor, ReduceOp op) override;
   at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
                           const std::vector<int64_t>& recv_rows) override;
+  at::Tensor all_to_all_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
+                               const std::vector<RowBlock>& recv, int64_t output_rows) override;
   void broadcast(at::Tensor& tensor, int root) override;
   at::Tensor all_gather(const at::Tensor& tensor) override;
   void barrier() override;

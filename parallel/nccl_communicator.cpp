@@ -123,6 +123,37 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& input,
   return output;
 }
 
+at::Tensor NcclCommunicator::all_to_all_blocks(const at::Tensor& input,
+                                               const std::vector<RowBlock>& send,
+                                               const std::vector<RowBlock>& recv,
+                                               int64_t output_rows) {
+  TORCH_CHECK(input.is_cuda(), "NCCL all_to_all_blocks needs CUDA tensors");
+  c10::cuda::CUDAGuard guard(device_);
+  const auto source = input.contiguous();
+  auto output = block_exchange_output(source, send, recv, output_rows, size_);
+  int64_t row = 1;  // elements per row
+  for (int64_t d = 1; d < source.dim(); ++d) row *= source.size(d);
+  const int64_t row_bytes = row * source.element_size();
+  const auto type = nccl_type(source.scalar_type());
+  auto* send_base = static_cast<char*>(source.data_ptr());
+  auto* recv_base = static_cast<char*>(output.data_ptr());
+  const auto stream = current_stream(device_);
+  // NCCL matches send/recv pairs per peer in posting order, which is the block order.
+  check_nccl(ncclGroupStart(), "ncclGroupStart");
+  for (const auto& block : recv)
+    if (block.rows > 0)
+      check_nccl(ncclRecv(recv_base + block.offset * row_bytes, block.rows * row, type, block.peer,
+                          handle_->comm, stream),
+                 "ncclRecv");
+  for (const auto& block : send)
+    if (block.rows > 0)
+      check_nccl(ncclSend(send_base + block.offset * row_bytes, block.rows * row, type, block.peer,
+                          handle_->comm, stream),
+                 "ncclSend");
+  check_nccl(ncclGroupEnd(), "ncclGroupEnd");
+  return output;
+}
+
 void NcclCommunicator::broadcast(at::Tensor& tensor, int root) {
   TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "NCCL broadcast needs a contiguous CUDA tensor");
   c10::cuda::CUDAGuard guard(device_);

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "moe/capacity.hpp"
+#include "moe/grouped_matmul.hpp"
 #include "moe/load_balancing.hpp"
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
@@ -172,21 +173,26 @@ at::Tensor reference_moe(const at::Tensor& x, MoeLayerImpl& layer, const MoeConf
   return at::stack(rows);
 }
 
-void check_layer_against_reference(int64_t shared, bool force_empty_experts) {
+// hidden 5 / ffn 6 take grouped_matmul's loop; hidden 8 / ffn 12 (16-byte aligned fp32 rows)
+// take at::_grouped_mm — both must match the float64 loop.
+void check_layer_against_reference(int64_t shared, bool force_empty_experts, int64_t hidden = 5,
+                                   int64_t ffn = 6) {
   auto groups = parallel::make_single_process_groups();
   auto config = small_moe(4, 2);
   config.num_shared_experts = shared;
-  MoeLayer layer(5, config, *groups.ep);
+  config.expert_ffn_size = ffn;
+  const int64_t H = hidden;
+  MoeLayer layer(H, config, *groups.ep);
   randomize(*layer, 4);
   if (force_empty_experts) {
     at::NoGradGuard no_grad;
     layer->router->weight.narrow(0, 2, 2).fill_(0.0);
     layer->router->weight.narrow(0, 0, 2).abs_();  // experts 2, 3 lose for positive inputs
   }
-  const auto x = (force_empty_experts ? at::rand({7, 5}) + 0.5 : at::randn({7, 5}))
+  const auto x = (force_empty_experts ? at::rand({7, H}) + 0.5 : at::randn({7, H}))
                      .set_requires_grad(true);
   const auto out = layer->forward(x, 7);
-  const auto weight = at::randn({7, 5});
+  const auto weight = at::randn({7, H});
   const auto loss = (out.y * weight).sum();
   loss.backward();
 
@@ -229,6 +235,38 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts) {
 TEST(MoeLayer, OutputAndGradientsMatchPerTokenFloat64Loop) { check_layer_against_reference(0, false); }
 TEST(MoeLayer, WithSharedExpert) { check_layer_against_reference(1, false); }
 TEST(MoeLayer, WithEmptyExperts) { check_layer_against_reference(0, true); }
+TEST(MoeLayer, GroupedGemmKernelPathMatchesFloat64Loop) { check_layer_against_reference(1, false, 8, 12); }
+TEST(MoeLayer, GroupedGemmKernelPathWithEmptyExperts) { check_layer_against_reference(0, true, 8, 12); }
+
+TEST(GroupedMatmul, KernelAndLoopPathsMatchFloat64PerGroupProducts) {
+  at::manual_seed(11);
+  const std::vector<int64_t> rows = {3, 0, 5, 0, 2};  // empty groups inside and at the end
+  for (const int64_t k : {8, 7}) {                   // 8: at::_grouped_mm, 7: loop (unaligned)
+    const auto x = at::randn({10, k}).set_requires_grad(true);
+    const auto w = at::randn({5, k, 4}).set_requires_grad(true);
+    const auto y = grouped_matmul(x, w, rows);
+    const auto dy = at::randn({10, 4});
+    (y * dy).sum().backward();
+    const auto x64 = x.detach().to(at::kDouble);
+    const auto w64 = w.detach().to(at::kDouble);
+    auto y64 = at::zeros({10, 4}, at::kDouble);
+    auto dx64 = at::zeros({10, k}, at::kDouble);
+    auto dw64 = at::zeros({5, k, 4}, at::kDouble);
+    int64_t offset = 0;
+    for (int64_t g = 0; g < 5; ++g) {
+      for (int64_t r = offset; r < offset + rows[g]; ++r) {
+        y64[r] = at::mv(w64[g].t(), x64[r]);
+        dx64[r] = at::mv(w64[g], dy[r].to(at::kDouble));
+        dw64[g] += at::outer(x64[r], dy[r].to(at::kDouble));
+      }
+      offset += rows[g];
+    }
+    EXPECT_LT(relative_error(y, y64), 1e-6) << "k " << k;
+    EXPECT_LT(relative_error(x.grad(), dx64), 1e-6) << "k " << k;
+    EXPECT_LT(relative_error(w.grad(), dw64), 1e-6) << "k " << k;
+    EXPECT_EQ(w.grad()[1].abs().max().item<double>(), 0.0);  // empty group: zero gradient
+  }
+}
 
 TEST(MoeLayer, CapacityDropsGiveZeroContributionForDroppedSlots) {
   auto groups = parallel::make_single_process_groups();

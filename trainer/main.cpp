@@ -1,3 +1,7 @@
 #include "trainer/cli.hpp"
+#include "trainer/host_allocator.hpp"
 
-int main(int argc, char** argv) { return moeforge::run_cli(argc, argv); }
+int main(int argc, char** argv) {
+  moeforge::tune_host_allocator();
+  return moeforge::run_cli(argc, argv);
+}

@@ -1,0 +1,103 @@
+#include "moe/grouped_matmul.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+namespace moeforge::moe {
+namespace {
+
+bool is_16_byte_aligned(const at::Tensor& t) {
+  const int64_t bytes = t.element_size();
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.stride(d) != 1 && t.size(d) > 1 && (t.stride(d) * bytes) % 16 != 0) return false;
+  return true;
+}
+
+// at::_grouped_mm takes f32/bf16/f16 with 16-byte aligned operand and result strides, i.e.
+// K and N multiples of 16 / element size; anything else takes the loop.
+bool has_grouped_kernel(const at::Tensor& a, const at::Tensor& b, int64_t result_columns) {
+  const auto type = a.scalar_type();
+  if (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf) return false;
+  return is_16_byte_aligned(a) && is_16_byte_aligned(b) &&
+         (result_columns * a.element_size()) % 16 == 0;
+}
+
+at::Tensor group_offsets(const std::vector<int64_t>& rows_per_group, const at::Device& device) {
+  std::vector<int32_t> ends(rows_per_group.size());
+  int64_t end = 0;
+  for (size_t g = 0; g < rows_per_group.size(); ++g) ends[g] = static_cast<int32_t>(end += rows_per_group[g]);
+  return at::tensor(ends, at::kInt).to(device);
+}
+
+// x [R, K] · w[g] [K, N] per row group -> [R, N].
+at::Tensor rows_times_groups(const at::Tensor& x, const at::Tensor& w,
+                             const std::vector<int64_t>& rows_per_group) {
+  if (has_grouped_kernel(x, w, w.size(2)))
+    return at::_grouped_mm(x, w, group_offsets(rows_per_group, x.device()));
+  auto out = at::empty({x.size(0), w.size(2)}, x.options());
+  int64_t offset = 0;
+  for (size_t g = 0; g < rows_per_group.size(); ++g) {
+    const int64_t rows = rows_per_group[g];
+    if (rows > 0) {
+      auto block = out.narrow(0, offset, rows);
+      at::mm_out(block, x.narrow(0, offset, rows), w[g]);
+    }
+    offset += rows;
+  }
+  return out;
+}
+
+// a [K, R] · b [R, N] split along R by group -> [G, K, N] (weight gradients).
+at::Tensor per_group_outer(const at::Tensor& a, const at::Tensor& b,
+                           const std::vector<int64_t>& rows_per_group) {
+  if (has_grouped_kernel(a, b, b.size(1)))
+    return at::_grouped_mm(a, b, group_offsets(rows_per_group, a.device()));
+  auto out = at::zeros({static_cast<int64_t>(rows_per_group.size()), a.size(0), b.size(1)},
+                       a.options());
+  int64_t offset = 0;
+  for (size_t g = 0; g < rows_per_group.size(); ++g) {
+    const int64_t rows = rows_per_group[g];
+    if (rows > 0) {
+      auto block = out[g];
+      at::mm_out(block, a.narrow(1, offset, rows), b.narrow(0, offset, rows));
+    }
+    offset += rows;
+  }
+  return out;
+}
+
+class GroupedMatmul : public torch::autograd::Function<GroupedMatmul> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& w, std::vector<int64_t> rows_per_group) {
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["rows"] = rows_per_group;
+    return rows_times_groups(x, w, rows_per_group);
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto rows = ctx->saved_data["rows"].toIntVector();
+    const auto grad_out = grad_outputs[0].contiguous();  // may arrive expanded (stride 0)
+    at::Tensor grad_x, grad_w;
+    if (ctx->needs_input_grad(0)) grad_x = rows_times_groups(grad_out, w.transpose(1, 2), rows);
+    if (ctx->needs_input_grad(1)) grad_w = per_group_outer(x.t(), grad_out, rows);
+    return {grad_x, grad_w, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor grouped_matmul(const at::Tensor& x, const at::Tensor& w,
+                          const std::vector<int64_t>& rows_per_group) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(1) &&
+                  static_cast<int64_t>(rows_per_group.size()) == w.size(0),
+              "grouped_matmul: x [R, K] and w [G, K, N] with G row groups expected");
+  return GroupedMatmul::apply(x.contiguous(), w, rows_per_group);
+}
+
+}  // namespace moeforge::moe
