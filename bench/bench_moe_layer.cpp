@@ -22,6 +22,7 @@
 
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
+#include "trainer/host_allocator.hpp"
 
 using namespace moeforge;
 
@@ -83,6 +84,7 @@ Measurement measure(const std::function<std::function<void()>()>& make_body, int
 }  // namespace
 
 int main(int argc, char** argv) {
+  tune_host_allocator();  // as the trainer does
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   const int iterations = quick ? 2 : 5;
   const std::vector<Shape> shapes = {
