@@ -14,8 +14,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
-#include <mpi.h>
 #include <malloc.h>
+#include <mpi.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -71,7 +71,8 @@ std::vector<double> interleaved_medians(const std::vector<std::function<void()>>
       MPI_Barrier(MPI_COMM_WORLD);
       const auto start = std::chrono::steady_clock::now();
       bodies[b]();
-      times[b].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      times[b].push_back(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
   std::vector<double> medians;
   for (auto& t : times) {
@@ -82,7 +83,9 @@ std::vector<double> interleaved_medians(const std::vector<std::function<void()>>
 }
 
 // Bytes of live heap allocations (with the tuned allocator every allocation is on the heap).
-double live_heap_bytes() { return static_cast<double>(mallinfo2().uordblks); }
+double live_heap_bytes() {
+  return static_cast<double>(mallinfo2().uordblks);
+}
 
 // Uniform random top-k choices without repeats per token (as a router would give).
 at::Tensor random_expert_ids(int64_t tokens, int64_t experts, int64_t top_k) {
@@ -92,7 +95,8 @@ at::Tensor random_expert_ids(int64_t tokens, int64_t experts, int64_t top_k) {
 void bandwidth_section(parallel::Communicator& ep, int iterations) {
   const int rank = world_rank();
   if (rank == 0) {
-    fmt::print("\n1. dispatch+combine vs raw MPI_Alltoallv (ep_size {}, E 8, k 2, fp32)\n", ep.size());
+    fmt::print("\n1. dispatch+combine vs raw MPI_Alltoallv (ep_size {}, E 8, k 2, fp32)\n",
+               ep.size());
     fmt::print("{:>6} {:>6} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7}\n", "T/rank", "H",
                "MiB/rank", "ours ms", "a2av ms", "raw ms", "ours GB/s", "raw GB/s", "ratio");
   }
@@ -115,7 +119,8 @@ void bandwidth_section(parallel::Communicator& ep, int iterations) {
 
       // Raw: the same per-peer counts, there and back, on buffers allocated once.
       const int peers = ep.size();
-      std::vector<int> send_counts(peers), recv_counts(peers), send_displs(peers), recv_displs(peers);
+      std::vector<int> send_counts(peers), recv_counts(peers), send_displs(peers),
+          recv_displs(peers);
       int64_t sent_rows = 0, received_rows = 0;
       for (int p = 0; p < peers; ++p) {
         send_counts[p] = static_cast<int>(plan.send_rows[p] * hidden);
@@ -140,11 +145,13 @@ void bandwidth_section(parallel::Communicator& ep, int iterations) {
       const double ours_max = max_over_ranks(medians[0]);
       const double comm_max = max_over_ranks(medians[1]);
       const double raw_max = max_over_ranks(medians[2]);
-      const double bytes = mean_over_ranks(static_cast<double>(sent_rows + received_rows) * hidden * 4);
+      const double bytes =
+          mean_over_ranks(static_cast<double>(sent_rows + received_rows) * hidden * 4);
       if (rank == 0)
-        fmt::print("{:>6} {:>6} {:>10.1f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.2f} {:>10.2f} {:>7.3f}\n",
-                   tokens, hidden, bytes / (1 << 20), ours_max * 1e3, comm_max * 1e3, raw_max * 1e3,
-                   bytes / ours_max / 1e9, bytes / raw_max / 1e9, raw_max / ours_max);
+        fmt::print(
+            "{:>6} {:>6} {:>10.1f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.2f} {:>10.2f} {:>7.3f}\n",
+            tokens, hidden, bytes / (1 << 20), ours_max * 1e3, comm_max * 1e3, raw_max * 1e3,
+            bytes / ours_max / 1e9, bytes / raw_max / 1e9, raw_max / ours_max);
     }
   }
 }
@@ -177,7 +184,8 @@ void time_split_section(parallel::Communicator& ep, int iterations) {
     layer->set_phase_timer(nullptr);
     const auto start = std::chrono::steady_clock::now();
     y.backward(at::ones_like(y));
-    backward_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    backward_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
   double forward_total = 0;
   std::vector<std::pair<std::string, double>> phases;
@@ -188,8 +196,10 @@ void time_split_section(parallel::Communicator& ep, int iterations) {
   }
   const double backward_ms = mean_over_ranks(backward_seconds / iterations * 1e3);
   if (rank != 0) return;
-  fmt::print("\n2. MoE layer step split (ep_size {}, T {}/rank, H {}, E {}, k {}, F {}), mean over ranks\n",
-             ep.size(), tokens, hidden, config.num_experts, config.top_k, config.expert_ffn_size);
+  fmt::print(
+      "\n2. MoE layer step split (ep_size {}, T {}/rank, H {}, E {}, k {}, F {}), mean over "
+      "ranks\n",
+      ep.size(), tokens, hidden, config.num_experts, config.top_k, config.expert_ffn_size);
   for (const auto& [name, ms] : phases)
     fmt::print("  {:<18} {:>8.2f} ms  {:>5.1f}% of forward\n", name, ms, 100 * ms / forward_total);
   fmt::print("  {:<18} {:>8.2f} ms\n  {:<18} {:>8.2f} ms\n", "forward total", forward_total,
@@ -204,9 +214,11 @@ void memory_section(const parallel::MpiCommunicator& world) {
   config.expert_ffn_size = 1024;
   const int64_t hidden = 1024, tokens = 1024;
   if (rank == 0) {
-    fmt::print("\n3. expert memory per rank (E {}, H {}, F {}; all experts = {:.0f} MiB of fp32 weights)\n",
-               config.num_experts, hidden, config.expert_ffn_size,
-               3.0 * config.num_experts * hidden * config.expert_ffn_size * 4 / (1 << 20));
+    fmt::print(
+        "\n3. expert memory per rank (E {}, H {}, F {}; all experts = {:.0f} MiB of fp32 "
+        "weights)\n",
+        config.num_experts, hidden, config.expert_ffn_size,
+        3.0 * config.num_experts * hidden * config.expert_ffn_size * 4 / (1 << 20));
     fmt::print("{:>8} {:>14} {:>20} {:>26}\n", "ep_size", "experts/rank", "expert weights MiB",
                "live heap with grads MiB");
   }
@@ -231,8 +243,8 @@ void memory_section(const parallel::MpiCommunicator& world) {
       const double growth = max_over_ranks((live_heap_bytes() - before) / (1 << 20));
       const double weights = max_over_ranks(weight_bytes / (1 << 20));
       if (rank == 0)
-        fmt::print("{:>8} {:>14} {:>20.1f} {:>26.1f}\n", ep_size, layer->num_local_experts(), weights,
-                   growth);
+        fmt::print("{:>8} {:>14} {:>20.1f} {:>26.1f}\n", ep_size, layer->num_local_experts(),
+                   weights, growth);
     }
   }
 }

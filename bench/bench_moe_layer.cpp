@@ -44,8 +44,8 @@ long current_rss_kb() {
 }
 
 struct Measurement {
-  double seconds = 0;     // median per iteration
-  double peak_mib = 0;    // peak RSS growth over the baseline
+  double seconds = 0;   // median per iteration
+  double peak_mib = 0;  // peak RSS growth over the baseline
 };
 
 // Runs `make_body` and then the body it returns in a forked child: warm-up, then `iterations`
@@ -64,7 +64,8 @@ Measurement measure(const std::function<std::function<void()>()>& make_body, int
     for (int i = 0; i < iterations; ++i) {
       const auto start = std::chrono::steady_clock::now();
       body();
-      times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      times.push_back(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
     std::sort(times.begin(), times.end());
     struct rusage usage {};
@@ -102,8 +103,8 @@ int main(int argc, char** argv) {
           config.num_experts = s.experts;
           config.top_k = s.top_k;
           config.expert_ffn_size = s.ffn;
-          auto groups = std::make_shared<parallel::ProcessGroups>(
-              parallel::make_single_process_groups());
+          auto groups =
+              std::make_shared<parallel::ProcessGroups>(parallel::make_single_process_groups());
           at::manual_seed(0);
           moe::MoeLayer layer(s.hidden, config, *groups->ep);
           {

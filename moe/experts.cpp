@@ -9,8 +9,8 @@ namespace moeforge::moe {
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                   const at::Tensor& w_down) {
   const auto gate = at::silu(at::matmul(x, w_gate.t()));  // [R, F]
-  const auto up = at::matmul(x, w_up.t());               // [R, F]
-  return at::matmul(gate * up, w_down.t());              // [R, H]
+  const auto up = at::matmul(x, w_up.t());                // [R, F]
+  return at::matmul(gate * up, w_down.t());               // [R, H]
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t hidden_size, int64_t ffn_size) {
@@ -19,7 +19,9 @@ FeedForwardImpl::FeedForwardImpl(int64_t hidden_size, int64_t ffn_size) {
   w_down = register_parameter("w_down", at::zeros({hidden_size, ffn_size}));
 }
 
-at::Tensor FeedForwardImpl::forward(const at::Tensor& x) { return swiglu(x, w_gate, w_up, w_down); }
+at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
+  return swiglu(x, w_gate, w_up, w_down);
+}
 
 GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_local_experts, int64_t hidden_size,
                                        int64_t ffn_size) {
@@ -32,7 +34,7 @@ at::Tensor GroupedExpertsImpl::forward(const at::Tensor& x,
                                        const std::vector<int64_t>& rows_per_expert) {
   // Same SwiGLU as swiglu(), with every matmul grouped over the local experts.
   const auto gate = at::silu(grouped_matmul(x, w_gate.transpose(1, 2), rows_per_expert));  // [R, F]
-  const auto up = grouped_matmul(x, w_up.transpose(1, 2), rows_per_expert);               // [R, F]
+  const auto up = grouped_matmul(x, w_up.transpose(1, 2), rows_per_expert);                // [R, F]
   return grouped_matmul(gate * up, w_down.transpose(1, 2), rows_per_expert);               // [R, H]
 }
 

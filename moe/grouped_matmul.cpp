@@ -26,7 +26,8 @@ bool has_grouped_kernel(const at::Tensor& a, const at::Tensor& b, int64_t result
 at::Tensor group_offsets(const std::vector<int64_t>& rows_per_group, const at::Device& device) {
   std::vector<int32_t> ends(rows_per_group.size());
   int64_t end = 0;
-  for (size_t g = 0; g < rows_per_group.size(); ++g) ends[g] = static_cast<int32_t>(end += rows_per_group[g]);
+  for (size_t g = 0; g < rows_per_group.size(); ++g)
+    ends[g] = static_cast<int32_t>(end += rows_per_group[g]);
   return at::tensor(ends, at::kInt).to(device);
 }
 
@@ -53,8 +54,8 @@ at::Tensor per_group_outer(const at::Tensor& a, const at::Tensor& b,
                            const std::vector<int64_t>& rows_per_group) {
   if (has_grouped_kernel(a, b, b.size(1)))
     return at::_grouped_mm(a, b, group_offsets(rows_per_group, a.device()));
-  auto out = at::zeros({static_cast<int64_t>(rows_per_group.size()), a.size(0), b.size(1)},
-                       a.options());
+  auto out =
+      at::zeros({static_cast<int64_t>(rows_per_group.size()), a.size(0), b.size(1)}, a.options());
   int64_t offset = 0;
   for (size_t g = 0; g < rows_per_group.size(); ++g) {
     const int64_t rows = rows_per_group[g];

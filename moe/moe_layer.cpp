@@ -7,15 +7,14 @@
 
 namespace moeforge::moe {
 
-MoeLayerImpl::MoeLayerImpl(int64_t hidden_size, const MoeConfig& config,
-                           parallel::Communicator& ep)
+MoeLayerImpl::MoeLayerImpl(int64_t hidden_size, const MoeConfig& config, parallel::Communicator& ep)
     : config_(config), dispatcher_(ep, config.num_experts) {
   router = register_module("router", Router(hidden_size, config));
-  experts = register_module(
-      "experts", GroupedExperts(dispatcher_.num_local_experts(), hidden_size, config.expert_ffn_size));
+  experts = register_module("experts", GroupedExperts(dispatcher_.num_local_experts(), hidden_size,
+                                                      config.expert_ffn_size));
   if (config.num_shared_experts > 0) {
-    const int64_t shared_size = config.shared_expert_ffn_size > 0 ? config.shared_expert_ffn_size
-                                                                  : config.expert_ffn_size;
+    const int64_t shared_size =
+        config.shared_expert_ffn_size > 0 ? config.shared_expert_ffn_size : config.expert_ffn_size;
     shared_experts = register_module(
         "shared_experts", FeedForward(hidden_size, config.num_shared_experts * shared_size));
   }
@@ -36,10 +35,10 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   mark("route");
 
   // 2 balance: loss-based terms (weighted by the model) and load for telemetry / bias update.
-  out.aux_loss = balancing.aux_loss.coeff > 0
-                     ? aux_loss(route.scores, route.expert_ids, num_experts,
-                                balancing.aux_loss.scope, seq_len)
-                     : at::zeros({}, at::kFloat);
+  out.aux_loss =
+      balancing.aux_loss.coeff > 0
+          ? aux_loss(route.scores, route.expert_ids, num_experts, balancing.aux_loss.scope, seq_len)
+          : at::zeros({}, at::kFloat);
   out.z_loss = balancing.z_loss.coeff > 0 ? z_loss(route.logits) : at::zeros({}, at::kFloat);
   stats_.load = expert_load(route.expert_ids, num_experts);
   stats_.entropy = router_entropy(route.scores);

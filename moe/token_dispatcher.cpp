@@ -75,7 +75,8 @@ at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& pla
 
 at::Tensor TokenDispatcher::dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const {
   if (ep_.size() == 1) return permuted;  // already grouped by expert
-  const int64_t received = std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
+  const int64_t received =
+      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
   return parallel::all_to_all_blocks_autograd(permuted, ep_, plan.send_blocks, plan.recv_blocks,
                                               received);  // [R, H] (local expert, source)
 }

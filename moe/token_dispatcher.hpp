@@ -24,13 +24,13 @@ namespace moeforge::moe {
 struct DispatchPlan {
   int64_t num_tokens = 0;
   int64_t top_k = 0;
-  at::Tensor slot_order;                       // [N] int64 flat slot ids (t*k + j) by expert
-  at::Tensor token_of_row;                     // [N] int64 token of each permuted row
-  std::vector<int64_t> send_rows;              // [ep] rows this rank sends to each EP rank
-  std::vector<int64_t> recv_rows;              // [ep] rows this rank receives from each
+  at::Tensor slot_order;                        // [N] int64 flat slot ids (t*k + j) by expert
+  at::Tensor token_of_row;                      // [N] int64 token of each permuted row
+  std::vector<int64_t> send_rows;               // [ep] rows this rank sends to each EP rank
+  std::vector<int64_t> recv_rows;               // [ep] rows this rank receives from each
   std::vector<parallel::RowBlock> send_blocks;  // [E] one per global expert, permuted order
   std::vector<parallel::RowBlock> recv_blocks;  // [El·ep] (local expert, source) layout
-  std::vector<int64_t> rows_per_local_expert;  // [E/ep]
+  std::vector<int64_t> rows_per_local_expert;   // [E/ep]
 };
 
 class TokenDispatcher {

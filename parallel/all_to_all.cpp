@@ -46,7 +46,8 @@ class AllToAllBlocks : public torch::autograd::Function<AllToAllBlocks> {
     if (covered != input_rows) {
       auto full = at::zeros_like(grad_input);
       for (const auto& block : send)
-        full.narrow(0, block.offset, block.rows).copy_(grad_input.narrow(0, block.offset, block.rows));
+        full.narrow(0, block.offset, block.rows)
+            .copy_(grad_input.narrow(0, block.offset, block.rows));
       grad_input = full;
     }
     return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -57,10 +57,13 @@ void copy_self_blocks(const at::Tensor& input, const std::vector<RowBlock>& send
               "all_to_all_blocks: blocks sent to self do not match blocks received from self");
 }
 
-at::Tensor SelfCommunicator::all_gather(const at::Tensor& tensor) { return tensor.unsqueeze(0).clone(); }
+at::Tensor SelfCommunicator::all_gather(const at::Tensor& tensor) {
+  return tensor.unsqueeze(0).clone();
+}
 
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send) {
-  TORCH_CHECK(static_cast<int>(send.size()) == comm.size(), "exchange_counts: need one count per peer");
+  TORCH_CHECK(static_cast<int>(send.size()) == comm.size(),
+              "exchange_counts: need one count per peer");
   auto input = at::tensor(send, at::kLong).view({comm.size(), 1});
   std::vector<int64_t> ones(comm.size(), 1);
   auto received = comm.all_to_all_v(input, ones, ones).contiguous();

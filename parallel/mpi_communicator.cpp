@@ -21,11 +21,16 @@ void check_mpi(int code, const char* what) {
 // Datatype for element-wise reductions; 16-bit floats have no MPI reduction type.
 MPI_Datatype reduction_type(at::ScalarType type) {
   switch (type) {
-    case at::kFloat: return MPI_FLOAT;
-    case at::kDouble: return MPI_DOUBLE;
-    case at::kLong: return MPI_INT64_T;
-    case at::kInt: return MPI_INT32_T;
-    case at::kByte: return MPI_UINT8_T;
+    case at::kFloat:
+      return MPI_FLOAT;
+    case at::kDouble:
+      return MPI_DOUBLE;
+    case at::kLong:
+      return MPI_INT64_T;
+    case at::kInt:
+      return MPI_INT32_T;
+    case at::kByte:
+      return MPI_UINT8_T;
     default:
       throw std::runtime_error(std::string("MPI all_reduce: unsupported dtype ") +
                                c10::toString(type));
@@ -34,9 +39,12 @@ MPI_Datatype reduction_type(at::ScalarType type) {
 
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return MPI_SUM;
-    case ReduceOp::kMax: return MPI_MAX;
-    case ReduceOp::kMin: return MPI_MIN;
+    case ReduceOp::kSum:
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
   }
   return MPI_SUM;
 }
@@ -45,7 +53,8 @@ MPI_Op mpi_op(ReduceOp op) {
 class RowType {
  public:
   explicit RowType(int64_t bytes) {
-    check_mpi(MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &type_), "MPI_Type_contiguous");
+    check_mpi(MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &type_),
+              "MPI_Type_contiguous");
     check_mpi(MPI_Type_commit(&type_), "MPI_Type_commit");
   }
   ~RowType() { MPI_Type_free(&type_); }
@@ -81,8 +90,8 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
 MpiCommunicator::~MpiCommunicator() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_SELF &&
-      comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  if (!finalized && comm_ != MPI_COMM_WORLD && comm_ != MPI_COMM_SELF && comm_ != MPI_COMM_NULL)
+    MPI_Comm_free(&comm_);
 }
 
 void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
@@ -97,9 +106,9 @@ void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
 at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
                                          const std::vector<int64_t>& send_rows,
                                          const std::vector<int64_t>& recv_rows) {
-  TORCH_CHECK(static_cast<int>(send_rows.size()) == size_ &&
-                  static_cast<int>(recv_rows.size()) == size_,
-              "all_to_all_v: need one split size per peer");
+  TORCH_CHECK(
+      static_cast<int>(send_rows.size()) == size_ && static_cast<int>(recv_rows.size()) == size_,
+      "all_to_all_v: need one split size per peer");
   TORCH_CHECK(input.device().is_cpu(), "MPI all_to_all_v needs CPU tensors");
   const auto source = input.contiguous();
   const int64_t total_send = std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0});
@@ -123,10 +132,10 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
   const auto recv_counts = to_int_counts(recv_rows, "all_to_all_v");
   const auto send_displs = displacements(send_counts);
   const auto recv_displs = displacements(recv_counts);
-  check_mpi(MPI_Alltoallv(source.data_ptr(), send_counts.data(), send_displs.data(), row.get(),
-                          output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(),
-                          comm_),
-            "MPI_Alltoallv");
+  check_mpi(
+      MPI_Alltoallv(source.data_ptr(), send_counts.data(), send_displs.data(), row.get(),
+                    output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(), comm_),
+      "MPI_Alltoallv");
   return output;
 }
 
@@ -151,8 +160,9 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
   for (const auto& block : recv) {
     if (block.peer == rank_ || block.rows == 0) continue;
     requests.emplace_back();
-    check_mpi(MPI_Irecv(recv_base + block.offset * row_bytes, to_int_counts({block.rows}, "all_to_all_blocks")[0],
-                        row.get(), block.peer, next_tag[block.peer]++, comm_, &requests.back()),
+    check_mpi(MPI_Irecv(recv_base + block.offset * row_bytes,
+                        to_int_counts({block.rows}, "all_to_all_blocks")[0], row.get(), block.peer,
+                        next_tag[block.peer]++, comm_, &requests.back()),
               "MPI_Irecv");
   }
   std::fill(next_tag.begin(), next_tag.end(), 0);
@@ -160,8 +170,9 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
   for (const auto& block : send) {
     if (block.peer == rank_ || block.rows == 0) continue;
     requests.emplace_back();
-    check_mpi(MPI_Isend(send_base + block.offset * row_bytes, to_int_counts({block.rows}, "all_to_all_blocks")[0],
-                        row.get(), block.peer, next_tag[block.peer]++, comm_, &requests.back()),
+    check_mpi(MPI_Isend(send_base + block.offset * row_bytes,
+                        to_int_counts({block.rows}, "all_to_all_blocks")[0], row.get(), block.peer,
+                        next_tag[block.peer]++, comm_, &requests.back()),
               "MPI_Isend");
   }
   check_mpi(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
@@ -195,7 +206,9 @@ at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
   return output;
 }
 
-void MpiCommunicator::barrier() { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+void MpiCommunicator::barrier() {
+  check_mpi(MPI_Barrier(comm_), "MPI_Barrier");
+}
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key) const {
   MPI_Comm child;

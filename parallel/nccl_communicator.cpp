@@ -20,14 +20,22 @@ void check_nccl(ncclResult_t result, const char* what) {
 
 ncclDataType_t nccl_type(at::ScalarType type) {
   switch (type) {
-    case at::kFloat: return ncclFloat32;
-    case at::kDouble: return ncclFloat64;
-    case at::kHalf: return ncclFloat16;
-    case at::kBFloat16: return ncclBfloat16;
-    case at::kLong: return ncclInt64;
-    case at::kInt: return ncclInt32;
-    case at::kByte: return ncclUint8;
-    case at::kChar: return ncclInt8;
+    case at::kFloat:
+      return ncclFloat32;
+    case at::kDouble:
+      return ncclFloat64;
+    case at::kHalf:
+      return ncclFloat16;
+    case at::kBFloat16:
+      return ncclBfloat16;
+    case at::kLong:
+      return ncclInt64;
+    case at::kInt:
+      return ncclInt32;
+    case at::kByte:
+      return ncclUint8;
+    case at::kChar:
+      return ncclInt8;
     default:
       throw std::runtime_error(std::string("NCCL: unsupported dtype ") + c10::toString(type));
   }
@@ -35,14 +43,19 @@ ncclDataType_t nccl_type(at::ScalarType type) {
 
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kMin: return ncclMin;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
   }
   return ncclSum;
 }
 
-cudaStream_t current_stream(int device) { return at::cuda::getCurrentCUDAStream(device).stream(); }
+cudaStream_t current_stream(int device) {
+  return at::cuda::getCurrentCUDAStream(device).stream();
+}
 
 }  // namespace
 
@@ -76,7 +89,8 @@ NcclCommunicator::~NcclCommunicator() {
 }
 
 void NcclCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
-  TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "NCCL all_reduce needs a contiguous CUDA tensor");
+  TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(),
+              "NCCL all_reduce needs a contiguous CUDA tensor");
   c10::cuda::CUDAGuard guard(device_);
   check_nccl(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
                            nccl_type(tensor.scalar_type()), nccl_op(op), handle_->comm,
@@ -88,9 +102,9 @@ at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& input,
                                           const std::vector<int64_t>& send_rows,
                                           const std::vector<int64_t>& recv_rows) {
   TORCH_CHECK(input.is_cuda(), "NCCL all_to_all_v needs CUDA tensors");
-  TORCH_CHECK(static_cast<int>(send_rows.size()) == size_ &&
-                  static_cast<int>(recv_rows.size()) == size_,
-              "all_to_all_v: need one split size per peer");
+  TORCH_CHECK(
+      static_cast<int>(send_rows.size()) == size_ && static_cast<int>(recv_rows.size()) == size_,
+      "all_to_all_v: need one split size per peer");
   c10::cuda::CUDAGuard guard(device_);
   const auto source = input.contiguous();
   const int64_t total_recv = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
@@ -155,12 +169,13 @@ at::Tensor NcclCommunicator::all_to_all_blocks(const at::Tensor& input,
 }
 
 void NcclCommunicator::broadcast(at::Tensor& tensor, int root) {
-  TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "NCCL broadcast needs a contiguous CUDA tensor");
+  TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(),
+              "NCCL broadcast needs a contiguous CUDA tensor");
   c10::cuda::CUDAGuard guard(device_);
-  check_nccl(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
-                           nccl_type(tensor.scalar_type()), root, handle_->comm,
-                           current_stream(device_)),
-             "ncclBroadcast");
+  check_nccl(
+      ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                    nccl_type(tensor.scalar_type()), root, handle_->comm, current_stream(device_)),
+      "ncclBroadcast");
 }
 
 at::Tensor NcclCommunicator::all_gather(const at::Tensor& tensor) {

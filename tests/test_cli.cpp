@@ -30,8 +30,7 @@ Result run_shell(const std::string& command) {
   while (fgets(buffer.data(), buffer.size(), pipe) != nullptr) result.output += buffer.data();
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  result.seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }
 
@@ -42,14 +41,16 @@ std::string mpirun(int ranks) {
 }
 
 std::string scratch(const std::string& tag) {
-  const auto dir = fs::temp_directory_path() / ("moeforge-cli-" + tag + "-" + std::to_string(getpid()));
+  const auto dir =
+      fs::temp_directory_path() / ("moeforge-cli-" + tag + "-" + std::to_string(getpid()));
   fs::remove_all(dir);
   return dir.string();
 }
 
 size_t count(const std::string& text, const std::string& needle) {
   size_t n = 0;
-  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1)) ++n;
+  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1))
+    ++n;
   return n;
 }
 
@@ -76,7 +77,8 @@ TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {
   for (const auto& row : rows)
     if (row.contains("loss")) steps.push_back(row);
   ASSERT_EQ(steps.size(), 100u);
-  for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_vio", "moe_layers"})
+  for (const char* key :
+       {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_vio", "moe_layers"})
     EXPECT_TRUE(steps.back().contains(key)) << key;
   EXPECT_EQ(steps.back()["moe_layers"][0]["expert_load"].size(), 8u);
   const double first = steps.front()["loss"], last = steps.back()["loss"];
@@ -86,8 +88,8 @@ TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {
   EXPECT_TRUE(fs::exists(fs::path(out) / "checkpoints" / "latest"));
 
   // --resume picks up the latest checkpoint and appends to the metrics.
-  const auto resumed = run_shell(mpirun(2) + " train --config " + kTiny + " --set train.out_dir=" +
-                                 out + " --set train.steps=104 --resume");
+  const auto resumed = run_shell(mpirun(2) + " train --config " + kTiny +
+                                 " --set train.out_dir=" + out + " --set train.steps=104 --resume");
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resumed from"), std::string::npos);
   EXPECT_NE(resumed.output.find("step   104/104"), std::string::npos) << resumed.output;
@@ -114,7 +116,8 @@ TEST(Cli, BadOverrideAndMissingFileAreClearErrors) {
   r = run_shell(mpirun(1) + " train --config /nonexistent/x.yaml");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("/nonexistent/x.yaml"), std::string::npos) << r.output;
-  r = run_shell(mpirun(1) + " train --config " + kTiny + " --set data.source=text --set data.path=/nonexistent/corpus.txt");
+  r = run_shell(mpirun(1) + " train --config " + kTiny +
+                " --set data.source=text --set data.path=/nonexistent/corpus.txt");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("/nonexistent/corpus.txt"), std::string::npos) << r.output;
   r = run_shell(mpirun(1) + " train");
@@ -130,7 +133,8 @@ TEST(Cli, OneFailingRankStopsTheWholeJob) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_EQ(count(r.output, "injected failure on rank 1 at step 3"), 1u) << r.output;
   EXPECT_LT(r.seconds, 120.0);
-  EXPECT_EQ(r.output.find("step    10/"), std::string::npos) << "training went on after the failure";
+  EXPECT_EQ(r.output.find("step    10/"), std::string::npos)
+      << "training went on after the failure";
   fs::remove_all(out);
 }
 

@@ -99,7 +99,8 @@ TEST(TokenDataset, WindowsArePermutedPerEpochAndSliceable) {
     int64_t found = -1;
     for (int64_t w = 0; w < windows && found < 0; ++w) {
       bool same = true;
-      for (int64_t i = 0; i <= seq && same; ++i) same = epoch0[r][i].item<int64_t>() == text[w * seq + i];
+      for (int64_t i = 0; i <= seq && same; ++i)
+        same = epoch0[r][i].item<int64_t>() == text[w * seq + i];
       if (same) found = w;
     }
     ASSERT_GE(found, 0) << "row " << r;
@@ -129,7 +130,8 @@ TEST(TokenDataset, BinFilesLittleEndian) {
     c.data.val_fraction = 0.5;
     const auto data = TokenDataset::open(c.data, 1000, 4);
     const auto val = data.val_samples(0, 1);
-    for (int i = 0; i < 5; ++i) EXPECT_EQ(val[0][i].item<int64_t>(), (100 + i) * 301 % 1000) << dtype;
+    for (int i = 0; i < 5; ++i)
+      EXPECT_EQ(val[0][i].item<int64_t>(), (100 + i) * 301 % 1000) << dtype;
   }
 }
 
@@ -146,7 +148,8 @@ TEST(TokenDataset, ClearErrors) {
   DataConfig c;
   c.source = "text";
   c.path = "/nonexistent/corpus.txt";
-  EXPECT_NE(open_error(c, 256, 4).find("data.path: cannot open '/nonexistent/corpus.txt'"), std::string::npos);
+  EXPECT_NE(open_error(c, 256, 4).find("data.path: cannot open '/nonexistent/corpus.txt'"),
+            std::string::npos);
 
   const auto empty = scratch("empty.txt");
   std::ofstream(empty).close();
@@ -162,12 +165,14 @@ TEST(TokenDataset, ClearErrors) {
   EXPECT_NE(m.find("6 bytes is not a whole number of uint32 tokens"), std::string::npos) << m;
 
   const auto big = scratch("big.bin");
-  std::ofstream(big, std::ios::binary) << std::string("\x01\x00\xff\x7f", 4) << std::string(60, '\0');
+  std::ofstream(big, std::ios::binary)
+      << std::string("\x01\x00\xff\x7f", 4) << std::string(60, '\0');
   c.path = big.string();
   c.dtype = "uint16";
   const auto v = open_error(c, 1000, 1);
   EXPECT_NE(v.find("token 32767 at position 1 is outside the vocabulary (model.vocab_size = 1000)"),
-            std::string::npos) << v;
+            std::string::npos)
+      << v;
 
   const auto tiny = scratch("tiny.txt");
   std::ofstream(tiny) << "hello world";

@@ -44,7 +44,9 @@ RunOptions quiet() {
 TEST(AllToAllBlocks, PlacesBlocksAndRoutesGradientsBack) {
   parallel::MpiCommunicator world(MPI_COMM_WORLD);
   const int rank = world.rank(), size = world.size();
-  const auto rows_of = [](int source, int dest, int k) { return int64_t{(source + 2 * dest + k) % 3}; };
+  const auto rows_of = [](int source, int dest, int k) {
+    return int64_t{(source + 2 * dest + k) % 3};
+  };
   const auto value = [](int source, int dest, int k, int64_t i) {
     return static_cast<float>(source * 1000 + dest * 100 + k * 10 + i);
   };
@@ -177,17 +179,20 @@ TEST(ExpertParallel, LayerMatchesUnshardedLayerInEdgeCases) {
       EXPECT_LT(relative_error(xs.grad(), xf.grad()), 1e-5) << c.name;
     }
     // Router / shared grads are per-rank; expert grads gather every rank's tokens.
-    auto router_grad = sharded->router->weight.grad().defined() ? sharded->router->weight.grad()
-                                                               : at::zeros_like(sharded->router->weight);
-    auto full_router_grad = full->router->weight.grad().defined() ? full->router->weight.grad()
-                                                                  : at::zeros_like(full->router->weight);
+    auto router_grad = sharded->router->weight.grad().defined()
+                           ? sharded->router->weight.grad()
+                           : at::zeros_like(sharded->router->weight);
+    auto full_router_grad = full->router->weight.grad().defined()
+                                ? full->router->weight.grad()
+                                : at::zeros_like(full->router->weight);
     EXPECT_LT((router_grad - full_router_grad).abs().max().item<double>(), 1e-5) << c.name;
     for (const auto& [local, global] :
          {std::pair{sharded->experts->w_gate, full->experts->w_gate},
           std::pair{sharded->experts->w_down, full->experts->w_down}}) {
       auto summed = global.grad().defined() ? global.grad().clone() : at::zeros_like(global);
       groups.world->all_reduce(summed);
-      const auto expected = summed.narrow(0, sharded->first_local_expert(), sharded->num_local_experts());
+      const auto expected =
+          summed.narrow(0, sharded->first_local_expert(), sharded->num_local_experts());
       const auto actual = local.grad().defined() ? local.grad() : at::zeros_like(local);
       EXPECT_LT((actual - expected).abs().max().item<double>(), 1e-5) << c.name;
     }

@@ -81,7 +81,8 @@ TEST(Router, ExpertBiasSteersSelectionButNotGates) {
 
 TEST(Balancing, AuxLossIsOneForAUniformRouter) {
   const auto scores = at::full({8, 4}, 0.25);
-  const auto ids = at::tensor({0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 0, 0, 1, 1, 1, 1}, at::kLong).view({8, 2});
+  const auto ids =
+      at::tensor({0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 0, 0, 1, 1, 1, 1}, at::kLong).view({8, 2});
   // f is skewed, but P is uniform: E · Σ f_i / E = Σ f_i = 1.
   EXPECT_NEAR(aux_loss(scores, ids, 4, "micro_batch", 8).item<double>(), 1.0, 1e-6);
 }
@@ -189,8 +190,8 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts, int
     layer->router->weight.narrow(0, 2, 2).fill_(0.0);
     layer->router->weight.narrow(0, 0, 2).abs_();  // experts 2, 3 lose for positive inputs
   }
-  const auto x = (force_empty_experts ? at::rand({7, H}) + 0.5 : at::randn({7, H}))
-                     .set_requires_grad(true);
+  const auto x =
+      (force_empty_experts ? at::rand({7, H}) + 0.5 : at::randn({7, H})).set_requires_grad(true);
   const auto out = layer->forward(x, 7);
   const auto weight = at::randn({7, H});
   const auto loss = (out.y * weight).sum();
@@ -204,7 +205,8 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts, int
     params.push_back(layer->shared_experts->w_down);
   }
   std::vector<at::Tensor> params64;
-  for (const auto& p : params) params64.push_back(p.detach().to(at::kDouble).set_requires_grad(true));
+  for (const auto& p : params)
+    params64.push_back(p.detach().to(at::kDouble).set_requires_grad(true));
   const auto x64 = x.detach().to(at::kDouble).set_requires_grad(true);
   const auto y64 = reference_moe(x64, *layer, config, params64, 0);
   const auto loss64 = (y64 * weight.to(at::kDouble)).sum();
@@ -232,16 +234,26 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts, int
   }
 }
 
-TEST(MoeLayer, OutputAndGradientsMatchPerTokenFloat64Loop) { check_layer_against_reference(0, false); }
-TEST(MoeLayer, WithSharedExpert) { check_layer_against_reference(1, false); }
-TEST(MoeLayer, WithEmptyExperts) { check_layer_against_reference(0, true); }
-TEST(MoeLayer, GroupedGemmKernelPathMatchesFloat64Loop) { check_layer_against_reference(1, false, 8, 12); }
-TEST(MoeLayer, GroupedGemmKernelPathWithEmptyExperts) { check_layer_against_reference(0, true, 8, 12); }
+TEST(MoeLayer, OutputAndGradientsMatchPerTokenFloat64Loop) {
+  check_layer_against_reference(0, false);
+}
+TEST(MoeLayer, WithSharedExpert) {
+  check_layer_against_reference(1, false);
+}
+TEST(MoeLayer, WithEmptyExperts) {
+  check_layer_against_reference(0, true);
+}
+TEST(MoeLayer, GroupedGemmKernelPathMatchesFloat64Loop) {
+  check_layer_against_reference(1, false, 8, 12);
+}
+TEST(MoeLayer, GroupedGemmKernelPathWithEmptyExperts) {
+  check_layer_against_reference(0, true, 8, 12);
+}
 
 TEST(GroupedMatmul, KernelAndLoopPathsMatchFloat64PerGroupProducts) {
   at::manual_seed(11);
   const std::vector<int64_t> rows = {3, 0, 5, 0, 2};  // empty groups inside and at the end
-  for (const int64_t k : {8, 7}) {                   // 8: at::_grouped_mm, 7: loop (unaligned)
+  for (const int64_t k : {8, 7}) {                    // 8: at::_grouped_mm, 7: loop (unaligned)
     const auto x = at::randn({10, k}).set_requires_grad(true);
     const auto w = at::randn({5, k, 4}).set_requires_grad(true);
     const auto y = grouped_matmul(x, w, rows);

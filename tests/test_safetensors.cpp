@@ -80,8 +80,11 @@ TEST(Safetensors, ByteLevelFormatMatchesTheSpecification) {
 
   // And a hand-built file (unpadded header, metadata first) reads back.
   const auto hand = scratch("hand.safetensors");
-  write_bytes(hand, hand_file(R"({"__metadata__":{"a":"b"},"x":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}})",
-                              std::string("\x80\x3f", 2)));  // bf16 1.0
+  write_bytes(
+      hand,
+      hand_file(
+          R"({"__metadata__":{"a":"b"},"x":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}})",
+          std::string("\x80\x3f", 2)));  // bf16 1.0
   const auto file = File::open(hand.string());
   EXPECT_EQ(file.load("x", at::kFloat).item<float>(), 1.0f);
   EXPECT_EQ(file.metadata().at("a"), "b");
@@ -104,20 +107,26 @@ TEST(Safetensors, BrokenFilesGiveClearErrors) {
       {"entry_not_object", hand_file(R"({"w":3})", ""), "tensor 'w': entry is not an object"},
       {"unknown_dtype", hand_file(R"({"w":{"dtype":"F8","shape":[1],"data_offsets":[0,1]}})", "x"),
        "tensor 'w': unsupported dtype 'F8'"},
-      {"negative_shape", hand_file(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", "xxxx"),
+      {"negative_shape",
+       hand_file(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", "xxxx"),
        "tensor 'w': shape"},
-      {"reversed_offsets", hand_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}})", "xxxx"),
+      {"reversed_offsets",
+       hand_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}})", "xxxx"),
        "tensor 'w': data_offsets [4, 0] are reversed"},
       {"offsets_past_end", hand_file("{" + w4 + "}", "xx"), "run past the data section"},
       {"byte_count_mismatch",
-       hand_file(R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", std::string(20, 'x')),
+       hand_file(R"({"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})",
+                 std::string(20, 'x')),
        "hold 20 bytes but F32 shape [2, 3] needs 24"},
       {"overlap",
-       hand_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-                 std::string(8, 'x')),
+       hand_file(
+           R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+           std::string(8, 'x')),
        "tensors 'a' and 'b' overlap"},
-      {"metadata_not_strings", hand_file(R"({"__metadata__":{"a":1}})", ""), "__metadata__ 'a' is not a string"},
-      {"offsets_not_numbers", hand_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":"0-4"}})", "xxxx"),
+      {"metadata_not_strings", hand_file(R"({"__metadata__":{"a":1}})", ""),
+       "__metadata__ 'a' is not a string"},
+      {"offsets_not_numbers",
+       hand_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":"0-4"}})", "xxxx"),
        "data_offsets must be two non-negative integers"},
   };
   for (const auto& broken : corpus) {

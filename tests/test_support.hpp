@@ -57,8 +57,8 @@ inline std::string shared_scratch_dir(const std::string& tag) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   long long id = static_cast<long long>(getpid());
   MPI_Bcast(&id, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("moeforge-test-" + tag + "-" + std::to_string(id));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("moeforge-test-" + tag + "-" + std::to_string(id));
   if (rank == 0) {
     std::filesystem::remove_all(dir);
     std::filesystem::create_directories(dir);

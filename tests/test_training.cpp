@@ -80,7 +80,8 @@ TEST(Checkpoint, GlobalExpertNamesAndChecksumRefusal) {
   ASSERT_TRUE(fs::exists(dir / "checkpoint.json"));
   EXPECT_FALSE(fs::exists(fs::path(dir.string() + ".tmp")));
 
-  const auto experts = safetensors::File::open((dir / "experts-00000-of-00001.safetensors").string());
+  const auto experts =
+      safetensors::File::open((dir / "experts-00000-of-00001.safetensors").string());
   for (int e = 0; e < 8; ++e) {
     EXPECT_TRUE(experts.contains("layers.1.mlp.experts." + std::to_string(e) + ".w_gate"));
     EXPECT_TRUE(experts.contains("exp_avg.layers.0.mlp.experts." + std::to_string(e) + ".w_down"));

@@ -28,53 +28,49 @@ class Rng {
 
 using Words = std::string_view;
 
-constexpr std::array<Words, 12> kSingularNouns = {"the cat",   "a dog",       "the farmer",
-                                                  "my sister", "the teacher", "a small bird",
-                                                  "the river", "our neighbour", "the king",
-                                                  "a sailor",  "the old man", "the baker"};
-constexpr std::array<Words, 10> kPluralNouns = {"the cats",     "two dogs",    "the farmers",
-                                                "my brothers", "the children", "the birds",
-                                                "the sailors", "many people", "the students",
-                                                "the bakers"};
+constexpr std::array<Words, 12> kSingularNouns = {
+    "the cat",   "a dog",         "the farmer", "my sister", "the teacher", "a small bird",
+    "the river", "our neighbour", "the king",   "a sailor",  "the old man", "the baker"};
+constexpr std::array<Words, 10> kPluralNouns = {
+    "the cats",  "two dogs",    "the farmers", "my brothers",  "the children",
+    "the birds", "the sailors", "many people", "the students", "the bakers"};
 constexpr std::array<std::pair<Words, Words>, 10> kVerbs = {{{"walks", "walk"},
-                                                              {"sings", "sing"},
-                                                              {"reads", "read"},
-                                                              {"runs", "run"},
-                                                              {"sleeps", "sleep"},
-                                                              {"waits", "wait"},
-                                                              {"works", "work"},
-                                                              {"laughs", "laugh"},
-                                                              {"writes", "write"},
-                                                              {"listens", "listen"}}};
-constexpr std::array<Words, 10> kPlaces = {"in the garden", "by the sea",     "at the market",
-                                           "near the hill", "in the morning", "after dinner",
-                                           "under the tree", "at the station", "in the rain",
-                                           "before noon"};
+                                                             {"sings", "sing"},
+                                                             {"reads", "read"},
+                                                             {"runs", "run"},
+                                                             {"sleeps", "sleep"},
+                                                             {"waits", "wait"},
+                                                             {"works", "work"},
+                                                             {"laughs", "laugh"},
+                                                             {"writes", "write"},
+                                                             {"listens", "listen"}}};
+constexpr std::array<Words, 10> kPlaces = {
+    "in the garden", "by the sea",     "at the market",  "near the hill", "in the morning",
+    "after dinner",  "under the tree", "at the station", "in the rain",   "before noon"};
 constexpr std::array<std::pair<Words, Words>, 12> kCapitals = {{{"France", "Paris"},
-                                                                 {"Italy", "Rome"},
-                                                                 {"Spain", "Madrid"},
-                                                                 {"Japan", "Tokyo"},
-                                                                 {"Egypt", "Cairo"},
-                                                                 {"Peru", "Lima"},
-                                                                 {"Kenya", "Nairobi"},
-                                                                 {"Norway", "Oslo"},
-                                                                 {"Chile", "Santiago"},
-                                                                 {"Canada", "Ottawa"},
-                                                                 {"India", "New Delhi"},
-                                                                 {"Greece", "Athens"}}};
-constexpr std::array<Words, 8> kNames = {"Alice", "Bob", "Clara", "David",
+                                                                {"Italy", "Rome"},
+                                                                {"Spain", "Madrid"},
+                                                                {"Japan", "Tokyo"},
+                                                                {"Egypt", "Cairo"},
+                                                                {"Peru", "Lima"},
+                                                                {"Kenya", "Nairobi"},
+                                                                {"Norway", "Oslo"},
+                                                                {"Chile", "Santiago"},
+                                                                {"Canada", "Ottawa"},
+                                                                {"India", "New Delhi"},
+                                                                {"Greece", "Athens"}}};
+constexpr std::array<Words, 8> kNames = {"Alice", "Bob",   "Clara", "David",
                                          "Eva",   "Frank", "Grace", "Henry"};
-constexpr std::array<Words, 6> kGreetings = {"Good morning", "Hello", "How are you",
-                                             "Nice to see you", "Where are you going",
-                                             "What time is it"};
+constexpr std::array<Words, 6> kGreetings = {"Good morning",        "Hello",
+                                             "How are you",         "Nice to see you",
+                                             "Where are you going", "What time is it"};
 constexpr std::array<Words, 6> kReplies = {"I am fine, thank you", "I am going home",
-                                           "It is almost noon", "Very well", "Hello to you too",
-                                           "I am looking for the station"};
+                                           "It is almost noon",    "Very well",
+                                           "Hello to you too",     "I am looking for the station"};
 constexpr std::array<Words, 4> kVerses = {
     "Twinkle, twinkle, little star, how I wonder what you are.",
     "Row, row, row your boat, gently down the stream.",
-    "The rain in Spain stays mainly in the plain.",
-    "An apple a day keeps the doctor away."};
+    "The rain in Spain stays mainly in the plain.", "An apple a day keeps the doctor away."};
 constexpr std::array<Words, 10> kNumberWords = {"zero", "one", "two",   "three", "four",
                                                 "five", "six", "seven", "eight", "nine"};
 

@@ -91,7 +91,8 @@ std::string file_crc32(const std::string& path) {
   while (in) {
     in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
     const auto got = in.gcount();
-    if (got > 0) crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(got));
+    if (got > 0)
+      crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(got));
   }
   return fmt::format("{:08x}", crc);
 }
@@ -154,9 +155,11 @@ std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
     meta["version"] = kFormatVersion;
     meta["step"] = state.step;
     meta["samples_consumed"] = state.samples_consumed;
-    meta["optimizer"] = {{"type", "adamw"}, {"steps_taken", optimizer.steps_taken()},
+    meta["optimizer"] = {{"type", "adamw"},
+                         {"steps_taken", optimizer.steps_taken()},
                          {"state", {"exp_avg", "exp_avg_sq"}}};
-    meta["layout"] = {{"world_size", world.size()}, {"ep_size", groups_.ep_size},
+    meta["layout"] = {{"world_size", world.size()},
+                      {"ep_size", groups_.ep_size},
                       {"expert_files", groups_.ep_size}};
     meta["config"] = resolved_config_yaml;
     nlohmann::json files = nlohmann::json::object();
@@ -174,7 +177,8 @@ std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
       std::vector<std::string> steps;
       for (const auto& entry : fs::directory_iterator(dir_)) {
         const auto file = entry.path().filename().string();
-        if (entry.is_directory() && file.rfind("step-", 0) == 0 && file.find('.') == std::string::npos)
+        if (entry.is_directory() && file.rfind("step-", 0) == 0 &&
+            file.find('.') == std::string::npos)
           steps.push_back(file);
       }
       std::sort(steps.begin(), steps.end());
@@ -194,8 +198,8 @@ std::string CheckpointManager::resolve(const std::string& requested) const {
       name.erase(name.find_last_not_of(" \n\r\t") + 1);
       const auto dir = candidate / name;
       if (!fs::exists(dir / kMetadataFile))
-        throw UserError(fmt::format("{}: 'latest' names {}, which has no {}",
-                                    candidate.string(), dir.string(), kMetadataFile));
+        throw UserError(fmt::format("{}: 'latest' names {}, which has no {}", candidate.string(),
+                                    dir.string(), kMetadataFile));
       return dir.string();
     }
   }
@@ -218,33 +222,40 @@ TrainingState CheckpointManager::load(const std::string& checkpoint_dir, Decoder
   if (meta.value("format", "") != "moeforge-checkpoint" || !meta.contains("files"))
     throw UserError(fmt::format("{}: not a moeforge checkpoint (missing format/files)", meta_path));
   if (meta.value("version", 0) != kFormatVersion)
-    throw UserError(fmt::format("{}: checkpoint format version {} is not supported (this build "
-                                "reads version {})", meta_path, meta.value("version", 0), kFormatVersion));
+    throw UserError(
+        fmt::format("{}: checkpoint format version {} is not supported (this build "
+                    "reads version {})",
+                    meta_path, meta.value("version", 0), kFormatVersion));
 
   // Verify every file before trusting any byte of it, and map tensor names to files.
   std::map<std::string, std::shared_ptr<safetensors::File>> by_name;
   for (const auto& [file, info] : meta["files"].items()) {
     const auto path = (dir / file).string();
-    if (!fs::exists(path)) throw UserError(fmt::format("{}: file {} is missing", checkpoint_dir, file));
+    if (!fs::exists(path))
+      throw UserError(fmt::format("{}: file {} is missing", checkpoint_dir, file));
     const auto expected = info.value("crc32", "");
     const auto actual = file_crc32(path);
     if (actual != expected)
-      throw UserError(fmt::format("{}: checksum mismatch (crc32 {} but checkpoint.json records {}); "
-                                  "the checkpoint is corrupt — resume from an earlier one",
-                                  path, actual, expected));
+      throw UserError(
+          fmt::format("{}: checksum mismatch (crc32 {} but checkpoint.json records {}); "
+                      "the checkpoint is corrupt — resume from an earlier one",
+                      path, actual, expected));
     auto opened = std::make_shared<safetensors::File>(safetensors::File::open(path));
     for (const auto& tensor : opened->tensors()) by_name[tensor.name] = opened;
   }
   auto fetch = [&](const std::string& name, const at::Tensor& like) {
     const auto it = by_name.find(name);
     if (it == by_name.end())
-      throw UserError(fmt::format("{}: tensor '{}' is missing (does the config match the "
-                                  "checkpoint's model?)", checkpoint_dir, name));
+      throw UserError(
+          fmt::format("{}: tensor '{}' is missing (does the config match the "
+                      "checkpoint's model?)",
+                      checkpoint_dir, name));
     auto tensor = it->second->load(name);
     if (tensor.sizes() != like.sizes())
-      throw UserError(fmt::format("{}: tensor '{}' has shape {} but the model expects {} (does the "
-                                  "config match the checkpoint's model?)", it->second->path(), name,
-                                  fmt::join(tensor.sizes(), "x"), fmt::join(like.sizes(), "x")));
+      throw UserError(fmt::format(
+          "{}: tensor '{}' has shape {} but the model expects {} (does the "
+          "config match the checkpoint's model?)",
+          it->second->path(), name, fmt::join(tensor.sizes(), "x"), fmt::join(like.sizes(), "x")));
     return tensor.to(like.scalar_type());
   };
 

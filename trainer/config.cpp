@@ -5,8 +5,8 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -78,17 +78,23 @@ std::string suggestion(const std::string& path) {
 
 std::string describe(const YAML::Node& node) {
   switch (node.Type()) {
-    case YAML::NodeType::Map: return "a map";
-    case YAML::NodeType::Sequence: return "a list";
-    case YAML::NodeType::Null: return "nothing";
-    default: return fmt::format("'{}'", node.Scalar());
+    case YAML::NodeType::Map:
+      return "a map";
+    case YAML::NodeType::Sequence:
+      return "a list";
+    case YAML::NodeType::Null:
+      return "nothing";
+    default:
+      return fmt::format("'{}'", node.Scalar());
   }
 }
 
 // Parses one leaf value into `config`; throws UserError "<where>: <key>: must be ..., got ...".
-void set_value(Config& config, const KeySpec& key, const YAML::Node& node, const std::string& where) {
+void set_value(Config& config, const KeySpec& key, const YAML::Node& node,
+               const std::string& where) {
   auto fail = [&](const std::string& got) {
-    return UserError(fmt::format("{}: {}: must be {}, got {}", where, key.path, key.allowed_text(), got));
+    return UserError(
+        fmt::format("{}: {}: must be {}, got {}", where, key.path, key.allowed_text(), got));
   };
   if (!node.IsScalar()) throw fail(describe(node));
   const std::string text = node.Scalar();
@@ -137,7 +143,8 @@ void parse_map(Config& config, const YAML::Node& map, const std::string& prefix,
     const std::string where = line_of(source, item.first.Mark());
     if (const KeySpec* key = find_key(path)) {
       if (item.second.IsNull())
-        throw UserError(fmt::format("{}: {}: has no value; must be {}", where, path, key->allowed_text()));
+        throw UserError(
+            fmt::format("{}: {}: has no value; must be {}", where, path, key->allowed_text()));
       set_value(config, *key, item.second, where);
       locations[path] = where;
     } else if (is_section(path)) {
@@ -156,8 +163,8 @@ void parse_map(Config& config, const YAML::Node& map, const std::string& prefix,
 void apply_override(Config& config, const std::string& override_text, Locations& locations) {
   const auto eq = override_text.find('=');
   if (eq == std::string::npos || eq == 0)
-    throw UserError(fmt::format("--set {}: expected key.path=value, e.g. --set moe.top_k=4",
-                                override_text));
+    throw UserError(
+        fmt::format("--set {}: expected key.path=value, e.g. --set moe.top_k=4", override_text));
   const std::string path = override_text.substr(0, eq);
   const std::string value = override_text.substr(eq + 1);
   const std::string where = "--set " + override_text;
@@ -203,7 +210,8 @@ void validate(const Config& c, const Locations& locations, const std::string& so
   rule(c.moe.first_k_dense <= m.num_layers, "moe.first_k_dense",
        fmt::format("{} is more than model.num_layers = {}", c.moe.first_k_dense, m.num_layers));
   rule(c.moe.num_experts % c.parallel.ep_size == 0, "parallel.ep_size",
-       fmt::format("{} does not divide moe.num_experts = {}", c.parallel.ep_size, c.moe.num_experts));
+       fmt::format("{} does not divide moe.num_experts = {}", c.parallel.ep_size,
+                   c.moe.num_experts));
   rule(c.train.seq_len <= m.max_seq_len, "train.seq_len",
        fmt::format("{} is longer than model.max_seq_len = {}", c.train.seq_len, m.max_seq_len));
   rule(c.train.min_lr <= c.train.lr, "train.min_lr",
@@ -223,8 +231,10 @@ Config parse(const YAML::Node& root, const std::string& source,
   config.source_file = source;
   Locations locations;
   if (!root.IsNull() && !root.IsMap())
-    throw UserError(fmt::format("{}: the top level must be a map of sections (model:, moe:, ...), "
-                                "got {}", line_of(source, root.Mark()), describe(root)));
+    throw UserError(
+        fmt::format("{}: the top level must be a map of sections (model:, moe:, ...), "
+                    "got {}",
+                    line_of(source, root.Mark()), describe(root)));
   if (root.IsMap()) parse_map(config, root, "", source, locations);  // empty file: defaults
   for (const auto& text : overrides) apply_override(config, text, locations);
   validate(config, locations, source);
@@ -244,10 +254,14 @@ Config parse_text(const std::string& text, const std::string& source,
 
 std::string format_value(const KeySpec& key, Config& config) {
   switch (key.type) {
-    case KeyType::kInt: return std::to_string(key.int_field(config));
-    case KeyType::kFloat: return fmt::format("{}", key.float_field(config));
-    case KeyType::kBool: return key.bool_field(config) ? "true" : "false";
-    case KeyType::kString: return key.string_field(config);
+    case KeyType::kInt:
+      return std::to_string(key.int_field(config));
+    case KeyType::kFloat:
+      return fmt::format("{}", key.float_field(config));
+    case KeyType::kBool:
+      return key.bool_field(config) ? "true" : "false";
+    case KeyType::kString:
+      return key.string_field(config);
   }
   return "";
 }
@@ -256,7 +270,8 @@ std::string format_value(const KeySpec& key, Config& config) {
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   std::ifstream in(path);
-  if (!in) throw UserError(fmt::format("cannot open config file '{}': {}", path, std::strerror(errno)));
+  if (!in)
+    throw UserError(fmt::format("cannot open config file '{}': {}", path, std::strerror(errno)));
   std::stringstream text;
   text << in.rdbuf();
   return parse_text(text.str(), path, overrides);
@@ -311,11 +326,13 @@ std::string config_reference_markdown() {
     const auto top = key.path.substr(0, key.path.find('.'));
     if (top != section) {
       section = top;
-      text += fmt::format("\n### `{}`\n\n| key | default | allowed | meaning |\n|---|---|---|---|\n", section);
+      text += fmt::format(
+          "\n### `{}`\n\n| key | default | allowed | meaning |\n|---|---|---|---|\n", section);
     }
     std::string value = format_value(key, defaults);
     if (key.type == KeyType::kString && value.empty()) value = "\"\"";
-    text += fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, key.allowed_text(), key.doc);
+    text +=
+        fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, key.allowed_text(), key.doc);
   }
   return text;
 }
@@ -326,9 +343,10 @@ void validate_for_world(const Config& config, int world_size) {
   std::vector<int64_t> valid;
   for (int64_t d = 1; d <= world_size; ++d)
     if (world_size % d == 0 && config.moe.num_experts % d == 0) valid.push_back(d);
-  throw UserError(fmt::format("{}: parallel.ep_size = {} does not divide the world size {} "
-                              "(ranks launched); with {} ranks use one of {}",
-                              config.source_file, ep, world_size, world_size, fmt::join(valid, ", ")));
+  throw UserError(
+      fmt::format("{}: parallel.ep_size = {} does not divide the world size {} "
+                  "(ranks launched); with {} ranks use one of {}",
+                  config.source_file, ep, world_size, world_size, fmt::join(valid, ", ")));
 }
 
 }  // namespace moeforge

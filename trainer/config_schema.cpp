@@ -2,20 +2,23 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <algorithm>
 
+#include <algorithm>
 #include <limits>
 
 namespace moeforge {
 namespace {
 
 // KEY(model.hidden_size) expands to the key's path and its binding into Config.
-#define KEY(member) #member, [](Config& c) -> auto& { return c.member; }
+#define KEY(member)                  \
+#member, [](Config & c) -> auto& { \
+    return c.member;                 \
+  }
 
 constexpr double kBig = 1e18;
 
-KeySpec int_key(const char* path, std::function<int64_t&(Config&)> field, int64_t min,
-                int64_t max, const char* doc) {
+KeySpec int_key(const char* path, std::function<int64_t&(Config&)> field, int64_t min, int64_t max,
+                const char* doc) {
   KeySpec k;
   k.path = path;
   k.type = KeyType::kInt;
@@ -82,65 +85,87 @@ std::string KeySpec::allowed_text() const {
 const std::vector<KeySpec>& config_schema() {
   static const std::vector<KeySpec> schema = {
       // model
-      int_key(KEY(model.vocab_size), 2, 1 << 24, "Vocabulary size; ≥ 256 for byte-level data (builtin, text)"),
+      int_key(KEY(model.vocab_size), 2, 1 << 24,
+              "Vocabulary size; ≥ 256 for byte-level data (builtin, text)"),
       int_key(KEY(model.hidden_size), 8, 65536, "Model width H"),
       int_key(KEY(model.num_layers), 1, 1024, "Decoder blocks"),
       int_key(KEY(model.num_heads), 1, 1024, "Attention (query) heads; divides hidden_size"),
-      int_key(KEY(model.num_kv_heads), 1, 1024, "Key/value heads (grouped-query attention); divides num_heads"),
+      int_key(KEY(model.num_kv_heads), 1, 1024,
+              "Key/value heads (grouped-query attention); divides num_heads"),
       int_key(KEY(model.ffn_size), 1, 1 << 20, "Intermediate size of dense SwiGLU blocks"),
       int_key(KEY(model.max_seq_len), 1, 1 << 20, "Longest sequence the model is built for"),
       float_key(KEY(model.rope_theta), 1.0, kBig, "RoPE base θ"),
       float_key(KEY(model.rms_norm_eps), 1e-12, 1.0, "RMSNorm ε"),
       bool_key(KEY(model.qkv_bias), "Bias on the q/k/v projections (Qwen2 style)"),
       bool_key(KEY(model.tie_embeddings), "LM head shares the token embedding"),
-      float_key(KEY(model.init_std), 1e-6, 1.0, "Std of the normal init (output projections: ÷√(2·layers))"),
+      float_key(KEY(model.init_std), 1e-6, 1.0,
+                "Std of the normal init (output projections: ÷√(2·layers))"),
       // moe
       int_key(KEY(moe.num_experts), 1, 4096, "Routed experts E per MoE layer"),
       int_key(KEY(moe.top_k), 1, 64, "Experts per token k; ≤ num_experts"),
-      int_key(KEY(moe.expert_ffn_size), 1, 1 << 20, "Intermediate size of one routed expert (fine-grained experts: small)"),
+      int_key(KEY(moe.expert_ffn_size), 1, 1 << 20,
+              "Intermediate size of one routed expert (fine-grained experts: small)"),
       int_key(KEY(moe.num_shared_experts), 0, 64, "Shared experts applied to every token"),
-      int_key(KEY(moe.shared_expert_ffn_size), 0, 1 << 20, "Intermediate size of one shared expert; 0 = expert_ffn_size"),
-      int_key(KEY(moe.first_k_dense), 0, 1024, "The first k blocks use a dense FFN; ≤ model.num_layers"),
+      int_key(KEY(moe.shared_expert_ffn_size), 0, 1 << 20,
+              "Intermediate size of one shared expert; 0 = expert_ffn_size"),
+      int_key(KEY(moe.first_k_dense), 0, 1024,
+              "The first k blocks use a dense FFN; ≤ model.num_layers"),
       int_key(KEY(moe.layer_freq), 1, 1024, "After those, every layer_freq-th block is MoE"),
       string_key(KEY(moe.router.score), {"softmax", "sigmoid"}, "Router score function"),
       bool_key(KEY(moe.router.normalize_gates), "Renormalise the k gates to sum to 1 (k > 1)"),
       float_key(KEY(moe.router.scaling_factor), 1e-6, 1e6, "Multiplies the gates"),
-      float_key(KEY(moe.balancing.aux_loss.coeff), 0.0, 1e3, "Weight of the aux loss E·Σ f_i·P_i (summed over MoE layers); 0 = off"),
-      string_key(KEY(moe.balancing.aux_loss.scope), {"micro_batch", "sequence"}, "Tokens one aux loss is computed over"),
-      float_key(KEY(moe.balancing.z_loss.coeff), 0.0, 1e3, "Weight of the router z-loss mean(logsumexp(logits)²); 0 = off"),
-      float_key(KEY(moe.balancing.expert_bias.rate), 0.0, 1.0, "Aux-loss-free balancing: bias update rate per optimizer step; 0 = off"),
-      bool_key(KEY(moe.balancing.expert_bias.mean_center), "Subtract the mean from the bias after each update"),
+      float_key(KEY(moe.balancing.aux_loss.coeff), 0.0, 1e3,
+                "Weight of the aux loss E·Σ f_i·P_i (summed over MoE layers); 0 = off"),
+      string_key(KEY(moe.balancing.aux_loss.scope), {"micro_batch", "sequence"},
+                 "Tokens one aux loss is computed over"),
+      float_key(KEY(moe.balancing.z_loss.coeff), 0.0, 1e3,
+                "Weight of the router z-loss mean(logsumexp(logits)²); 0 = off"),
+      float_key(KEY(moe.balancing.expert_bias.rate), 0.0, 1.0,
+                "Aux-loss-free balancing: bias update rate per optimizer step; 0 = off"),
+      bool_key(KEY(moe.balancing.expert_bias.mean_center),
+               "Subtract the mean from the bias after each update"),
       float_key(KEY(moe.capacity.factor), 0.0, 64.0, "Capacity factor (training); 0 = dropless"),
-      string_key(KEY(moe.capacity.drop_policy), {"probs", "position"}, "Which slots an over-full expert drops: lowest gate first, or latest first"),
+      string_key(KEY(moe.capacity.drop_policy), {"probs", "position"},
+                 "Which slots an over-full expert drops: lowest gate first, or latest first"),
       // parallel
-      int_key(KEY(parallel.ep_size), 1, 4096, "Expert-parallel group size; divides the world size and num_experts"),
+      int_key(KEY(parallel.ep_size), 1, 4096,
+              "Expert-parallel group size; divides the world size and num_experts"),
       float_key(KEY(parallel.bucket_mb), 0.001, 4096.0, "Gradient all-reduce bucket size (MiB)"),
       // train
       int_key(KEY(train.steps), 1, 1LL << 40, "Optimizer steps"),
-      int_key(KEY(train.seed), 0, std::numeric_limits<int64_t>::max(), "Seed for init and data order"),
+      int_key(KEY(train.seed), 0, std::numeric_limits<int64_t>::max(),
+              "Seed for init and data order"),
       int_key(KEY(train.micro_batch_size), 1, 1 << 20, "Sequences per rank per micro-batch"),
       int_key(KEY(train.grad_accum), 1, 1 << 20, "Micro-batches per optimizer step"),
       int_key(KEY(train.seq_len), 1, 1 << 20, "Tokens per training sequence; ≤ model.max_seq_len"),
       float_key(KEY(train.lr), 0.0, 10.0, "Peak learning rate"),
       float_key(KEY(train.min_lr), 0.0, 10.0, "Final learning rate of the cosine decay; ≤ lr"),
       int_key(KEY(train.warmup_steps), 0, 1LL << 40, "Linear warmup steps; ≤ steps"),
-      float_key(KEY(train.weight_decay), 0.0, 10.0, "AdamW decoupled weight decay (not on norms, biases, embeddings)"),
+      float_key(KEY(train.weight_decay), 0.0, 10.0,
+                "AdamW decoupled weight decay (not on norms, biases, embeddings)"),
       float_key(KEY(train.beta1), 0.0, 0.999999, "AdamW β1"),
       float_key(KEY(train.beta2), 0.0, 0.999999, "AdamW β2"),
       float_key(KEY(train.eps), 1e-30, 1.0, "AdamW ε"),
       float_key(KEY(train.grad_clip), 0.0, 1e6, "Clip the global gradient norm to this; 0 = off"),
-      int_key(KEY(train.eval_every), 0, 1LL << 40, "Evaluate every N steps (and at the end); 0 = only at the end"),
-      int_key(KEY(train.eval_batches), 1, 1 << 20, "Validation micro-batches per rank per evaluation"),
-      int_key(KEY(train.threads_per_rank), 0, 1024, "Torch intra-op threads per rank; 0 = OMP_NUM_THREADS / default"),
-      string_key(KEY(train.out_dir), {}, "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
+      int_key(KEY(train.eval_every), 0, 1LL << 40,
+              "Evaluate every N steps (and at the end); 0 = only at the end"),
+      int_key(KEY(train.eval_batches), 1, 1 << 20,
+              "Validation micro-batches per rank per evaluation"),
+      int_key(KEY(train.threads_per_rank), 0, 1024,
+              "Torch intra-op threads per rank; 0 = OMP_NUM_THREADS / default"),
+      string_key(KEY(train.out_dir), {},
+                 "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
       // data
-      string_key(KEY(data.source), {"builtin", "text", "bin"}, "Generated corpus, a text file (bytes), or a flat token file"),
+      string_key(KEY(data.source), {"builtin", "text", "bin"},
+                 "Generated corpus, a text file (bytes), or a flat token file"),
       string_key(KEY(data.path), {}, "File for source text or bin"),
       string_key(KEY(data.dtype), {"uint16", "uint32"}, "Token width of a bin file"),
-      float_key(KEY(data.val_fraction), 0.0001, 0.5, "Fraction of tokens (at the end) held out for validation"),
+      float_key(KEY(data.val_fraction), 0.0001, 0.5,
+                "Fraction of tokens (at the end) held out for validation"),
       int_key(KEY(data.builtin_bytes), 10000, 1LL << 32, "Size of the generated built-in corpus"),
       // checkpoint
-      int_key(KEY(checkpoint.every), 0, 1LL << 40, "Checkpoint every N steps (and at the end); 0 = only at the end"),
+      int_key(KEY(checkpoint.every), 0, 1LL << 40,
+              "Checkpoint every N steps (and at the end); 0 = only at the end"),
       int_key(KEY(checkpoint.keep), 0, 1 << 20, "Newest checkpoints kept; 0 = all"),
       // logging
       int_key(KEY(logging.every), 1, 1LL << 40, "Print and record metrics every N steps"),

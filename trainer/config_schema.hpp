@@ -22,9 +22,9 @@ struct KeySpec {
   std::function<double&(Config&)> float_field;
   std::function<bool&(Config&)> bool_field;
   std::function<std::string&(Config&)> string_field;
-  double min = 0, max = 0;              // numeric range, inclusive
-  std::vector<std::string> choices;     // allowed strings; empty = any
-  std::string allowed_text() const;     // "an integer in [1, 64]", "one of softmax | sigmoid"
+  double min = 0, max = 0;           // numeric range, inclusive
+  std::vector<std::string> choices;  // allowed strings; empty = any
+  std::string allowed_text() const;  // "an integer in [1, 64]", "one of softmax | sigmoid"
 };
 
 const std::vector<KeySpec>& config_schema();

@@ -33,8 +33,10 @@ struct TokenDataset::Storage {
   int64_t at(int64_t i) const {
     const uint8_t* p = data + i * width;
     switch (width) {
-      case 1: return p[0];
-      case 2: return static_cast<int64_t>(p[0]) | (static_cast<int64_t>(p[1]) << 8);
+      case 1:
+        return p[0];
+      case 2:
+        return static_cast<int64_t>(p[0]) | (static_cast<int64_t>(p[1]) << 8);
       default:
         return static_cast<int64_t>(p[0]) | (static_cast<int64_t>(p[1]) << 8) |
                (static_cast<int64_t>(p[2]) << 16) | (static_cast<int64_t>(p[3]) << 24);
@@ -50,7 +52,6 @@ std::string read_whole_file(const std::string& path) {
     throw UserError(fmt::format("data.path: cannot open '{}': {}", path, std::strerror(errno)));
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
-
 
 uint64_t mix(uint64_t x) {  // splitmix64 finaliser
   x += 0x9e3779b97f4a7c15ULL;
@@ -74,16 +75,16 @@ TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, in
     what = fmt::format("data.path '{}'", config.path);
     storage->width = config.dtype == "uint32" ? 4 : 2;
     const int fd = ::open(config.path.c_str(), O_RDONLY);
-    if (fd < 0)
-      throw UserError(fmt::format("{}: cannot open: {}", what, std::strerror(errno)));
+    if (fd < 0) throw UserError(fmt::format("{}: cannot open: {}", what, std::strerror(errno)));
     struct stat info {};
     fstat(fd, &info);
     const auto bytes = static_cast<size_t>(info.st_size);
     if (bytes % storage->width != 0) {
       ::close(fd);
-      throw UserError(fmt::format("{}: {} bytes is not a whole number of {} tokens ({} bytes "
-                                  "each); is data.dtype right?",
-                                  what, bytes, config.dtype, storage->width));
+      throw UserError(
+          fmt::format("{}: {} bytes is not a whole number of {} tokens ({} bytes "
+                      "each); is data.dtype right?",
+                      what, bytes, config.dtype, storage->width));
     }
     if (bytes > 0) {
       void* mapping = mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -98,8 +99,8 @@ TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, in
     storage->bytes = bytes;
     ::close(fd);
   } else {
-    throw UserError(fmt::format("data.source: must be one of builtin | text | bin, got '{}'",
-                                config.source));
+    throw UserError(
+        fmt::format("data.source: must be one of builtin | text | bin, got '{}'", config.source));
   }
   if (storage->mapping == nullptr) {
     storage->data = reinterpret_cast<const uint8_t*>(storage->owned.data());
@@ -112,16 +113,18 @@ TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, in
   for (int64_t i = 0; i < total; ++i) {
     const int64_t t = storage->at(i);
     if (t >= vocab_size)
-      throw UserError(fmt::format("{}: token {} at position {} is outside the vocabulary "
-                                  "(model.vocab_size = {})",
-                                  what, t, i, vocab_size));
+      throw UserError(
+          fmt::format("{}: token {} at position {} is outside the vocabulary "
+                      "(model.vocab_size = {})",
+                      what, t, i, vocab_size));
   }
 
   TokenDataset data;
   data.storage_ = storage;
   data.vocab_size_ = vocab_size;
   data.seq_len_ = seq_len;
-  data.val_tokens_ = static_cast<int64_t>(std::floor(static_cast<double>(total) * config.val_fraction));
+  data.val_tokens_ =
+      static_cast<int64_t>(std::floor(static_cast<double>(total) * config.val_fraction));
   data.train_tokens_ = total - data.val_tokens_;
   const int64_t needed = seq_len + 1;
   if (data.train_tokens_ < needed || data.val_tokens_ < needed) {
@@ -135,10 +138,16 @@ TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, in
   return data;
 }
 
-int64_t TokenDataset::train_windows() const { return (train_tokens_ - 1) / seq_len_; }
-int64_t TokenDataset::val_windows() const { return (val_tokens_ - 1) / seq_len_; }
+int64_t TokenDataset::train_windows() const {
+  return (train_tokens_ - 1) / seq_len_;
+}
+int64_t TokenDataset::val_windows() const {
+  return (val_tokens_ - 1) / seq_len_;
+}
 
-int64_t TokenDataset::token(int64_t index) const { return storage_->at(index); }
+int64_t TokenDataset::token(int64_t index) const {
+  return storage_->at(index);
+}
 
 at::Tensor TokenDataset::window(int64_t start) const {
   auto out = at::empty({seq_len_ + 1}, at::kLong);

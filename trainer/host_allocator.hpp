@@ -18,9 +18,9 @@ namespace moeforge {
 inline void tune_host_allocator() {
   const char* setting = std::getenv("MOEFORGE_MALLOC_TUNING");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return;
-  mallopt(M_MMAP_MAX, 0);                // no mmap-backed blocks: all from the reusable heap
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);    // give memory back only beyond 1 GiB of free top
-  mallopt(M_TOP_PAD, 64 << 20);          // grow the heap in 64 MiB steps (fewer brk calls)
+  mallopt(M_MMAP_MAX, 0);              // no mmap-backed blocks: all from the reusable heap
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);  // give memory back only beyond 1 GiB of free top
+  mallopt(M_TOP_PAD, 64 << 20);        // grow the heap in 64 MiB steps (fewer brk calls)
 }
 
 }  // namespace moeforge

@@ -27,7 +27,7 @@ constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the reference implementat
 
 const std::vector<std::pair<std::string, c10::ScalarType>>& dtype_names() {
   static const std::vector<std::pair<std::string, c10::ScalarType>> names = {
-      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
+      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
       {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
       {"U8", at::kByte},    {"BOOL", at::kBool}};
   return names;
@@ -36,7 +36,8 @@ const std::vector<std::pair<std::string, c10::ScalarType>>& dtype_names() {
 std::string dtype_name(c10::ScalarType type) {
   for (const auto& [name, t] : dtype_names())
     if (t == type) return name;
-  throw UserError(fmt::format("safetensors: dtype {} has no safetensors name", c10::toString(type)));
+  throw UserError(
+      fmt::format("safetensors: dtype {} has no safetensors name", c10::toString(type)));
 }
 
 bool parse_dtype(const std::string& name, c10::ScalarType* type) {
@@ -70,8 +71,7 @@ class Writer {
     while (bytes > 0) {
       const ssize_t n = ::write(fd_, p, bytes);
       if (n < 0 && errno == EINTR) continue;
-      if (n <= 0)
-        throw UserError(fmt::format("{}: write failed: {}", path_, std::strerror(errno)));
+      if (n <= 0) throw UserError(fmt::format("{}: write failed: {}", path_, std::strerror(errno)));
       p += n;
       bytes -= static_cast<size_t>(n);
     }
@@ -79,7 +79,8 @@ class Writer {
   void finish() {
     if (::fsync(fd_) != 0 || ::close(fd_) != 0) {
       fd_ = -1;
-      throw UserError(fmt::format("{}: could not be flushed to disk: {}", path_, std::strerror(errno)));
+      throw UserError(
+          fmt::format("{}: could not be flushed to disk: {}", path_, std::strerror(errno)));
     }
     fd_ = -1;
   }
@@ -123,8 +124,10 @@ std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
                                      const std::string& source, uint64_t* data_start,
                                      std::map<std::string, std::string>* metadata) {
   if (file_size < 8)
-    throw UserError(fmt::format("{}: {} bytes is too short for a safetensors file (needs an 8-byte "
-                                "header length)", source, file_size));
+    throw UserError(
+        fmt::format("{}: {} bytes is too short for a safetensors file (needs an 8-byte "
+                    "header length)",
+                    source, file_size));
   const uint64_t header_bytes = read_u64_le(data);
   if (header_bytes == 0) throw UserError(fmt::format("{}: header length is 0", source));
   if (header_bytes > kMaxHeaderBytes || header_bytes > file_size - 8)
@@ -160,7 +163,8 @@ std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
     info.name = name;
     const auto dtype = entry["dtype"].get<std::string>();
     if (!parse_dtype(dtype, &info.dtype))
-      throw fail(fmt::format("unsupported dtype '{}' (F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)", dtype));
+      throw fail(
+          fmt::format("unsupported dtype '{}' (F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)", dtype));
     if (!entry.contains("shape") || !entry["shape"].is_array()) throw fail("missing shape");
     uint64_t numel = 1;
     for (const auto& dim : entry["shape"]) {
@@ -180,8 +184,10 @@ std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
     if (info.begin > info.end)
       throw fail(fmt::format("data_offsets [{}, {}] are reversed", info.begin, info.end));
     if (info.end > data_bytes)
-      throw fail(fmt::format("data_offsets [{}, {}] run past the data section ({} bytes; the file "
-                             "may be truncated)", info.begin, info.end, data_bytes));
+      throw fail(
+          fmt::format("data_offsets [{}, {}] run past the data section ({} bytes; the file "
+                      "may be truncated)",
+                      info.begin, info.end, data_bytes));
     const uint64_t expected = numel * c10::elementSize(info.dtype);
     if (info.end - info.begin != expected)
       throw fail(fmt::format("data_offsets [{}, {}] hold {} bytes but {} shape [{}] needs {}",
@@ -228,7 +234,9 @@ File File::open(const std::string& path) {
   return file;
 }
 
-File::File(File&& other) noexcept { *this = std::move(other); }
+File::File(File&& other) noexcept {
+  *this = std::move(other);
+}
 
 File& File::operator=(File&& other) noexcept {
   if (this != &other) {
@@ -295,7 +303,8 @@ std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors
     for (const auto& item : shards[i]) weight_map[item.first] = name;
     names.push_back(name);
   }
-  nlohmann::ordered_json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+  nlohmann::ordered_json index = {{"metadata", {{"total_size", total}}},
+                                  {"weight_map", weight_map}};
   std::ofstream(fs::path(dir) / "model.safetensors.index.json") << index.dump(2) << '\n';
   return names;
 }
@@ -307,8 +316,10 @@ ShardedReader ShardedReader::open(const std::string& dir) {
   if (!fs::exists(index_path)) {
     const auto single = fs::path(dir) / "model.safetensors";
     if (!fs::exists(single))
-      throw UserError(fmt::format("{}: neither model.safetensors nor "
-                                  "model.safetensors.index.json is there", dir));
+      throw UserError(
+          fmt::format("{}: neither model.safetensors nor "
+                      "model.safetensors.index.json is there",
+                      dir));
     auto file = std::make_shared<File>(File::open(single.string()));
     for (const auto& t : file->tensors()) reader.owner_[t.name] = file;
     reader.files_.push_back(file);
@@ -326,7 +337,8 @@ ShardedReader ShardedReader::open(const std::string& dir) {
   std::map<std::string, std::shared_ptr<File>> by_file;
   for (const auto& [tensor, file_name] : index["weight_map"].items()) {
     if (!file_name.is_string())
-      throw UserError(fmt::format("{}: weight_map['{}'] is not a file name", index_path.string(), tensor));
+      throw UserError(
+          fmt::format("{}: weight_map['{}'] is not a file name", index_path.string(), tensor));
     const auto name = file_name.get<std::string>();
     if (!by_file.count(name)) {
       const auto path = fs::path(dir) / name;

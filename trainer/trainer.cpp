@@ -42,8 +42,8 @@ void maybe_inject_failure(int rank, int64_t step) {
   long long fail_step = -1;
   if (std::sscanf(spec, "%d:%lld", &fail_rank, &fail_step) == 2 && fail_rank == rank &&
       fail_step == step) {
-    throw std::runtime_error(fmt::format("injected failure on rank {} at step {} (MOEFORGE_FAIL_AT)",
-                                         rank, step));
+    throw std::runtime_error(
+        fmt::format("injected failure on rank {} at step {} (MOEFORGE_FAIL_AT)", rank, step));
   }
 }
 
@@ -98,10 +98,10 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     const double lm_value = lm_loss.item<double>();
     if (!std::isfinite(lm_value))
       throw std::runtime_error(fmt::format(
-          "non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data",
-          lm_value, rank, state_.step + 1));
-    const auto total = lm_loss + balancing.aux_loss.coeff * out.aux_loss +
-                       balancing.z_loss.coeff * out.z_loss;
+          "non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data", lm_value,
+          rank, state_.step + 1));
+    const auto total =
+        lm_loss + balancing.aux_loss.coeff * out.aux_loss + balancing.z_loss.coeff * out.z_loss;
     (total / static_cast<double>(t.grad_accum)).backward();
     totals.loss += lm_value / t.grad_accum;
     totals.aux += out.aux_loss.item<double>() / t.grad_accum;
@@ -134,8 +134,10 @@ double Trainer::clip_gradients() {
     const auto& grad = slot.param.grad();
     if (!grad.defined()) continue;
     const double sq = grad.to(at::kDouble).square().sum().item<double>();
-    if (is_expert_parameter(slot.name)) expert_sq += sq;
-    else dense_sq += sq;
+    if (is_expert_parameter(slot.name))
+      expert_sq += sq;
+    else
+      dense_sq += sq;
   }
   groups_.ep->all_reduce(expert_sq);
   const double norm = std::sqrt(dense_sq + expert_sq.item<double>());
@@ -206,8 +208,8 @@ StepMetrics Trainer::train_step() {
   m.lr = lr;
   m.grad_norm = grad_norm;
   m.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  m.tokens_per_s = static_cast<double>(world * t.grad_accum * t.micro_batch_size * t.seq_len) /
-                   m.step_seconds;
+  m.tokens_per_s =
+      static_cast<double>(world * t.grad_accum * t.micro_batch_size * t.seq_len) / m.step_seconds;
   for (size_t i = 0; i < layers.size(); ++i) {
     MoeLayerMetrics layer;
     int64_t block = 0;
@@ -218,7 +220,8 @@ StepMetrics Trainer::train_step() {
     const auto* counts = global_load[i].data_ptr<int64_t>();
     layer.expert_load.assign(counts, counts + num_experts);
     layer.max_vio = moe::max_violation(global_load[i]);
-    layer.dropped_frac = reduced[3 + 3 * i + 1] > 0 ? reduced[3 + 3 * i] / reduced[3 + 3 * i + 1] : 0;
+    layer.dropped_frac =
+        reduced[3 + 3 * i + 1] > 0 ? reduced[3 + 3 * i] / reduced[3 + 3 * i + 1] : 0;
     layer.router_entropy = reduced[3 + 3 * i + 2] / world;
     m.max_vio = std::max(m.max_vio, layer.max_vio);
     m.layers.push_back(std::move(layer));
@@ -234,8 +237,8 @@ double Trainer::evaluate() {
   model_->eval();
   double loss_sum = 0.0;
   for (int64_t b = 0; b < t.eval_batches; ++b) {
-    const auto batch = data_.val_samples((b * world + rank) * t.micro_batch_size,
-                                         t.micro_batch_size);
+    const auto batch =
+        data_.val_samples((b * world + rank) * t.micro_batch_size, t.micro_batch_size);
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
     loss_sum += language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len)).item<double>();
   }
