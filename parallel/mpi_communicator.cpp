@@ -155,26 +155,22 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
   RowType row(row_bytes);
   std::vector<MPI_Request> requests;
   requests.reserve(send.size() + recv.size());
-  std::vector<int> next_tag(size_, 0);
-  auto* recv_base = static_cast<char*>(output.data_ptr());
-  for (const auto& block : recv) {
-    if (block.peer == rank_ || block.rows == 0) continue;
-    requests.emplace_back();
-    check_mpi(MPI_Irecv(recv_base + block.offset * row_bytes,
-                        to_int_counts({block.rows}, "all_to_all_blocks")[0], row.get(), block.peer,
-                        next_tag[block.peer]++, comm_, &requests.back()),
-              "MPI_Irecv");
-  }
-  std::fill(next_tag.begin(), next_tag.end(), 0);
-  auto* send_base = static_cast<char*>(source.data_ptr());
-  for (const auto& block : send) {
-    if (block.peer == rank_ || block.rows == 0) continue;
-    requests.emplace_back();
-    check_mpi(MPI_Isend(send_base + block.offset * row_bytes,
-                        to_int_counts({block.rows}, "all_to_all_blocks")[0], row.get(), block.peer,
-                        next_tag[block.peer]++, comm_, &requests.back()),
-              "MPI_Isend");
-  }
+  const auto post = [&](const std::vector<RowBlock>& blocks, void* base, bool sending) {
+    std::vector<int> next_tag(size_, 0);
+    for (const auto& block : blocks) {
+      if (block.peer == rank_ || block.rows == 0) continue;
+      requests.emplace_back();
+      char* first_row = static_cast<char*>(base) + block.offset * row_bytes;
+      const int rows = to_int_counts({block.rows}, "all_to_all_blocks")[0];
+      const int tag = next_tag[block.peer]++;
+      check_mpi(
+          sending ? MPI_Isend(first_row, rows, row.get(), block.peer, tag, comm_, &requests.back())
+                  : MPI_Irecv(first_row, rows, row.get(), block.peer, tag, comm_, &requests.back()),
+          sending ? "MPI_Isend" : "MPI_Irecv");
+    }
+  };
+  post(recv, output.data_ptr(), /*sending=*/false);  // receives first: no unexpected messages
+  post(send, source.data_ptr(), /*sending=*/true);
   check_mpi(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
             "MPI_Waitall");
   return output;
