@@ -102,7 +102,10 @@ std::string sentence(Rng& rng) {
   if (kind < 75) {  // counting
     const uint64_t start = rng.below(6);
     std::string s = "Counting:";
-    for (uint64_t i = start; i < start + 4; ++i) s += " " + std::string(kNumberWords[i]);
+    for (uint64_t i = start; i < start + 4; ++i) {
+      s += ' ';  // appended piecewise: GCC 12 warns falsely on " " + std::string(...)
+      s += kNumberWords[i];
+    }
     return s + ".";
   }
   if (kind < 90) {  // dialogue
