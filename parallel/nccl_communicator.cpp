@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
-#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -101,40 +100,23 @@ void NcclCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
 at::Tensor NcclCommunicator::all_to_all_v(const at::Tensor& input,
                                           const std::vector<int64_t>& send_rows,
                                           const std::vector<int64_t>& recv_rows) {
-  TORCH_CHECK(input.is_cuda(), "NCCL all_to_all_v needs CUDA tensors");
   TORCH_CHECK(
       static_cast<int>(send_rows.size()) == size_ && static_cast<int>(recv_rows.size()) == size_,
       "all_to_all_v: need one split size per peer");
-  c10::cuda::CUDAGuard guard(device_);
-  const auto source = input.contiguous();
-  const int64_t total_recv = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
-  auto shape = source.sizes().vec();
-  shape[0] = total_recv;
-  auto output = at::empty(shape, source.options());
-  int64_t row = 1;  // elements per row: product of the trailing dims (valid with zero rows)
-  for (int64_t d = 1; d < source.dim(); ++d) row *= source.size(d);
-  const int64_t row_bytes = row * source.element_size();
-  const auto type = nccl_type(source.scalar_type());
-  auto* send_base = static_cast<char*>(source.data_ptr());
-  auto* recv_base = static_cast<char*>(output.data_ptr());
-  const auto stream = current_stream(device_);
-  // One fused group: every send and receive is posted before any may block.
-  check_nccl(ncclGroupStart(), "ncclGroupStart");
+  // One block per peer at the running offsets: the block exchange is the same grouped
+  // send/recv NCCL would do for an all-to-all-v.
+  std::vector<RowBlock> send, recv;
   int64_t send_offset = 0, recv_offset = 0;
   for (int peer = 0; peer < size_; ++peer) {
-    if (send_rows[peer] > 0)
-      check_nccl(ncclSend(send_base + send_offset * row_bytes, send_rows[peer] * row, type, peer,
-                          handle_->comm, stream),
-                 "ncclSend");
-    if (recv_rows[peer] > 0)
-      check_nccl(ncclRecv(recv_base + recv_offset * row_bytes, recv_rows[peer] * row, type, peer,
-                          handle_->comm, stream),
-                 "ncclRecv");
+    send.push_back({peer, send_offset, send_rows[peer]});
+    recv.push_back({peer, recv_offset, recv_rows[peer]});
     send_offset += send_rows[peer];
     recv_offset += recv_rows[peer];
   }
-  check_nccl(ncclGroupEnd(), "ncclGroupEnd");
-  return output;
+  TORCH_CHECK(input.dim() >= 1 && input.size(0) == send_offset,
+              "all_to_all_v: send split sizes sum to ", send_offset, " but input has ",
+              input.dim() ? input.size(0) : 0, " rows");
+  return all_to_all_blocks(input, send, recv, recv_offset);
 }
 
 at::Tensor NcclCommunicator::all_to_all_blocks(const at::Tensor& input,
