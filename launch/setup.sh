@@ -35,8 +35,15 @@ if [[ ! -f "$MARKER" ]]; then
   say "creating $VENV with torch==$TORCH_VERSION (first run only; a few GB)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" -r "$ROOT/launch/requirements.txt"
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
   touch "$MARKER"
+fi
+# Tooling packages (plots, HF interop tests): reinstalled whenever requirements.txt changes.
+REQ_MARKER="$VENV/.moeforge-requirements-$(sha1sum "$ROOT/launch/requirements.txt" | cut -c1-12)"
+if [[ ! -f "$REQ_MARKER" ]]; then
+  say "installing launch/requirements.txt into $VENV"
+  "$VENV/bin/pip" install -q -r "$ROOT/launch/requirements.txt"
+  touch "$REQ_MARKER"
 fi
 TORCH_CMAKE="$("$VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)"
 

@@ -5,41 +5,47 @@
 namespace moeforge::moe {
 namespace {
 
-// Σ_i f_i P_i · E over one group of tokens: scores [n, E], ids [n, k].
-at::Tensor aux_loss_over(const at::Tensor& scores, const at::Tensor& ids, int64_t num_experts) {
-  const auto probs = scores / scores.sum(-1, true).clamp_min(1e-20);
-  const auto fraction =
-      expert_load(ids, num_experts).to(at::kFloat) / static_cast<double>(ids.numel());
-  const auto mean_prob = probs.mean(0);  // [E]
-  return (fraction * mean_prob).sum() * static_cast<double>(num_experts);
+// [T, P] float: how many of token t's selected slots picked expert e (0 or 1 each).
+at::Tensor slot_counts(const at::Tensor& expert_ids, const at::Tensor& selected, int64_t pool) {
+  auto ones = at::ones(expert_ids.sizes(), at::kFloat);
+  if (selected.defined()) ones = ones * selected.to(at::kFloat);
+  return at::zeros({expert_ids.size(0), pool}, at::kFloat).scatter_add_(1, expert_ids, ones);
 }
 
 }  // namespace
 
-at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t num_experts,
-                    const std::string& scope, int64_t seq_len) {
+at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids,
+                    const at::Tensor& selected, const std::string& scope, int64_t seq_len,
+                    const at::Tensor& global_fraction) {
+  const int64_t tokens = scores.size(0);
+  const int64_t pool = scores.size(1);
+  const auto probs = scores / scores.sum(-1, true).clamp_min(1e-20);  // [T, P]
+  const auto scale = static_cast<double>(pool);
   if (scope == "sequence") {
-    const int64_t tokens = scores.size(0);
     TORCH_CHECK(seq_len > 0 && tokens % seq_len == 0, "sequence aux loss: ", tokens,
                 " tokens are not whole sequences of ", seq_len);
     const int64_t sequences = tokens / seq_len;
-    const int64_t k = expert_ids.size(1);
-    // Per-sequence f and P without a loop: [B, S, E] views.
-    const auto probs = scores / scores.sum(-1, true).clamp_min(1e-20);
-    const auto mean_prob = probs.view({sequences, seq_len, num_experts}).mean(1);  // [B, E]
-    auto counts = at::zeros({sequences, num_experts}, at::kFloat);
-    const auto ids = expert_ids.view({sequences, seq_len * k});
-    counts.scatter_add_(1, ids, at::ones(ids.sizes(), at::kFloat));
-    const auto fraction = counts / static_cast<double>(seq_len * k);
-    return (fraction * mean_prob).sum(-1).mean() * static_cast<double>(num_experts);
+    const auto counts = slot_counts(expert_ids, selected, pool).view({sequences, seq_len, pool});
+    const auto per_sequence = counts.sum(1);  // [B, P]
+    const auto fraction = per_sequence / per_sequence.sum(-1, true).clamp_min(1.0);
+    const auto mean_prob = probs.view({sequences, seq_len, pool}).mean(1);  // [B, P]
+    return (fraction * mean_prob).sum(-1).mean() * scale;
   }
-  return aux_loss_over(scores, expert_ids, num_experts);
+  at::Tensor fraction;
+  if (scope == "global_batch" && global_fraction.defined()) {
+    fraction = global_fraction.to(at::kFloat);
+  } else {
+    const auto counts = slot_counts(expert_ids, selected, pool).sum(0);  // [P]
+    fraction = counts / counts.sum().clamp_min(1.0);
+  }
+  return (fraction * probs.mean(0)).sum() * scale;
 }
 
 at::Tensor z_loss(const at::Tensor& logits) { return at::logsumexp(logits, -1).square().mean(); }
 
-at::Tensor expert_load(const at::Tensor& expert_ids, int64_t num_experts) {
-  return at::bincount(expert_ids.reshape({-1}), {}, num_experts);
+at::Tensor expert_load(const at::Tensor& expert_ids, const at::Tensor& selected, int64_t pool) {
+  const auto ids = selected.defined() ? expert_ids.masked_select(selected) : expert_ids.reshape({-1});
+  return at::bincount(ids, {}, pool);
 }
 
 double max_violation(const at::Tensor& load) {

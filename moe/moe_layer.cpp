@@ -20,6 +20,27 @@ MoeLayerImpl::MoeLayerImpl(int64_t hidden_size, const MoeConfig& config, paralle
   }
 }
 
+at::Tensor MoeLayerImpl::padded_experts_forward(const at::Tensor& rows,
+                                                const std::vector<int64_t>& rows_per_expert,
+                                                int64_t capacity) {
+  // Static shapes: every local expert gets ep·capacity rows (each source sends ≤ capacity),
+  // the real rows first, zero rows after; only the real rows' outputs are kept.
+  const int64_t ep = static_cast<int64_t>(dispatcher_.ep_size());
+  std::vector<int64_t> padded_counts;
+  std::vector<int64_t> positions;
+  int64_t padded_offset = 0;
+  for (const int64_t count : rows_per_expert) {
+    const int64_t padded = std::max(count, ep * capacity);
+    for (int64_t r = 0; r < count; ++r) positions.push_back(padded_offset + r);
+    padded_counts.push_back(padded);
+    padded_offset += padded;
+  }
+  const auto index = at::tensor(positions, at::kLong).to(rows.device());
+  const auto padded_rows =
+      at::zeros({padded_offset, rows.size(1)}, rows.options()).index_copy(0, index, rows);
+  return experts->forward(padded_rows, padded_counts).index_select(0, index);
+}
+
 MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   const int64_t tokens = x.size(0);
   const int64_t num_experts = config_.num_experts;
@@ -30,31 +51,46 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   };
   if (timer_) timer_->start();
 
-  // 1 route: fp32 logits/scores, top-k on (scores + bias), gates from unbiased scores.
-  const RouterOutput route = router->forward(x);  // ids, gates: [T, k]
+  // 1 route: fp32 logits/scores, selection on (scores + bias), gates from unbiased scores.
+  const bool expert_choice = config_.router.routing == "expert_choice";
+  const auto& capacity_config = config_.capacity;
+  const double factor = is_training() ? capacity_config.factor : capacity_config.eval_factor;
+  const double expert_choice_factor = !is_training() && capacity_config.eval_factor > 0
+                                          ? capacity_config.eval_factor
+                                          : capacity_config.factor;
+  const RouterOutput route = router->forward(x, expert_choice_factor);  // ids, gates: [T, k]
   mark("route");
 
   // 2 balance: loss-based terms (weighted by the model) and load for telemetry / bias update.
-  out.aux_loss =
-      balancing.aux_loss.coeff > 0
-          ? aux_loss(route.scores, route.expert_ids, num_experts, balancing.aux_loss.scope, seq_len)
-          : at::zeros({}, at::kFloat);
+  const int64_t pool = router->pool_size();
+  out.aux_loss = balancing.aux_loss.coeff > 0
+                     ? aux_loss(route.scores, route.expert_ids, route.selected,
+                                balancing.aux_loss.scope, seq_len, global_fraction_)
+                     : at::zeros({}, at::kFloat);
   out.z_loss = balancing.z_loss.coeff > 0 ? z_loss(route.logits) : at::zeros({}, at::kFloat);
-  stats_.load = expert_load(route.expert_ids, num_experts);
+  stats_.load = expert_load(route.expert_ids, route.selected, pool);
   stats_.entropy = router_entropy(route.scores);
-  stats_.slots = route.expert_ids.numel();
+  stats_.slots = stats_.load.sum().item<int64_t>();
+  stats_.null_slots = stats_.load.narrow(0, num_experts, pool - num_experts).sum().item<int64_t>();
 
-  // 3 capacity: drop (token, slot) pairs over each expert's capacity; factor 0 = dropless.
-  at::Tensor keep;
-  if (is_training() && config_.capacity.factor > 0) {
-    const int64_t capacity =
-        expert_capacity(config_.capacity.factor, tokens, config_.top_k, num_experts);
-    keep = capacity_keep_mask(route.expert_ids, route.gates, num_experts, capacity,
-                              config_.capacity.drop_policy);
-    stats_.dropped = stats_.slots - keep.sum().item<int64_t>();
-  } else {
-    stats_.dropped = 0;
+  // 3 keep mask: selected picks of real experts (null experts are never dispatched), within
+  // each expert's capacity (token choice; factor 0 = dropless). Expert choice: C per expert.
+  at::Tensor keep = route.selected;
+  if (pool > num_experts) {
+    const auto real = route.expert_ids < num_experts;
+    keep = keep.defined() ? keep.logical_and(real) : real;
   }
+  int64_t capacity = 0;
+  if (expert_choice) {
+    capacity = expert_choice_capacity(expert_choice_factor, tokens, config_.top_k, num_experts);
+  } else if (factor > 0) {
+    capacity = expert_capacity(factor, tokens, config_.top_k, num_experts);
+    const auto within = capacity_keep_mask(route.expert_ids, route.gates, pool, capacity,
+                                           capacity_config.drop_policy);
+    keep = keep.defined() ? keep.logical_and(within) : within;
+  }
+  stats_.rows = keep.defined() ? keep.sum().item<int64_t>() : stats_.slots;
+  stats_.dropped = stats_.slots - stats_.null_slots - stats_.rows;
   mark("balance+capacity");
 
   // 4 permute: rows sorted by global expert id; counts agreed with the EP group.
@@ -73,7 +109,10 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   if (shared_experts) mark("shared experts");
 
   // 6 experts: grouped SwiGLU over contiguous per-expert blocks.
-  const auto expert_out = experts->forward(local_rows, plan.rows_per_local_expert);  // [R, H]
+  const auto expert_out =
+      capacity_config.pad && capacity > 0
+          ? padded_experts_forward(local_rows, plan.rows_per_local_expert, capacity)
+          : experts->forward(local_rows, plan.rows_per_local_expert);  // [R, H]
   mark("experts");
 
   // 7 combine: all-to-all-v back, then y[t] = Σ_j gate[t, j] · out[t, j] in slot order.

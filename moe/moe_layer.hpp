@@ -20,10 +20,12 @@ namespace moeforge::moe {
 // Per-call routing statistics (no gradient), read by the trainer for telemetry and the
 // expert-bias update.
 struct RoutingStats {
-  at::Tensor load;       // [E] int64 routed slots per global expert on this rank (pre-drop)
-  int64_t dropped = 0;   // slots dropped by the capacity limit
-  int64_t slots = 0;     // T·k
-  double entropy = 0.0;  // mean router entropy (nats)
+  at::Tensor load;         // [P] int64 selected slots per pool expert on this rank (pre-drop)
+  int64_t dropped = 0;     // slots to real experts dropped by the capacity limit
+  int64_t slots = 0;       // selected slots (T·k for token choice), null experts included
+  int64_t null_slots = 0;  // selected slots that picked a null expert
+  int64_t rows = 0;        // rows sent to the experts (kept slots to real experts)
+  double entropy = 0.0;    // mean router entropy (nats)
 };
 
 struct MoeOutput {
@@ -46,14 +48,26 @@ class MoeLayerImpl : public torch::nn::Module {
   // Optional per-step timing of forward (not owned; null = off).
   void set_phase_timer(PhaseTimer* timer) { timer_ = timer; }
 
+  // Global-batch aux loss: f over the whole global batch ([P] fractions, no gradient), set by
+  // the trainer before the micro-batches of an optimizer step; undefined = this micro-batch's.
+  void set_global_load_fraction(at::Tensor fraction) { global_fraction_ = std::move(fraction); }
+
+  // Router jitter seed for the next forward calls (see RouterImpl::set_noise_seed).
+  void set_noise_seed(uint64_t seed) { router->set_noise_seed(seed); }
+
+  int64_t pool_size() const { return router->pool_size(); }
+
   Router router{nullptr};
   GroupedExperts experts{nullptr};
   FeedForward shared_experts{nullptr};  // null when num_shared_experts == 0
 
  private:
+  at::Tensor padded_experts_forward(const at::Tensor& rows,
+                                    const std::vector<int64_t>& rows_per_expert, int64_t capacity);
   MoeConfig config_;
   TokenDispatcher dispatcher_;
   RoutingStats stats_;
+  at::Tensor global_fraction_;
   PhaseTimer* timer_ = nullptr;
 };
 TORCH_MODULE(MoeLayer);

@@ -1,8 +1,16 @@
 #pragma once
-// Router (spine step 1): logits = x·Wrᵀ in fp32, scores = softmax | sigmoid, top-k selection on
-// (scores + expert_bias) — the bias steers *which* experts are picked (auxiliary-loss-free
-// balancing) but never the gate values — and gates gathered from the unbiased scores,
-// optionally renormalised over the k picks, times scaling_factor.
+// Router (spine step 1): logits = x·Wrᵀ in fp32 over the routing pool (E real experts, then
+// num_null_experts null experts), scores = softmax | sigmoid, then one of
+//
+//   token_choice   top-k per token on (scores + expert_bias); with group-limited routing only
+//                  inside the token's best topk_groups groups (DeepSeek-V3 node-limited style).
+//   expert_choice  each expert takes its top-C tokens of the micro-batch (Zhou et al. 2022);
+//                  a token gets 0..E experts.
+//
+// The bias steers *which* experts are picked (auxiliary-loss-free balancing) but never the gate
+// values: gates come from the unbiased scores, optionally renormalised over the k picks, times
+// scaling_factor. Null experts (AdaMoE) take part in the selection and gate normalisation but
+// produce 0 and are never dispatched.
 #include <torch/nn/module.h>
 
 #include "trainer/config.hpp"
@@ -10,27 +18,40 @@
 namespace moeforge::moe {
 
 struct RouterOutput {
-  at::Tensor logits;      // [T, E] fp32
-  at::Tensor scores;      // [T, E] fp32, differentiable
-  at::Tensor expert_ids;  // [T, k] int64 global expert ids, best first
+  at::Tensor logits;      // [T, P] fp32 over the pool P = E + null experts
+  at::Tensor scores;      // [T, P] fp32, differentiable
+  at::Tensor expert_ids;  // [T, k] int64 pool ids (≥ E: null expert); expert_choice: k = E
   at::Tensor gates;       // [T, k] fp32, differentiable
+  at::Tensor selected;    // [T, k] bool: the pick is real (undefined = all; expert_choice sets it)
 };
 
 class RouterImpl : public torch::nn::Module {
  public:
   RouterImpl(int64_t hidden_size, const MoeConfig& config);
 
-  // x: [T, H] (any float dtype; routed in fp32).
-  RouterOutput forward(const at::Tensor& x);
+  // x: [T, H] (any float dtype; routed in fp32). `capacity_factor` is used by expert_choice.
+  RouterOutput forward(const at::Tensor& x, double capacity_factor = 0.0);
 
-  at::Tensor weight;       // [E, H] fp32 parameter
-  at::Tensor expert_bias;  // [E] fp32 buffer; updated by the balancer, never by the optimizer
+  // Seed of the jitter noise of the next forward calls: the trainer sets the same seed for the
+  // same (step, micro-batch, rank, layer), so a replayed forward routes identically.
+  void set_noise_seed(uint64_t seed) { noise_seed_ = seed; }
+
+  int64_t pool_size() const { return pool_; }
+
+  at::Tensor weight;       // [P, H] fp32 parameter
+  at::Tensor expert_bias;  // [P] fp32 buffer; updated by the balancer, never by the optimizer
 
  private:
+  at::Tensor selection_scores(const at::Tensor& scores) const;  // + bias, group mask
   int64_t num_experts_;
+  int64_t pool_;
   int64_t top_k_;
   RouterConfig config_;
+  uint64_t noise_seed_ = 0;
 };
 TORCH_MODULE(Router);
+
+// Expert-choice capacity C = min(T, ceil(factor · T · k / E)), factor 0 meaning 1.
+int64_t expert_choice_capacity(double factor, int64_t tokens, int64_t top_k, int64_t num_experts);
 
 }  // namespace moeforge::moe

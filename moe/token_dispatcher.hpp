@@ -48,6 +48,7 @@ class TokenDispatcher {
 
   int64_t num_local_experts() const { return num_local_experts_; }
   int64_t first_local_expert() const { return first_local_expert_; }
+  int ep_size() const { return ep_.size(); }
 
  private:
   parallel::Communicator& ep_;

@@ -4,6 +4,7 @@
 
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "trainer/config.hpp"
 #include "trainer/user_error.hpp"
@@ -172,6 +173,57 @@ TEST(Config, ShippedConfigsLoad) {
   EXPECT_EQ(tiny.train.out_dir, "runs/tiny");
   const auto small = load_config(root + "/configs/small.yaml");
   EXPECT_EQ(small.moe.first_k_dense, 1);
+}
+
+// The balancing experiment set: four runs of the same model, data and seed; only
+// moe.balancing differs.
+TEST(Config, BalancingExperimentsDifferOnlyInBalancing) {
+  const std::string dir = std::string(MOEFORGE_SOURCE_DIR) + "/configs/experiments/balancing/";
+  std::vector<Config> runs;
+  for (const char* name : {"no_balancing", "aux_loss", "aux_free", "aux_free_seq_aux"}) {
+    runs.push_back(load_config(dir + name + ".yaml"));
+    runs.back().moe.balancing = BalancingConfig{};
+    runs.back().train.out_dir.clear();
+    runs.back().source_file.clear();
+  }
+  for (const auto& run : runs) EXPECT_EQ(to_yaml(run), to_yaml(runs.front()));
+  const auto recipe = load_config(dir + "aux_free_seq_aux.yaml");
+  EXPECT_EQ(recipe.moe.balancing.aux_loss.scope, "sequence");
+  EXPECT_GT(recipe.moe.balancing.expert_bias.rate, 0.0);
+}
+
+// Routing-variant rules name the key and say why.
+TEST(Config, RoutingVariantRules) {
+  const auto error_of = [](const std::vector<std::string>& overrides) -> std::string {
+    try {
+      load_config_from_string("moe:\n  num_experts: 8\n  top_k: 2\n", "r.yaml", overrides);
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(error_of({"moe.router.num_groups=3", "moe.router.topk_groups=1"})
+                .find("moe.router.num_groups: 3 does not divide moe.num_experts = 8"),
+            std::string::npos);
+  EXPECT_NE(error_of({"moe.router.num_groups=4", "moe.router.topk_groups=5"})
+                .find("moe.router.topk_groups"),
+            std::string::npos);
+  EXPECT_NE(error_of({"moe.router.num_groups=4", "moe.router.topk_groups=1", "moe.top_k=3"})
+                .find("moe.top_k: 3 is more than the experts of the topk_groups chosen groups"),
+            std::string::npos);
+  EXPECT_NE(error_of({"moe.router.routing=expert_choice", "moe.router.num_null_experts=2"})
+                .find("moe.router.routing: expert_choice cannot be combined with "
+                      "moe.router.num_null_experts"),
+            std::string::npos);
+  EXPECT_NE(error_of({"moe.capacity.pad=true"}).find("moe.capacity.pad: padding needs a capacity"),
+            std::string::npos);
+  EXPECT_NE(error_of({"moe.balancing.aux_loss.scope=global"}).find("micro_batch | sequence | global_batch"),
+            std::string::npos);
+  EXPECT_EQ(error_of({"moe.router.num_groups=4", "moe.router.topk_groups=2",
+                      "moe.router.num_null_experts=1", "moe.router.jitter_eps=0.01",
+                      "moe.balancing.aux_loss.scope=global_batch", "moe.capacity.factor=1.25",
+                      "moe.capacity.pad=true", "moe.balancing.expert_bias.final_phase=0.1"}),
+            "");
 }
 
 TEST(Config, MissingFile) {

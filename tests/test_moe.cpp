@@ -84,7 +84,7 @@ TEST(Balancing, AuxLossIsOneForAUniformRouter) {
   const auto ids =
       at::tensor({0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 0, 0, 1, 1, 1, 1}, at::kLong).view({8, 2});
   // f is skewed, but P is uniform: E · Σ f_i / E = Σ f_i = 1.
-  EXPECT_NEAR(aux_loss(scores, ids, 4, "micro_batch", 8).item<double>(), 1.0, 1e-6);
+  EXPECT_NEAR(aux_loss(scores, ids, {}, "micro_batch", 8).item<double>(), 1.0, 1e-6);
 }
 
 TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
@@ -92,9 +92,15 @@ TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
   const int64_t tokens = 12, experts = 5, k = 2, seq = 4;
   const auto logits = at::randn({tokens, experts}, at::kFloat).set_requires_grad(true);
   const auto ids = std::get<1>(at::topk(logits.detach(), k, -1));
-  for (const std::string scope : {"micro_batch", "sequence"}) {
+  // Global-batch scope: f comes from the whole global batch (here: counts of another 36 slots
+  // plus this micro-batch's), p from this micro-batch.
+  const auto other_counts = at::tensor({9.0, 3.0, 11.0, 7.0, 6.0}, at::kDouble);
+  for (const std::string scope : {"micro_batch", "sequence", "global_batch"}) {
     const auto scores = at::softmax(logits, -1);
-    const auto loss = aux_loss(scores, ids, experts, scope, seq);
+    const auto own_counts = at::bincount(ids.reshape(-1), {}, experts).to(at::kDouble);
+    const auto global_counts = other_counts + own_counts;
+    const auto global_fraction = (global_counts / global_counts.sum()).to(at::kFloat);
+    const auto loss = aux_loss(scores, ids, {}, scope, seq, global_fraction);
     auto grad = torch::autograd::grad({loss}, {logits})[0];
     // Reference in float64 with explicit loops over groups of tokens.
     const auto logits64 = logits.detach().to(at::kDouble).set_requires_grad(true);
@@ -106,8 +112,12 @@ TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
         double count = 0;
         for (int64_t t = start; t < start + group; ++t)
           for (int64_t j = 0; j < k; ++j) count += ids[t][j].item<int64_t>() == e ? 1 : 0;
+        double fraction = count / static_cast<double>(group * k);
+        if (scope == "global_batch")
+          fraction = (count + other_counts[e].item<double>()) /
+                     static_cast<double>(group * k + 36);
         const auto mean_p = p64.narrow(0, start, group).select(1, e).mean();
-        total = total + experts * (count / (group * k)) * mean_p;
+        total = total + experts * fraction * mean_p;
       }
     }
     total = total / static_cast<double>(tokens / group);
@@ -126,7 +136,7 @@ TEST(Balancing, ZLossMatchesClosedForm) {
 
 TEST(Balancing, MaxViolationAndLoad) {
   const auto ids = at::tensor({0, 0, 0, 1, 2, 3, 0, 1}, at::kLong).view({4, 2});
-  const auto load = expert_load(ids, 4);
+  const auto load = expert_load(ids, {}, 4);
   EXPECT_TRUE(at::equal(load, at::tensor({4, 2, 1, 1}, at::kLong)));
   EXPECT_NEAR(max_violation(load), 4.0 / 2.0 - 1.0, 1e-12);
 }

@@ -207,6 +207,25 @@ void validate(const Config& c, const Locations& locations, const std::string& so
                    m.hidden_size / m.num_heads));
   rule(c.moe.top_k <= c.moe.num_experts, "moe.top_k",
        fmt::format("{} is more than moe.num_experts = {}", c.moe.top_k, c.moe.num_experts));
+  const auto& r = c.moe.router;
+  const bool grouped = r.num_groups > 1;
+  rule(!grouped || c.moe.num_experts % r.num_groups == 0, "moe.router.num_groups",
+       fmt::format("{} does not divide moe.num_experts = {}", r.num_groups, c.moe.num_experts));
+  rule(!grouped || (r.topk_groups >= 1 && r.topk_groups <= r.num_groups), "moe.router.topk_groups",
+       fmt::format("{} must be in [1, moe.router.num_groups = {}]", r.topk_groups, r.num_groups));
+  rule(!grouped || c.moe.top_k <= r.topk_groups * (c.moe.num_experts / r.num_groups),
+       "moe.top_k",
+       fmt::format("{} is more than the experts of the topk_groups chosen groups ({} × {})",
+                   c.moe.top_k, r.topk_groups, c.moe.num_experts / std::max<int64_t>(1, r.num_groups)));
+  const bool expert_choice = r.routing == "expert_choice";
+  rule(!expert_choice || !grouped, "moe.router.routing",
+       "expert_choice cannot be combined with group-limited routing (moe.router.num_groups > 1): "
+       "experts choose tokens, so there is no per-token group limit to apply");
+  rule(!expert_choice || r.num_null_experts == 0, "moe.router.routing",
+       "expert_choice cannot be combined with moe.router.num_null_experts: with expert choice "
+       "a token's number of experts already varies");
+  rule(!c.moe.capacity.pad || c.moe.capacity.factor > 0, "moe.capacity.pad",
+       "padding needs a capacity to pad to: set moe.capacity.factor > 0");
   rule(c.moe.first_k_dense <= m.num_layers, "moe.first_k_dense",
        fmt::format("{} is more than model.num_layers = {}", c.moe.first_k_dense, m.num_layers));
   rule(c.moe.num_experts % c.parallel.ep_size == 0, "parallel.ep_size",

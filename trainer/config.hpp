@@ -26,9 +26,14 @@ struct ModelConfig {
 };
 
 struct RouterConfig {
-  std::string score = "softmax";  // softmax | sigmoid
-  bool normalize_gates = true;    // renormalise the k selected gates to sum to 1
-  double scaling_factor = 1.0;    // multiplies the gates
+  std::string score = "softmax";          // softmax | sigmoid
+  std::string routing = "token_choice";   // token_choice | expert_choice
+  bool normalize_gates = true;            // renormalise the k selected gates to sum to 1
+  double scaling_factor = 1.0;            // multiplies the gates
+  int64_t num_groups = 0;                 // group-limited routing: expert groups (0/1 = off)
+  int64_t topk_groups = 0;                // groups a token may use (group-limited routing)
+  int64_t num_null_experts = 0;           // AdaMoE zero-compute experts in the top-k pool
+  double jitter_eps = 0.0;                // router input × U(1-eps, 1+eps) in training
 };
 
 struct AuxLossConfig {
@@ -43,6 +48,8 @@ struct ZLossConfig {
 struct ExpertBiasConfig {
   double rate = 0.0;  // 0 = auxiliary-loss-free balancing off
   bool mean_center = false;
+  double final_rate = 0.0;   // rate in the final phase (DeepSeek-V3: 0)
+  double final_phase = 0.0;  // fraction of train.steps at the end that use final_rate; 0 = none
 };
 
 struct BalancingConfig {
@@ -52,8 +59,10 @@ struct BalancingConfig {
 };
 
 struct CapacityConfig {
-  double factor = 0.0;                // 0 = dropless
+  double factor = 0.0;                // training; 0 = dropless
+  double eval_factor = 0.0;           // evaluation; 0 = dropless
   std::string drop_policy = "probs";  // probs | position
+  bool pad = false;                   // pad every expert's rows to its capacity
 };
 
 struct MoeConfig {

@@ -30,14 +30,18 @@ void MetricsLog::log(const StepMetrics& m) {
                       {"aux_loss", m.aux_loss}, {"z_loss", m.z_loss},
                       {"lr", m.lr},             {"grad_norm", m.grad_norm},
                       {"tokens_per_s", m.tokens_per_s}, {"step_seconds", m.step_seconds},
-                      {"max_vio", m.max_vio}};
+                      {"max_vio", m.max_vio}, {"max_vio_micro", m.max_vio_micro}};
   auto layers = nlohmann::json::array();
   for (const auto& layer : m.layers) {
     layers.push_back({{"layer", layer.layer},
                       {"expert_load", layer.expert_load},
                       {"max_vio", layer.max_vio},
+                      {"max_vio_micro", layer.max_vio_micro},
                       {"router_entropy", layer.router_entropy},
-                      {"dropped_frac", layer.dropped_frac}});
+                      {"dropped_frac", layer.dropped_frac},
+                      {"null_frac", layer.null_frac},
+                      {"bias_abs_max", layer.bias_abs_max},
+                      {"bias_abs_mean", layer.bias_abs_mean}});
   }
   j["moe_layers"] = layers;
   file_ << j.dump() << '\n';

@@ -1,8 +1,9 @@
 #pragma once
 // Step metrics: one console line per logged step and the same as one JSON object per line in
 // <out_dir>/metrics.jsonl (rank 0 writes; other ranks only compute). Stable keys: step, loss,
-// aux_loss, z_loss, lr, grad_norm, tokens_per_s, max_vio, and per MoE layer `moe_layers`:
-// [{layer, expert_load: [...], max_vio, router_entropy, dropped_frac}].
+// aux_loss, z_loss, lr, grad_norm, tokens_per_s, max_vio, max_vio_micro, and per MoE layer
+// `moe_layers`: [{layer, expert_load: [...], max_vio, max_vio_micro, router_entropy,
+// dropped_frac, null_frac, bias_abs_max, bias_abs_mean}].
 #include <fstream>
 #include <string>
 #include <vector>
@@ -12,9 +13,13 @@ namespace moeforge {
 struct MoeLayerMetrics {
   int64_t layer = 0;                // block index
   std::vector<int64_t> expert_load;  // routed slots per global expert, whole global batch
-  double max_vio = 0.0;
+  double max_vio = 0.0;        // MaxVio of the global batch's load
+  double max_vio_micro = 0.0;  // MaxVio of each rank's micro-batch load, averaged
   double router_entropy = 0.0;
-  double dropped_frac = 0.0;
+  double dropped_frac = 0.0;   // of the slots routed to real experts
+  double null_frac = 0.0;      // of all selected slots, those that picked a null expert
+  double bias_abs_max = 0.0;   // expert bias magnitude (aux-loss-free balancing)
+  double bias_abs_mean = 0.0;
 };
 
 struct StepMetrics {
@@ -27,7 +32,8 @@ struct StepMetrics {
   double grad_norm = 0.0;  // before clipping
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
-  double max_vio = 0.0;  // max over MoE layers of the global-batch MaxVio
+  double max_vio = 0.0;        // max over MoE layers of the global-batch MaxVio
+  double max_vio_micro = 0.0;  // max over MoE layers of the mean micro-batch MaxVio
   std::vector<MoeLayerMetrics> layers;
 };
 

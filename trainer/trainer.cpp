@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "moe/expert_bias.hpp"
 #include "moe/load_balancing.hpp"
 #include "trainer/user_error.hpp"
 
@@ -76,22 +77,76 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   }
 }
 
+int64_t Trainer::first_sample(int64_t samples_consumed, int64_t micro) const {
+  // Global batch = [samples_consumed, +world·accum·mbs); this rank's micro-batch slice:
+  const int64_t world = groups_.world->size();
+  const int64_t rank = groups_.world->rank();
+  return samples_consumed + (micro * world + rank) * config_.train.micro_batch_size;
+}
+
+void Trainer::seed_router_noise(int64_t first_sample_index) {
+  if (config_.moe.router.jitter_eps <= 0) return;
+  auto layers = model_->moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    // splitmix64-style mix of (seed, step, sample, layer).
+    uint64_t h = static_cast<uint64_t>(config_.train.seed) * 0x9E3779B97F4A7C15ULL;
+    for (const uint64_t v : {static_cast<uint64_t>(state_.step),
+                             static_cast<uint64_t>(first_sample_index), static_cast<uint64_t>(i)}) {
+      h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
+      h = (h ^ (h >> 31)) * 0xBF58476D1CE4E5B9ULL;
+    }
+    layers[i]->set_noise_seed(h);
+  }
+}
+
+void Trainer::set_global_load_fractions(int64_t samples_consumed) {
+  const auto& t = config_.train;
+  auto layers = model_->moe_layers();
+  std::vector<at::Tensor> load;
+  {
+    at::NoGradGuard no_grad;
+    for (auto& layer : layers) {
+      layer->set_global_load_fraction({});
+      load.push_back(at::zeros({layer->pool_size()}, at::kLong));
+    }
+    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+      const int64_t first = first_sample(samples_consumed, micro);
+      seed_router_noise(first);
+      const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed);
+      model_->forward(batch.narrow(1, 0, t.seq_len));
+      for (size_t i = 0; i < layers.size(); ++i) load[i] += layers[i]->last_stats().load;
+    }
+  }
+  // One all-reduce over the data-parallel world for every layer's counts.
+  auto packed = at::cat(load).contiguous();
+  groups_.world->all_reduce(packed);
+  int64_t offset = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto counts = packed.narrow(0, offset, load[i].numel()).to(at::kFloat);
+    offset += load[i].numel();
+    layers[i]->set_global_load_fraction(counts / counts.sum().clamp_min(1.0));
+  }
+}
+
 Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   const auto& t = config_.train;
-  const int world = groups_.world->size();
   const int rank = groups_.world->rank();
   const auto& balancing = config_.moe.balancing;
-  const auto layers = model_->moe_layers();
+  const int64_t num_experts = config_.moe.num_experts;
+  auto layers = model_->moe_layers();
+  const size_t n = layers.size();
   MicroBatchTotals totals;
-  for (size_t i = 0; i < layers.size(); ++i)  // one tensor each: they are summed in place
-    totals.load.push_back(at::zeros({config_.moe.num_experts}, at::kLong));
-  totals.dropped.assign(layers.size(), 0.0);
-  totals.slots.assign(layers.size(), 0.0);
-  totals.entropy.assign(layers.size(), 0.0);
+  for (auto& layer : layers)  // one tensor each: they are summed in place
+    totals.load.push_back(at::zeros({layer->pool_size()}, at::kLong));
+  for (auto* v : {&totals.dropped, &totals.real_slots, &totals.null_slots, &totals.entropy,
+                  &totals.micro_max_vio})
+    v->assign(n, 0.0);
+  const bool global_aux = balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == "global_batch";
+  if (global_aux) set_global_load_fractions(samples_consumed);
   optimizer_->zero_grad();
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-    // Global batch = [samples_consumed, +world·accum·mbs); this rank's micro-batch slice:
-    const int64_t first = samples_consumed + (micro * world + rank) * t.micro_batch_size;
+    const int64_t first = first_sample(samples_consumed, micro);
+    seed_router_noise(first);
     const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed);  // [B, S+1]
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
     const auto lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
@@ -106,22 +161,31 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     totals.loss += lm_value / t.grad_accum;
     totals.aux += out.aux_loss.item<double>() / t.grad_accum;
     totals.z += out.z_loss.item<double>() / t.grad_accum;
-    for (size_t i = 0; i < layers.size(); ++i) {
+    for (size_t i = 0; i < n; ++i) {
       const auto& stats = layers[i]->last_stats();
       totals.load[i] += stats.load;
       totals.dropped[i] += static_cast<double>(stats.dropped);
-      totals.slots[i] += static_cast<double>(stats.slots);
+      totals.real_slots[i] += static_cast<double>(stats.slots - stats.null_slots);
+      totals.null_slots[i] += static_cast<double>(stats.null_slots);
       totals.entropy[i] += stats.entropy / t.grad_accum;
+      totals.micro_max_vio[i] +=
+          moe::max_violation(stats.load.narrow(0, 0, num_experts)) / t.grad_accum;
     }
   }
+  if (global_aux)
+    for (auto& layer : layers) layer->set_global_load_fraction({});
   dense_sync_->synchronize();
   expert_sync_->synchronize();
   return totals;
 }
 
-double Trainer::compute_gradients(int64_t samples_consumed) {
+Trainer::LossTerms Trainer::compute_gradients(int64_t samples_consumed) {
   const auto totals = forward_backward(samples_consumed);
-  return parallel::all_reduce_mean(*groups_.world, totals.loss);
+  auto packed = at::tensor(std::vector<double>{totals.loss, totals.aux, totals.z}, at::kDouble);
+  groups_.world->all_reduce(packed);
+  const double world = groups_.world->size();
+  return {packed[0].item<double>() / world, packed[1].item<double>() / world,
+          packed[2].item<double>() / world};
 }
 
 double Trainer::clip_gradients() {
@@ -150,19 +214,16 @@ double Trainer::clip_gradients() {
   return norm;
 }
 
-void Trainer::update_expert_bias(const std::vector<at::Tensor>& global_load) {
-  // Auxiliary-loss-free balancing (DeepSeek-V3): once per optimizer step, from loads summed over
-  // the whole world and all micro-batches: b_i += rate · sign(mean − load_i).
+void Trainer::update_expert_biases(const std::vector<at::Tensor>& global_load) {
+  // Once per optimizer step, from loads summed over the whole world and all micro-batches, so
+  // every rank applies the same update to its replica of the bias.
   const auto& bias_config = config_.moe.balancing.expert_bias;
   if (bias_config.rate <= 0) return;
-  at::NoGradGuard no_grad;
-  const auto layers = model_->moe_layers();
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const auto load = global_load[i].to(at::kFloat);
-    auto& bias = layers[i]->router->expert_bias;
-    bias.add_(at::sign(load.mean() - load) * bias_config.rate);
-    if (bias_config.mean_center) bias.sub_(bias.mean());
-  }
+  const double rate = moe::expert_bias_rate(bias_config, state_.step, config_.train.steps);
+  auto layers = model_->moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i)
+    moe::update_expert_bias(layers[i]->router->expert_bias, global_load[i], rate,
+                            bias_config.mean_center);
 }
 
 StepMetrics Trainer::train_step() {
@@ -172,18 +233,19 @@ StepMetrics Trainer::train_step() {
   maybe_inject_failure(groups_.world->rank(), state_.step + 1);
   const double lr = learning_rate(t, state_.step);
 
-  const auto layers = model_->moe_layers();
+  auto layers = model_->moe_layers();
   const int64_t num_experts = config_.moe.num_experts;
   const auto totals = forward_backward(state_.samples_consumed);
   const double grad_norm = clip_gradients();
   optimizer_->step(lr);
 
-  // One all-reduce for every reported number: [loss, aux, z, per layer: dropped, slots, entropy].
+  // One all-reduce for every reported number: [loss, aux, z, per layer: kPerLayer values].
+  constexpr size_t kPerLayer = 5;
   std::vector<double> packed = {totals.loss, totals.aux, totals.z};
   for (size_t i = 0; i < layers.size(); ++i) {
-    packed.push_back(totals.dropped[i]);
-    packed.push_back(totals.slots[i]);
-    packed.push_back(totals.entropy[i]);
+    for (const double v : {totals.dropped[i], totals.real_slots[i], totals.null_slots[i],
+                           totals.entropy[i], totals.micro_max_vio[i]})
+      packed.push_back(v);
   }
   auto packed_tensor = at::tensor(packed, at::kDouble);
   groups_.world->all_reduce(packed_tensor);
@@ -194,7 +256,7 @@ StepMetrics Trainer::train_step() {
     groups_.world->all_reduce(g);
     global_load.push_back(g);
   }
-  update_expert_bias(global_load);
+  update_expert_biases(global_load);
 
   state_.step += 1;
   state_.samples_consumed += static_cast<int64_t>(world) * t.grad_accum * t.micro_batch_size;
@@ -218,12 +280,18 @@ StepMetrics Trainer::train_step() {
     }
     layer.layer = block;
     const auto* counts = global_load[i].data_ptr<int64_t>();
-    layer.expert_load.assign(counts, counts + num_experts);
-    layer.max_vio = moe::max_violation(global_load[i]);
-    layer.dropped_frac =
-        reduced[3 + 3 * i + 1] > 0 ? reduced[3 + 3 * i] / reduced[3 + 3 * i + 1] : 0;
-    layer.router_entropy = reduced[3 + 3 * i + 2] / world;
+    layer.expert_load.assign(counts, counts + num_experts);  // real experts (not null ones)
+    layer.max_vio = moe::max_violation(global_load[i].narrow(0, 0, num_experts));
+    const double* r = reduced + 3 + kPerLayer * i;  // dropped, real, null, entropy, micro vio
+    layer.dropped_frac = r[1] > 0 ? r[0] / r[1] : 0.0;
+    layer.null_frac = r[1] + r[2] > 0 ? r[2] / (r[1] + r[2]) : 0.0;
+    layer.router_entropy = r[3] / world;
+    layer.max_vio_micro = r[4] / world;
+    const auto bias_abs = layers[i]->router->expert_bias.abs();
+    layer.bias_abs_max = bias_abs.max().item<double>();
+    layer.bias_abs_mean = bias_abs.mean().item<double>();
     m.max_vio = std::max(m.max_vio, layer.max_vio);
+    m.max_vio_micro = std::max(m.max_vio_micro, layer.max_vio_micro);
     m.layers.push_back(std::move(layer));
   }
   return m;

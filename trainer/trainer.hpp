@@ -49,8 +49,11 @@ class Trainer {
   RunSummary run();
 
   // Forward + backward over one global batch (all micro-batches of this rank) and gradient
-  // synchronisation, without the optimizer step. Returns the mean LM loss (world mean).
-  double compute_gradients(int64_t samples_consumed);
+  // synchronisation, without the optimizer step. Returns the loss terms (world means).
+  struct LossTerms {
+    double loss = 0.0, aux = 0.0, z = 0.0;
+  };
+  LossTerms compute_gradients(int64_t samples_consumed);
 
   // Mean validation loss over train.eval_batches micro-batches per rank (world mean).
   double evaluate();
@@ -62,12 +65,19 @@ class Trainer {
   // Sums over this rank's micro-batches of one optimizer step (loss terms are means).
   struct MicroBatchTotals {
     double loss = 0.0, aux = 0.0, z = 0.0;
-    std::vector<at::Tensor> load;  // per MoE layer [E] int64
-    std::vector<double> dropped, slots, entropy;
+    std::vector<at::Tensor> load;  // per MoE layer [P] int64
+    std::vector<double> dropped, real_slots, null_slots, entropy, micro_max_vio;
   };
   MicroBatchTotals forward_backward(int64_t samples_consumed);
+  // Global-batch aux scope: a no-grad routing pass over this step's micro-batches gives every
+  // MoE layer the load fraction of the whole global batch before the real micro-batches run.
+  void set_global_load_fractions(int64_t samples_consumed);
+  // Sample index of the first sequence of this rank's micro-batch `micro`.
+  int64_t first_sample(int64_t samples_consumed, int64_t micro) const;
+  // Same jitter noise whenever the same micro-batch is routed again (replay, pre-pass).
+  void seed_router_noise(int64_t first_sample_index);
   StepMetrics train_step();
-  void update_expert_bias(const std::vector<at::Tensor>& global_load);
+  void update_expert_biases(const std::vector<at::Tensor>& global_load);
   double clip_gradients();
 
   Config config_;
