@@ -53,6 +53,7 @@ if [[ ! -f "$BUILD_DIR/build.ninja" ]]; then
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja \
     -DCMAKE_BUILD_TYPE="${CMAKE_BUILD_TYPE:-Release}" \
     -DCMAKE_PREFIX_PATH="$TORCH_CMAKE" \
+    -DMOEFORGE_PYTHON="$VENV/bin/python" \
     -DMOEFORGE_WITH_CUDA="${MOEFORGE_WITH_CUDA:-AUTO}" >"$BUILD_DIR.configure.log" 2>&1 ||
     { cat "$BUILD_DIR.configure.log"; exit 1; }
 fi

@@ -28,7 +28,7 @@ at::Tensor capacity_keep_mask(const at::Tensor& expert_ids, const at::Tensor& ga
   }
   const auto sorted_ids = ids.index_select(0, order);
   const auto counts = at::bincount(ids, {}, num_experts);
-  const auto starts = at::cumsum(counts, 0) - counts;               // first sorted row per expert
+  const auto starts = at::cumsum(counts, 0) - counts;  // first sorted row per expert
   const auto rank_in_expert = at::arange(slots, at::kLong) - starts.index_select(0, sorted_ids);
   auto keep = at::zeros({slots}, at::kBool);
   keep.index_put_({order}, rank_in_expert < capacity);

@@ -41,10 +41,13 @@ at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids,
   return (fraction * probs.mean(0)).sum() * scale;
 }
 
-at::Tensor z_loss(const at::Tensor& logits) { return at::logsumexp(logits, -1).square().mean(); }
+at::Tensor z_loss(const at::Tensor& logits) {
+  return at::logsumexp(logits, -1).square().mean();
+}
 
 at::Tensor expert_load(const at::Tensor& expert_ids, const at::Tensor& selected, int64_t pool) {
-  const auto ids = selected.defined() ? expert_ids.masked_select(selected) : expert_ids.reshape({-1});
+  const auto ids =
+      selected.defined() ? expert_ids.masked_select(selected) : expert_ids.reshape({-1});
   return at::bincount(ids, {}, pool);
 }
 

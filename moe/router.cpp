@@ -35,8 +35,8 @@ at::Tensor RouterImpl::selection_scores(const at::Tensor& scores) const {
   const int64_t per_group = num_experts_ / groups;
   const auto real = selection.narrow(1, 0, num_experts_).view({tokens, groups, per_group});
   const int64_t best = std::clamp<int64_t>(top_k_ / config_.topk_groups, 1, per_group);
-  const auto group_score = std::get<0>(real.topk(best, -1)).sum(-1);             // [T, G]
-  const auto chosen = std::get<1>(group_score.topk(config_.topk_groups, -1));    // [T, g]
+  const auto group_score = std::get<0>(real.topk(best, -1)).sum(-1);           // [T, G]
+  const auto chosen = std::get<1>(group_score.topk(config_.topk_groups, -1));  // [T, g]
   auto allowed = at::zeros({tokens, groups}, at::kBool).scatter_(1, chosen, true);
   auto mask = allowed.unsqueeze(-1).expand({tokens, groups, per_group}).reshape({tokens, -1});
   if (pool_ > num_experts_)

@@ -74,7 +74,8 @@ TEST(ExpertBias, RateScheduleHasAFinalPhase) {
 TEST(ExpertBias, IsABufferTheOptimizerNeverSees) {
   auto groups = parallel::make_single_process_groups();
   MoeLayer layer(4, balancing_moe(4, 2), *groups.ep);
-  for (const auto& p : layer->named_parameters()) EXPECT_EQ(p.key().find("expert_bias"), std::string::npos);
+  for (const auto& p : layer->named_parameters())
+    EXPECT_EQ(p.key().find("expert_bias"), std::string::npos);
   bool found = false;
   for (const auto& b : layer->named_buffers()) found |= b.key() == "router.expert_bias";
   EXPECT_TRUE(found);
@@ -91,16 +92,17 @@ TEST(GroupLimitedRouting, NeverPicksOutsideTheChosenGroups) {
     if (with_bias) router->expert_bias.copy_(at::linspace(-0.3, 0.3, 8));
     const auto x = at::randn({40, 6});
     const auto out = router->forward(x);
-    const auto scores = at::sigmoid(at::matmul(x.to(at::kDouble), router->weight.to(at::kDouble).t()));
+    const auto scores =
+        at::sigmoid(at::matmul(x.to(at::kDouble), router->weight.to(at::kDouble).t()));
     const auto selection = scores + router->expert_bias.to(at::kDouble);
     int64_t differs_from_plain_topk = 0;
     for (int64_t t = 0; t < 40; ++t) {
       // Reference: group score = best top_k / topk_groups = 1 selection score of the group.
       std::vector<std::pair<double, int64_t>> groups;
       for (int64_t g = 0; g < 4; ++g)
-        groups.push_back({std::max(selection[t][2 * g].item<double>(),
-                                   selection[t][2 * g + 1].item<double>()),
-                          g});
+        groups.push_back(
+            {std::max(selection[t][2 * g].item<double>(), selection[t][2 * g + 1].item<double>()),
+             g});
       std::sort(groups.rbegin(), groups.rend());
       const std::set<int64_t> chosen = {groups[0].second, groups[1].second};
       std::vector<std::pair<double, int64_t>> allowed;
@@ -138,7 +140,8 @@ TEST(ExpertChoice, EachExpertTakesExactlyItsTopCTokens) {
   layer->train();
   const auto x = at::randn({10, 6});
   const auto y = layer->forward(x, 10).y;
-  const auto probs = at::softmax(at::matmul(x.to(at::kDouble), layer->router->weight.to(at::kDouble).t()), -1);
+  const auto probs =
+      at::softmax(at::matmul(x.to(at::kDouble), layer->router->weight.to(at::kDouble).t()), -1);
   std::vector<std::vector<std::pair<int64_t, double>>> picks(10);
   for (int64_t e = 0; e < 4; ++e) {
     const auto top = std::get<1>(probs.select(1, e).topk(5));
@@ -161,7 +164,8 @@ TEST(NullExperts, ArePickedButNeverDispatched) {
   randomize(*layer, 13, 0.8);
   const auto x = at::randn({30, 6});
   const auto y = layer->forward(x, 30).y;
-  const auto probs = at::softmax(at::matmul(x.to(at::kDouble), layer->router->weight.to(at::kDouble).t()), -1);
+  const auto probs =
+      at::softmax(at::matmul(x.to(at::kDouble), layer->router->weight.to(at::kDouble).t()), -1);
   ASSERT_EQ(probs.size(1), 6);
   std::vector<std::vector<std::pair<int64_t, double>>> picks(30);
   int64_t null_picks = 0;

@@ -81,7 +81,8 @@ TEST(GlobalBatchAuxLoss, IndependentOfHowTheBatchIsSplit) {
   Trainer reference_trainer(whole, self, open_data(whole), quiet());
   const auto reference_terms = reference_trainer.compute_gradients(0);
   std::map<std::string, at::Tensor> reference;
-  for (const auto& p : reference_trainer.model().named_parameters()) reference[p.key()] = p.value().grad();
+  for (const auto& p : reference_trainer.model().named_parameters())
+    reference[p.key()] = p.value().grad();
 
   for (int group_size = 1; group_size <= world; group_size *= 2) {
     const auto result = gradients_in_groups(config, group_size);

@@ -77,15 +77,32 @@ TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {
   for (const auto& row : rows)
     if (row.contains("loss")) steps.push_back(row);
   ASSERT_EQ(steps.size(), 100u);
-  for (const char* key :
-       {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_vio", "moe_layers"})
+  for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_vio",
+                          "max_vio_micro", "moe_layers"})
     EXPECT_TRUE(steps.back().contains(key)) << key;
+  for (const char* key : {"layer", "expert_load", "max_vio", "max_vio_micro", "router_entropy",
+                          "dropped_frac", "null_frac", "bias_abs_max", "bias_abs_mean"})
+    EXPECT_TRUE(steps.back()["moe_layers"][0].contains(key)) << key;
   EXPECT_EQ(steps.back()["moe_layers"][0]["expert_load"].size(), 8u);
   const double first = steps.front()["loss"], last = steps.back()["loss"];
   EXPECT_GT(first, 5.0);
   EXPECT_LT(last, first - 2.5) << "loss fell only from " << first << " to " << last;
   EXPECT_TRUE(fs::exists(fs::path(out) / "config.resolved.yaml"));
   EXPECT_TRUE(fs::exists(fs::path(out) / "checkpoints" / "latest"));
+
+  // The plot script turns the run's metrics into PNGs and a summary table.
+  const std::string plot =
+      std::string(MOEFORGE_PYTHON) + " " + MOEFORGE_SOURCE_DIR + "/launch/plot_metrics.py ";
+  const auto plots = fs::path(out) / "plots";
+  const auto plotted = run_shell(plot + out + " --names demo --out " + plots.string());
+  ASSERT_EQ(plotted.exit_code, 0) << plotted.output;
+  for (const char* png :
+       {"loss.png", "max_vio.png", "load_demo_layer0.png", "load_demo_layer3.png"})
+    EXPECT_GT(fs::file_size(plots / png), 1000u) << png;
+  EXPECT_NE(plotted.output.find("| demo | "), std::string::npos) << plotted.output;
+  const auto missing = run_shell(plot + out + "/nonexistent --out " + plots.string());
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.output.find("nonexistent/metrics.jsonl"), std::string::npos) << missing.output;
 
   // --resume picks up the latest checkpoint and appends to the metrics.
   const auto resumed = run_shell(mpirun(2) + " train --config " + kTiny +

@@ -217,7 +217,8 @@ TEST(Config, RoutingVariantRules) {
             std::string::npos);
   EXPECT_NE(error_of({"moe.capacity.pad=true"}).find("moe.capacity.pad: padding needs a capacity"),
             std::string::npos);
-  EXPECT_NE(error_of({"moe.balancing.aux_loss.scope=global"}).find("micro_batch | sequence | global_batch"),
+  EXPECT_NE(error_of({"moe.balancing.aux_loss.scope=global"})
+                .find("micro_batch | sequence | global_batch"),
             std::string::npos);
   EXPECT_EQ(error_of({"moe.router.num_groups=4", "moe.router.topk_groups=2",
                       "moe.router.num_null_experts=1", "moe.router.jitter_eps=0.01",

@@ -73,8 +73,10 @@ TEST(Attention, CausalGqaMatchesNaiveFloat64) {
       if (bias) out = out + l->bias.to(at::kDouble);
       return out;
     };
-    const auto q = apply_rope(proj(attn->q_proj).view({batch, seq, 4, hd}).transpose(1, 2), 10000.0);
-    const auto k = apply_rope(proj(attn->k_proj).view({batch, seq, 2, hd}).transpose(1, 2), 10000.0);
+    const auto q =
+        apply_rope(proj(attn->q_proj).view({batch, seq, 4, hd}).transpose(1, 2), 10000.0);
+    const auto k =
+        apply_rope(proj(attn->k_proj).view({batch, seq, 2, hd}).transpose(1, 2), 10000.0);
     const auto v = proj(attn->v_proj).view({batch, seq, 2, hd}).transpose(1, 2);
     auto heads_out = at::zeros({batch, 4, seq, hd}, at::kDouble);
     for (int64_t b = 0; b < batch; ++b)
@@ -180,8 +182,8 @@ TEST(Optimizer, AdamWTwoStepsMatchClosedForm) {
   const std::vector<std::vector<double>> grads = {{0.5, -1.0}, {0.25, 2.0}};
   const std::vector<double> norm_grads = {0.3, -0.7};
   for (int step = 1; step <= 2; ++step) {
-    w.mutable_grad() = at::tensor({static_cast<float>(grads[step - 1][0]),
-                                   static_cast<float>(grads[step - 1][1])});
+    w.mutable_grad() = at::tensor(
+        {static_cast<float>(grads[step - 1][0]), static_cast<float>(grads[step - 1][1])});
     norm.mutable_grad() = at::tensor({static_cast<float>(norm_grads[step - 1])});
     opt.step(lr);
     const double b1 = 1 - std::pow(0.9, step), b2 = 1 - std::pow(0.99, step);

@@ -114,8 +114,7 @@ TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
           for (int64_t j = 0; j < k; ++j) count += ids[t][j].item<int64_t>() == e ? 1 : 0;
         double fraction = count / static_cast<double>(group * k);
         if (scope == "global_batch")
-          fraction = (count + other_counts[e].item<double>()) /
-                     static_cast<double>(group * k + 36);
+          fraction = (count + other_counts[e].item<double>()) / static_cast<double>(group * k + 36);
         const auto mean_p = p64.narrow(0, start, group).select(1, e).mean();
         total = total + experts * fraction * mean_p;
       }

@@ -62,7 +62,12 @@ TEST(Training, TwentyStraightStepsEqualTenResumeTen) {
     EXPECT_EQ(resumed.steps[i].step, straight.steps[10 + i].step);
     EXPECT_EQ(resumed.steps[i].loss, straight.steps[10 + i].loss) << "step " << i + 11;
     EXPECT_EQ(resumed.steps[i].grad_norm, straight.steps[10 + i].grad_norm);
+    // The bias itself came back from the checkpoint (a lost bias restarts near 0).
+    for (size_t l = 0; l < resumed.steps[i].layers.size(); ++l)
+      EXPECT_EQ(resumed.steps[i].layers[l].bias_abs_max,
+                straight.steps[10 + i].layers[l].bias_abs_max);
   }
+  EXPECT_GT(straight.steps[10].layers[0].bias_abs_max, 0.005);
   // The run directory holds what users script against.
   const fs::path out(config.train.out_dir);
   EXPECT_TRUE(fs::exists(out / "config.resolved.yaml"));

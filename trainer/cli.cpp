@@ -32,15 +32,16 @@ struct LocalCheck {
 };
 
 void print_summary(const RunSummary& s) {
-  std::cout << "\n== summary ==\n"
-            << fmt::format("final train loss   {:.4f}  (mean of the last steps)\n", s.final_train_loss)
-            << fmt::format("final val loss     {:.4f}\n", s.final_val_loss)
-            << fmt::format("unigram entropy    {:.4f}  (loss of a model that ignores context)\n",
-                           s.unigram_entropy)
-            << fmt::format("throughput         {:.0f} tokens/s\n", s.tokens_per_s)
-            << fmt::format("outputs            {}/ (config.resolved.yaml, metrics.jsonl)\n", s.out_dir)
-            << fmt::format("last checkpoint    {}\n", s.last_checkpoint.empty() ? "-" : s.last_checkpoint)
-            << std::flush;
+  std::cout
+      << "\n== summary ==\n"
+      << fmt::format("final train loss   {:.4f}  (mean of the last steps)\n", s.final_train_loss)
+      << fmt::format("final val loss     {:.4f}\n", s.final_val_loss)
+      << fmt::format("unigram entropy    {:.4f}  (loss of a model that ignores context)\n",
+                     s.unigram_entropy)
+      << fmt::format("throughput         {:.0f} tokens/s\n", s.tokens_per_s)
+      << fmt::format("outputs            {}/ (config.resolved.yaml, metrics.jsonl)\n", s.out_dir)
+      << fmt::format("last checkpoint    {}\n", s.last_checkpoint.empty() ? "-" : s.last_checkpoint)
+      << std::flush;
 }
 
 // Agrees across the world on whether any rank failed locally; returns the exit code (0 = go on).
@@ -106,19 +107,24 @@ int run_cli(int argc, char** argv) {
   train->add_option("--set", train_args.overrides, "Override a key: --set moe.top_k=4 (repeatable)")
       ->type_name("KEY=VALUE");
   std::string resume_path;
-  auto* resume = train->add_option("--resume", resume_path,
-                                   "Resume from the latest checkpoint of train.out_dir, or from PATH")
-                     ->expected(0, 1)
-                     ->type_name("[PATH]");
-  auto* doc = app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
+  auto* resume =
+      train
+          ->add_option("--resume", resume_path,
+                       "Resume from the latest checkpoint of train.out_dir, or from PATH")
+          ->expected(0, 1)
+          ->type_name("[PATH]");
+  auto* doc =
+      app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
 
   int code = 0;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     // Every rank parses the same arguments; rank 0 speaks for all.
-    if (rank == 0) code = app.exit(e);
-    else code = e.get_exit_code();
+    if (rank == 0)
+      code = app.exit(e);
+    else
+      code = e.get_exit_code();
     MPI_Finalize();
     return code;
   }

@@ -213,10 +213,10 @@ void validate(const Config& c, const Locations& locations, const std::string& so
        fmt::format("{} does not divide moe.num_experts = {}", r.num_groups, c.moe.num_experts));
   rule(!grouped || (r.topk_groups >= 1 && r.topk_groups <= r.num_groups), "moe.router.topk_groups",
        fmt::format("{} must be in [1, moe.router.num_groups = {}]", r.topk_groups, r.num_groups));
-  rule(!grouped || c.moe.top_k <= r.topk_groups * (c.moe.num_experts / r.num_groups),
-       "moe.top_k",
+  rule(!grouped || c.moe.top_k <= r.topk_groups * (c.moe.num_experts / r.num_groups), "moe.top_k",
        fmt::format("{} is more than the experts of the topk_groups chosen groups ({} × {})",
-                   c.moe.top_k, r.topk_groups, c.moe.num_experts / std::max<int64_t>(1, r.num_groups)));
+                   c.moe.top_k, r.topk_groups,
+                   c.moe.num_experts / std::max<int64_t>(1, r.num_groups)));
   const bool expert_choice = r.routing == "expert_choice";
   rule(!expert_choice || !grouped, "moe.router.routing",
        "expert_choice cannot be combined with group-limited routing (moe.router.num_groups > 1): "

@@ -26,14 +26,14 @@ struct ModelConfig {
 };
 
 struct RouterConfig {
-  std::string score = "softmax";          // softmax | sigmoid
-  std::string routing = "token_choice";   // token_choice | expert_choice
-  bool normalize_gates = true;            // renormalise the k selected gates to sum to 1
-  double scaling_factor = 1.0;            // multiplies the gates
-  int64_t num_groups = 0;                 // group-limited routing: expert groups (0/1 = off)
-  int64_t topk_groups = 0;                // groups a token may use (group-limited routing)
-  int64_t num_null_experts = 0;           // AdaMoE zero-compute experts in the top-k pool
-  double jitter_eps = 0.0;                // router input × U(1-eps, 1+eps) in training
+  std::string score = "softmax";         // softmax | sigmoid
+  std::string routing = "token_choice";  // token_choice | expert_choice
+  bool normalize_gates = true;           // renormalise the k selected gates to sum to 1
+  double scaling_factor = 1.0;           // multiplies the gates
+  int64_t num_groups = 0;                // group-limited routing: expert groups (0/1 = off)
+  int64_t topk_groups = 0;               // groups a token may use (group-limited routing)
+  int64_t num_null_experts = 0;          // AdaMoE zero-compute experts in the top-k pool
+  double jitter_eps = 0.0;               // router input × U(1-eps, 1+eps) in training
 };
 
 struct AuxLossConfig {
@@ -96,7 +96,7 @@ struct TrainConfig {
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;
-  double grad_clip = 1.0;  // 0 = no clipping
+  double grad_clip = 1.0;   // 0 = no clipping
   int64_t eval_every = 50;  // 0 = only at the end
   int64_t eval_batches = 4;
   int64_t threads_per_rank = 0;  // 0 = leave torch's default (OMP_NUM_THREADS)

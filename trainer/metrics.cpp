@@ -26,11 +26,16 @@ std::string MetricsLog::console_line(const StepMetrics& m) {
 void MetricsLog::log(const StepMetrics& m) {
   if (console_) std::cout << console_line(m) << std::endl;
   if (!file_.is_open()) return;
-  nlohmann::json j = {{"step", m.step},        {"loss", m.loss},
-                      {"aux_loss", m.aux_loss}, {"z_loss", m.z_loss},
-                      {"lr", m.lr},             {"grad_norm", m.grad_norm},
-                      {"tokens_per_s", m.tokens_per_s}, {"step_seconds", m.step_seconds},
-                      {"max_vio", m.max_vio}, {"max_vio_micro", m.max_vio_micro}};
+  nlohmann::json j = {{"step", m.step},
+                      {"loss", m.loss},
+                      {"aux_loss", m.aux_loss},
+                      {"z_loss", m.z_loss},
+                      {"lr", m.lr},
+                      {"grad_norm", m.grad_norm},
+                      {"tokens_per_s", m.tokens_per_s},
+                      {"step_seconds", m.step_seconds},
+                      {"max_vio", m.max_vio},
+                      {"max_vio_micro", m.max_vio_micro}};
   auto layers = nlohmann::json::array();
   for (const auto& layer : m.layers) {
     layers.push_back({{"layer", layer.layer},
@@ -49,7 +54,8 @@ void MetricsLog::log(const StepMetrics& m) {
 }
 
 void MetricsLog::log(const EvalMetrics& m) {
-  if (console_) std::cout << fmt::format("eval  step {:>5} | val loss {:.4f}", m.step, m.val_loss) << std::endl;
+  if (console_)
+    std::cout << fmt::format("eval  step {:>5} | val loss {:.4f}", m.step, m.val_loss) << std::endl;
   if (!file_.is_open()) return;
   file_ << nlohmann::json{{"step", m.step}, {"val_loss", m.val_loss}}.dump() << '\n';
   file_.flush();

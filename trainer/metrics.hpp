@@ -11,14 +11,14 @@
 namespace moeforge {
 
 struct MoeLayerMetrics {
-  int64_t layer = 0;                // block index
+  int64_t layer = 0;                 // block index
   std::vector<int64_t> expert_load;  // routed slots per global expert, whole global batch
-  double max_vio = 0.0;        // MaxVio of the global batch's load
-  double max_vio_micro = 0.0;  // MaxVio of each rank's micro-batch load, averaged
+  double max_vio = 0.0;              // MaxVio of the global batch's load
+  double max_vio_micro = 0.0;        // MaxVio of each rank's micro-batch load, averaged
   double router_entropy = 0.0;
-  double dropped_frac = 0.0;   // of the slots routed to real experts
-  double null_frac = 0.0;      // of all selected slots, those that picked a null expert
-  double bias_abs_max = 0.0;   // expert bias magnitude (aux-loss-free balancing)
+  double dropped_frac = 0.0;  // of the slots routed to real experts
+  double null_frac = 0.0;     // of all selected slots, those that picked a null expert
+  double bias_abs_max = 0.0;  // expert bias magnitude (aux-loss-free balancing)
   double bias_abs_mean = 0.0;
 };
 

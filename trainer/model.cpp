@@ -40,13 +40,17 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
       rope_theta_(c.rope_theta) {
   using torch::nn::LinearOptions;
   q_proj = register_module(
-      "q_proj", torch::nn::Linear(LinearOptions(c.hidden_size, num_heads_ * head_dim_).bias(c.qkv_bias)));
+      "q_proj",
+      torch::nn::Linear(LinearOptions(c.hidden_size, num_heads_ * head_dim_).bias(c.qkv_bias)));
   k_proj = register_module(
-      "k_proj", torch::nn::Linear(LinearOptions(c.hidden_size, num_kv_heads_ * head_dim_).bias(c.qkv_bias)));
+      "k_proj",
+      torch::nn::Linear(LinearOptions(c.hidden_size, num_kv_heads_ * head_dim_).bias(c.qkv_bias)));
   v_proj = register_module(
-      "v_proj", torch::nn::Linear(LinearOptions(c.hidden_size, num_kv_heads_ * head_dim_).bias(c.qkv_bias)));
+      "v_proj",
+      torch::nn::Linear(LinearOptions(c.hidden_size, num_kv_heads_ * head_dim_).bias(c.qkv_bias)));
   o_proj = register_module(
-      "o_proj", torch::nn::Linear(LinearOptions(num_heads_ * head_dim_, c.hidden_size).bias(false)));
+      "o_proj",
+      torch::nn::Linear(LinearOptions(num_heads_ * head_dim_, c.hidden_size).bias(false)));
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x) {
@@ -69,7 +73,8 @@ bool is_moe_block(const MoeConfig& moe, int64_t block) {
   return block >= moe.first_k_dense && (block - moe.first_k_dense) % moe.layer_freq == 0;
 }
 
-DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index, parallel::Communicator& ep) {
+DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index,
+                                   parallel::Communicator& ep) {
   const auto& m = config.model;
   attn_norm = register_module("attn_norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
   attn = register_module("attn", Attention(m));
@@ -101,7 +106,8 @@ DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) :
   norm = register_module("norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
   if (!m.tie_embeddings) {
     lm_head = register_module(
-        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(m.hidden_size, m.vocab_size).bias(false)));
+        "lm_head",
+        torch::nn::Linear(torch::nn::LinearOptions(m.hidden_size, m.vocab_size).bias(false)));
   }
 }
 
@@ -161,8 +167,8 @@ void initialize_parameters(DecoderLMImpl& model, const Config& config, uint64_t 
   for (auto& item : model.named_parameters()) {
     const std::string& name = item.key();
     auto& param = item.value();
-    const bool output_proj = name.find("o_proj") != std::string::npos ||
-                             name.find("w_down") != std::string::npos;
+    const bool output_proj =
+        name.find("o_proj") != std::string::npos || name.find("w_down") != std::string::npos;
     const double scale = output_proj ? out_std : std;
     if (name.find("norm.") != std::string::npos) {
       param.fill_(1.0);

@@ -15,7 +15,9 @@ bool AdamW::decays(const std::string& name) {
 
 AdamW::AdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_parameters,
              const TrainConfig& config)
-    : beta1_(config.beta1), beta2_(config.beta2), eps_(config.eps),
+    : beta1_(config.beta1),
+      beta2_(config.beta2),
+      eps_(config.eps),
       weight_decay_(config.weight_decay) {
   for (const auto& [name, param] : named_parameters) {
     OptimizerSlot slot;
@@ -57,8 +59,7 @@ double learning_rate(const TrainConfig& config, int64_t step) {
     return config.lr * static_cast<double>(step + 1) / static_cast<double>(config.warmup_steps);
   }
   const double span = static_cast<double>(std::max<int64_t>(1, config.steps - config.warmup_steps));
-  const double progress =
-      std::min(1.0, static_cast<double>(step - config.warmup_steps) / span);
+  const double progress = std::min(1.0, static_cast<double>(step - config.warmup_steps) / span);
   return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
 

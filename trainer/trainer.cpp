@@ -141,7 +141,8 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   for (auto* v : {&totals.dropped, &totals.real_slots, &totals.null_slots, &totals.entropy,
                   &totals.micro_max_vio})
     v->assign(n, 0.0);
-  const bool global_aux = balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == "global_batch";
+  const bool global_aux =
+      balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == "global_batch";
   if (global_aux) set_global_load_fractions(samples_consumed);
   optimizer_->zero_grad();
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
