@@ -58,6 +58,16 @@ def tail_mean(values, fraction=0.2):
     return float(np.mean(values[-n:]))
 
 
+def save_line_plot(fig, ax, ylabel, path):
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories (train.out_dir)")
@@ -77,25 +87,14 @@ def main():
         if evals:
             ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o--",
                     color=line.get_color(), label=f"{name} (val)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("LM loss (nats/token)")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "loss.png"), dpi=110)
-    plt.close(fig)
+    save_line_plot(fig, ax, "LM loss (nats/token)", os.path.join(args.out, "loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (steps, _) in zip(names, runs):
         ax.plot([s["step"] for s in steps], smooth([s["max_vio"] for s in steps]), label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("global MaxVio (max over layers, smoothed)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "max_vio.png"), dpi=110)
-    plt.close(fig)
+    save_line_plot(fig, ax, "global MaxVio (max over layers, smoothed)",
+                   os.path.join(args.out, "max_vio.png"))
 
     for name, (steps, _) in zip(names, runs):
         layers = steps[0].get("moe_layers", [])

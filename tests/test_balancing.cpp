@@ -31,6 +31,11 @@ void randomize(torch::nn::Module& module, uint64_t seed, double std = 0.5) {
   for (auto& p : module.parameters()) p.normal_(0.0, std);
 }
 
+// Float64 router probabilities of `layer` for x (softmax scores).
+at::Tensor float64_probs(const at::Tensor& x, MoeLayerImpl& layer) {
+  return at::softmax(at::matmul(x.to(at::kDouble), layer.router->weight.to(at::kDouble).t()), -1);
+}
+
 // y[t] = Σ over (expert, gate) picks of gate · SwiGLU_e(x_t), in float64; expert ids ≥ E
 // (null experts) contribute nothing.
 at::Tensor reference_output(const at::Tensor& x, GroupedExpertsImpl& experts,
@@ -140,8 +145,7 @@ TEST(ExpertChoice, EachExpertTakesExactlyItsTopCTokens) {
   layer->train();
   const auto x = at::randn({10, 6});
   const auto y = layer->forward(x, 10).y;
-  const auto probs =
-      at::softmax(at::matmul(x.to(at::kDouble), layer->router->weight.to(at::kDouble).t()), -1);
+  const auto probs = float64_probs(x, *layer);
   std::vector<std::vector<std::pair<int64_t, double>>> picks(10);
   for (int64_t e = 0; e < 4; ++e) {
     const auto top = std::get<1>(probs.select(1, e).topk(5));
@@ -164,8 +168,7 @@ TEST(NullExperts, ArePickedButNeverDispatched) {
   randomize(*layer, 13, 0.8);
   const auto x = at::randn({30, 6});
   const auto y = layer->forward(x, 30).y;
-  const auto probs =
-      at::softmax(at::matmul(x.to(at::kDouble), layer->router->weight.to(at::kDouble).t()), -1);
+  const auto probs = float64_probs(x, *layer);
   ASSERT_EQ(probs.size(1), 6);
   std::vector<std::vector<std::pair<int64_t, double>>> picks(30);
   int64_t null_picks = 0;
