@@ -44,6 +44,7 @@ class MoeLayerImpl : public torch::nn::Module {
   const RoutingStats& last_stats() const { return stats_; }
   int64_t first_local_expert() const { return dispatcher_.first_local_expert(); }
   int64_t num_local_experts() const { return dispatcher_.num_local_experts(); }
+  int64_t num_experts() const { return config_.num_experts; }
 
   // Optional per-step timing of forward (not owned; null = off).
   void set_phase_timer(PhaseTimer* timer) { timer_ = timer; }

@@ -46,15 +46,17 @@ at::Tensor RouterImpl::selection_scores(const at::Tensor& scores) const {
 
 RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor) {
   RouterOutput out;
-  auto input = x.to(at::kFloat);
+  // fp32 routing (float64 when the model runs in float64, for reference runs).
+  const auto type = at::promote_types(weight.scalar_type(), at::kFloat);
+  auto input = x.to(type);
   if (is_training() && config_.jitter_eps > 0) {
     // Multiplicative jitter (Switch Transformer) from a seeded generator: reproducible.
     auto generator = at::make_generator<at::CPUGeneratorImpl>(noise_seed_);
-    const auto noise = at::empty(input.sizes(), at::kFloat)
+    const auto noise = at::empty(input.sizes(), type)
                            .uniform_(1.0 - config_.jitter_eps, 1.0 + config_.jitter_eps, generator);
     input = input * noise.to(input.device());
   }
-  out.logits = at::matmul(input, weight.t());  // [T, P]
+  out.logits = at::matmul(input, weight.to(type).t());  // [T, P]
   out.scores = config_.score == "sigmoid" ? at::sigmoid(out.logits) : at::softmax(out.logits, -1);
   const int64_t tokens = x.size(0);
   if (config_.routing == "expert_choice") {

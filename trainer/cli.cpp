@@ -12,6 +12,7 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "trainer/config.hpp"
+#include "trainer/convert_commands.hpp"
 #include "trainer/data.hpp"
 #include "trainer/trainer.hpp"
 #include "trainer/user_error.hpp"
@@ -23,6 +24,7 @@ struct TrainArgs {
   std::string config_path;
   std::vector<std::string> overrides;
   std::optional<std::string> resume;
+  std::optional<std::string> init_from;
 };
 
 // Everything checked before any collective: on failure, a message and an exit code.
@@ -78,6 +80,7 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
     const auto groups = parallel::make_process_groups(world, config->parallel.ep_size);
     RunOptions options;
     options.resume = args.resume;
+    options.init_from = args.init_from;
     Trainer trainer(*config, groups, std::move(*data), options);
     const auto summary = trainer.run();
     if (rank == 0) print_summary(summary);
@@ -87,6 +90,27 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
     return 1;
   }
   return 0;
+}
+
+// Conversions are single-process: rank 0 works, a wider launch is refused.
+int run_convert_command(int (*command)(const ConvertArgs&), const ConvertArgs& args, int rank,
+                        int world_size) {
+  if (world_size > 1) {
+    if (rank == 0)
+      std::cerr << "moeforge: error: import / upcycle / export / forward run as one process "
+                   "(launch without mpirun, or with -n 1)"
+                << std::endl;
+    return 2;
+  }
+  try {
+    return command(args);
+  } catch (const UserError& e) {
+    std::cerr << "moeforge: error: " << e.what() << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "moeforge: error: " << e.what() << std::endl;
+    return 1;
+  }
 }
 
 }  // namespace
@@ -113,8 +137,58 @@ int run_cli(int argc, char** argv) {
                        "Resume from the latest checkpoint of train.out_dir, or from PATH")
           ->expected(0, 1)
           ->type_name("[PATH]");
+  std::string init_from;
+  auto* init = train->add_option(
+      "--init-from", init_from,
+      "Start from these weights (a moeforge run/checkpoint directory, e.g. one written by "
+      "upcycle, or a Hugging Face directory) with a fresh optimizer at step 0");
+  init->excludes(resume);
   auto* doc =
       app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
+
+  ConvertArgs convert;
+  auto* import_cmd = app.add_subcommand(
+      "import", "Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE directory -> run dir");
+  auto* upcycle_cmd =
+      app.add_subcommand("upcycle", "Dense model (HF or moeforge) -> MoE run dir (sparse upcycling)");
+  auto* export_cmd =
+      app.add_subcommand("export", "moeforge checkpoint -> Hugging Face directory");
+  auto* forward_cmd =
+      app.add_subcommand("forward", "Logits of a model for the token ids in a safetensors file");
+  for (auto* cmd : {import_cmd, upcycle_cmd, export_cmd, forward_cmd}) {
+    cmd->add_option("--from", convert.from, "Source directory")->required();
+    cmd->add_option("--out", convert.out, "Output directory (forward: output file)")->required();
+  }
+  for (auto* cmd : {import_cmd, upcycle_cmd}) {
+    cmd->add_option("--config", convert.config_path,
+                    cmd == upcycle_cmd ? "The MoE model's YAML config"
+                                       : "YAML for the non-model sections (train, data, ...)");
+    cmd->add_option("--set", convert.overrides, "Override a config key (repeatable)")
+        ->type_name("KEY=VALUE");
+  }
+  upcycle_cmd->add_option("--method", convert.upcycle.method, "copy | noise | drop | granular")
+      ->capture_default_str();
+  upcycle_cmd->add_option("--noise-std", convert.upcycle.noise_std,
+                          "noise: std relative to each matrix's std")->capture_default_str();
+  upcycle_cmd->add_option("--drop-ratio", convert.upcycle.drop_ratio,
+                          "drop: fraction of intermediate channels re-initialised per expert")
+      ->capture_default_str();
+  upcycle_cmd->add_option("--router-std", convert.upcycle.router_std, "Router init std")
+      ->capture_default_str();
+  upcycle_cmd->add_option("--seed", convert.upcycle.seed, "Seed of noise / drop / router init")
+      ->capture_default_str();
+  bool no_shared_from_dense = false;
+  upcycle_cmd->add_flag("--no-shared-from-dense", no_shared_from_dense,
+                        "Random shared expert instead of the dense FFN");
+  export_cmd->add_option("--format", convert.format, "hf-mixtral | hf-qwen2-moe | hf-llama")
+      ->required();
+  export_cmd->add_option("--dtype", convert.dtype, "float32 | bfloat16 | float16 (default float32)");
+  export_cmd->add_option("--shard-mb", convert.shard_mb, "Largest shard (MiB)")->capture_default_str();
+  export_cmd->add_flag("--drop-expert-bias", convert.drop_expert_bias,
+                       "Export even if a non-zero expert bias is lost (routing changes)");
+  forward_cmd->add_option("--tokens", convert.tokens, "safetensors file with I64 'tokens' [B, S]")
+      ->required();
+  forward_cmd->add_option("--dtype", convert.dtype, "float32 | float64 (default float32)");
 
   int code = 0;
   try {
@@ -132,7 +206,15 @@ int run_cli(int argc, char** argv) {
     if (rank == 0) std::cout << config_reference_markdown();
   } else if (train->parsed()) {
     if (resume->count() > 0) train_args.resume = resume_path;
+    if (init->count() > 0) train_args.init_from = init_from;
     code = train_command(train_args, rank, world_size);
+  } else {
+    convert.upcycle.shared_from_dense = !no_shared_from_dense;
+    code = run_convert_command(import_cmd->parsed()    ? import_command
+                               : upcycle_cmd->parsed() ? upcycle_command
+                               : export_cmd->parsed()  ? export_command
+                                                       : forward_command,
+                               convert, rank, world_size);
   }
   MPI_Finalize();
   return code;

@@ -13,9 +13,11 @@ RMSNormImpl::RMSNormImpl(int64_t size, double eps) : eps_(eps) {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  const auto x32 = x.to(at::kFloat);
-  const auto normed = x32 * at::rsqrt(x32.square().mean(-1, true) + eps_);
-  return (normed * weight.to(at::kFloat)).to(x.scalar_type());
+  // At least fp32 (bf16/f16 inputs are upcast); float64 stays float64 (reference runs).
+  const auto type = at::promote_types(x.scalar_type(), at::kFloat);
+  const auto xf = x.to(type);
+  const auto normed = xf * at::rsqrt(xf.square().mean(-1, true) + eps_);
+  return (normed * weight.to(type)).to(x.scalar_type());
 }
 
 at::Tensor apply_rope(const at::Tensor& x, double theta) {
@@ -121,7 +123,7 @@ LmOutput DecoderLMImpl::forward(const at::Tensor& tokens) {
   }
   h = norm->forward(h);
   out.logits = lm_head ? lm_head->forward(h) : at::matmul(h, embed->weight.t());
-  out.logits = out.logits.to(at::kFloat);
+  out.logits = out.logits.to(at::promote_types(out.logits.scalar_type(), at::kFloat));
   return out;
 }
 

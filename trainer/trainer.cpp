@@ -12,6 +12,8 @@
 
 #include "moe/expert_bias.hpp"
 #include "moe/load_balancing.hpp"
+#include "trainer/hf_checkpoint.hpp"
+#include "trainer/model_weights.hpp"
 #include "trainer/user_error.hpp"
 
 namespace fs = std::filesystem;
@@ -67,6 +69,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
       select_parameters(*model_, true), *groups_.edp, world, bucket_bytes);
   checkpoints_ = std::make_unique<CheckpointManager>(
       (fs::path(config_.train.out_dir) / "checkpoints").string(), groups_);
+  if (options_.init_from) initialize_from(*options_.init_from);
   if (options_.resume) {
     const auto dir = checkpoints_->resolve(*options_.resume);
     state_ = checkpoints_->load(dir, *model_, *optimizer_);
@@ -126,6 +129,19 @@ void Trainer::set_global_load_fractions(int64_t samples_consumed) {
     offset += load[i].numel();
     layers[i]->set_global_load_fraction(counts / counts.sum().clamp_min(1.0));
   }
+}
+
+void Trainer::initialize_from(const std::string& path) {
+  if (hf::is_hf_directory(path)) {
+    const auto imported = hf::import_directory(path, config_);
+    load_model_weights(*model_, imported.weights, path);
+  } else {
+    checkpoints_->load(checkpoints_->resolve(path), *model_, *optimizer_);
+    optimizer_ = std::make_unique<AdamW>(named_parameters(*model_), config_.train);  // fresh
+  }
+  if (is_root_ && options_.print)
+    std::cout << fmt::format("initialised weights from {} (step 0, fresh optimizer)", path)
+              << std::endl;
 }
 
 Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {

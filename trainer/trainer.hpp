@@ -23,6 +23,7 @@ namespace moeforge {
 
 struct RunOptions {
   std::optional<std::string> resume;  // set = resume; "" or "latest" = newest in out_dir
+  std::optional<std::string> init_from;  // weights only (checkpoint or HF dir), fresh optimizer
   bool write_outputs = true;          // metrics.jsonl, config.resolved.yaml, checkpoints
   bool print = true;                  // console lines (rank 0 only in any case)
   int64_t stop_at_step = 0;           // > 0: stop (and checkpoint) there; the LR schedule still
@@ -69,6 +70,8 @@ class Trainer {
     std::vector<double> dropped, real_slots, null_slots, entropy, micro_max_vio;
   };
   MicroBatchTotals forward_backward(int64_t samples_consumed);
+  // Weights from a checkpoint (or HF directory); optimizer and step start fresh.
+  void initialize_from(const std::string& path);
   // Global-batch aux scope: a no-grad routing pass over this step's micro-batches gives every
   // MoE layer the load fraction of the whole global batch before the real micro-batches run.
   void set_global_load_fractions(int64_t samples_consumed);

@@ -1,0 +1,26 @@
+#pragma once
+// A model's weights by checkpoint name, independent of ep_size: non-expert parameters and
+// buffers (router expert_bias) under their module names, routed experts under global names
+// (`layers.3.mlp.experts.17.w_gate`). Import, upcycling, export and `moeforge forward` speak it.
+#include <map>
+#include <string>
+
+#include "trainer/model.hpp"
+
+namespace moeforge {
+
+using WeightMap = std::map<std::string, at::Tensor>;
+
+// This rank's weights (its expert slice under global names), detached CPU tensors.
+WeightMap model_weights(DecoderLMImpl& model);
+
+// Copies `weights` into `model` (this rank's expert slice). Every model tensor must be present
+// with its exact shape and nothing else may be: UserError naming `source` and the tensor
+// otherwise (a missing name, an unexpected one, or both shapes).
+void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const std::string& source);
+
+// Builds the ep_size-1 model of `config` (single process) holding `weights`.
+DecoderLM model_from_weights(const Config& config, const WeightMap& weights,
+                             const std::string& source);
+
+}  // namespace moeforge
