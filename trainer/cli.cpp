@@ -149,10 +149,9 @@ int run_cli(int argc, char** argv) {
   ConvertArgs convert;
   auto* import_cmd = app.add_subcommand(
       "import", "Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE directory -> run dir");
-  auto* upcycle_cmd =
-      app.add_subcommand("upcycle", "Dense model (HF or moeforge) -> MoE run dir (sparse upcycling)");
-  auto* export_cmd =
-      app.add_subcommand("export", "moeforge checkpoint -> Hugging Face directory");
+  auto* upcycle_cmd = app.add_subcommand(
+      "upcycle", "Dense model (HF or moeforge) -> MoE run dir (sparse upcycling)");
+  auto* export_cmd = app.add_subcommand("export", "moeforge checkpoint -> Hugging Face directory");
   auto* forward_cmd =
       app.add_subcommand("forward", "Logits of a model for the token ids in a safetensors file");
   for (auto* cmd : {import_cmd, upcycle_cmd, export_cmd, forward_cmd}) {
@@ -168,10 +167,13 @@ int run_cli(int argc, char** argv) {
   }
   upcycle_cmd->add_option("--method", convert.upcycle.method, "copy | noise | drop | granular")
       ->capture_default_str();
-  upcycle_cmd->add_option("--noise-std", convert.upcycle.noise_std,
-                          "noise: std relative to each matrix's std")->capture_default_str();
-  upcycle_cmd->add_option("--drop-ratio", convert.upcycle.drop_ratio,
-                          "drop: fraction of intermediate channels re-initialised per expert")
+  upcycle_cmd
+      ->add_option("--noise-std", convert.upcycle.noise_std,
+                   "noise: std relative to each matrix's std")
+      ->capture_default_str();
+  upcycle_cmd
+      ->add_option("--drop-ratio", convert.upcycle.drop_ratio,
+                   "drop: fraction of intermediate channels re-initialised per expert")
       ->capture_default_str();
   upcycle_cmd->add_option("--router-std", convert.upcycle.router_std, "Router init std")
       ->capture_default_str();
@@ -182,8 +184,10 @@ int run_cli(int argc, char** argv) {
                         "Random shared expert instead of the dense FFN");
   export_cmd->add_option("--format", convert.format, "hf-mixtral | hf-qwen2-moe | hf-llama")
       ->required();
-  export_cmd->add_option("--dtype", convert.dtype, "float32 | bfloat16 | float16 (default float32)");
-  export_cmd->add_option("--shard-mb", convert.shard_mb, "Largest shard (MiB)")->capture_default_str();
+  export_cmd->add_option("--dtype", convert.dtype,
+                         "float32 | bfloat16 | float16 (default float32)");
+  export_cmd->add_option("--shard-mb", convert.shard_mb, "Largest shard (MiB)")
+      ->capture_default_str();
   export_cmd->add_flag("--drop-expert-bias", convert.drop_expert_bias,
                        "Export even if a non-zero expert bias is lost (routing changes)");
   forward_cmd->add_option("--tokens", convert.tokens, "safetensors file with I64 'tokens' [B, S]")

@@ -59,8 +59,8 @@ LoadedModel load_any(const std::string& path, const Config& base) {
   }
   if (!meta.contains("config") || !meta["config"].is_string())
     throw UserError(fmt::format("{}/checkpoint.json: no 'config' (resolved YAML)", dir));
-  auto config = load_config_from_string(meta["config"].get<std::string>(),
-                                        dir + "/checkpoint.json:config");
+  auto config =
+      load_config_from_string(meta["config"].get<std::string>(), dir + "/checkpoint.json:config");
   config.parallel.ep_size = 1;
   DecoderLM model(config, *single_process().ep);
   AdamW optimizer(parameter_list(*model), config.train);
@@ -140,10 +140,10 @@ int forward_command(const ConvertArgs& args) {
   const auto tokens = file.load("tokens");
   require(tokens.scalar_type() == at::kLong && tokens.dim() == 2,
           fmt::format("{}: 'tokens' must be I64 [batch, seq]", args.tokens));
-  require(tokens.min().item<int64_t>() >= 0 &&
-              tokens.max().item<int64_t>() < loaded.config.model.vocab_size,
-          fmt::format("{}: token ids must be in [0, {})", args.tokens,
-                      loaded.config.model.vocab_size));
+  require(
+      tokens.min().item<int64_t>() >= 0 &&
+          tokens.max().item<int64_t>() < loaded.config.model.vocab_size,
+      fmt::format("{}: token ids must be in [0, {})", args.tokens, loaded.config.model.vocab_size));
   require(tokens.size(1) <= loaded.config.model.max_seq_len,
           fmt::format("{}: {} tokens per sequence exceed model.max_seq_len {}", args.tokens,
                       tokens.size(1), loaded.config.model.max_seq_len));

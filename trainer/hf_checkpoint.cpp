@@ -64,7 +64,8 @@ class HfConfig {
     try {
       return value.get<T>();
     } catch (const json::exception&) {
-      throw UserError(fmt::format("{}: key '{}' has the wrong type ({})", path_, key, value.dump()));
+      throw UserError(
+          fmt::format("{}: key '{}' has the wrong type ({})", path_, key, value.dump()));
     }
   }
   std::string path_;
@@ -76,10 +77,11 @@ class HfConfig {
 std::vector<std::pair<std::string, std::string>> name_pairs(const Config& config,
                                                             const std::string& family) {
   const auto& m = config.model;
-  std::vector<std::pair<std::string, std::string>> pairs = {{"embed.weight",
-                                                             "model.embed_tokens.weight"}};
+  std::vector<std::pair<std::string, std::string>> pairs = {
+      {"embed.weight", "model.embed_tokens.weight"}};
   for (int64_t i = 0; i < m.num_layers; ++i) {
-    const std::string ours = fmt::format("layers.{}.", i), theirs = fmt::format("model.layers.{}.", i);
+    const std::string ours = fmt::format("layers.{}.", i),
+                      theirs = fmt::format("model.layers.{}.", i);
     pairs.push_back({ours + "attn_norm.weight", theirs + "input_layernorm.weight"});
     pairs.push_back({ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight"});
     for (const char* p : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
@@ -88,8 +90,8 @@ std::vector<std::pair<std::string, std::string>> name_pairs(const Config& config
         pairs.push_back({ours + "attn." + p + ".bias", theirs + "self_attn." + p + ".bias"});
     }
     if (!is_moe_block(config.moe, i)) {
-      for (const auto& [w, hf] : {std::pair{"w_gate", "gate_proj"}, {"w_up", "up_proj"},
-                                  {"w_down", "down_proj"}})
+      for (const auto& [w, hf] :
+           {std::pair{"w_gate", "gate_proj"}, {"w_up", "up_proj"}, {"w_down", "down_proj"}})
         pairs.push_back({ours + "mlp." + w, theirs + "mlp." + hf + ".weight"});
       continue;
     }
@@ -110,9 +112,10 @@ std::vector<std::pair<std::string, std::string>> name_pairs(const Config& config
       }
     }
     if (config.moe.num_shared_experts > 0) {
-      for (const auto& [w, hf] : {std::pair{"w_gate", "gate_proj"}, {"w_up", "up_proj"},
-                                  {"w_down", "down_proj"}})
-        pairs.push_back({ours + "mlp.shared_experts." + w, moe + "shared_expert." + hf + ".weight"});
+      for (const auto& [w, hf] :
+           {std::pair{"w_gate", "gate_proj"}, {"w_up", "up_proj"}, {"w_down", "down_proj"}})
+        pairs.push_back(
+            {ours + "mlp.shared_experts." + w, moe + "shared_expert." + hf + ".weight"});
     }
   }
   pairs.push_back({"norm.weight", "model.norm.weight"});
@@ -174,7 +177,9 @@ void check_supported(const HfConfig& c, const std::string& model_type) {
 
 }  // namespace
 
-bool is_hf_directory(const std::string& dir) { return fs::exists(fs::path(dir) / "config.json"); }
+bool is_hf_directory(const std::string& dir) {
+  return fs::exists(fs::path(dir) / "config.json");
+}
 
 ImportedModel import_directory(const std::string& dir, const Config& base) {
   const HfConfig c((fs::path(dir) / "config.json").string());
@@ -195,7 +200,8 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
   m.ffn_size = c.get<int64_t>("intermediate_size");
   m.max_seq_len = c.get<int64_t>("max_position_embeddings");
   // Full attention equals sliding-window attention up to the window: cap sequences there.
-  if (c.get<bool>("use_sliding_window", out.model_type == "mistral" || out.model_type == "mixtral") &&
+  if (c.get<bool>("use_sliding_window",
+                  out.model_type == "mistral" || out.model_type == "mixtral") &&
       c.has("sliding_window"))
     m.max_seq_len = std::min(m.max_seq_len, c.get<int64_t>("sliding_window"));
   m.rope_theta = rope_theta_of(c);
@@ -253,9 +259,10 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
   std::set<std::string> used;
   const auto load = [&](const std::string& hf_name) {
     if (!reader.contains(hf_name))
-      throw UserError(fmt::format("{}: tensor '{}' is missing (config.json describes a {} model "
-                                  "that needs it)",
-                                  dir, hf_name, out.model_type));
+      throw UserError(
+          fmt::format("{}: tensor '{}' is missing (config.json describes a {} model "
+                      "that needs it)",
+                      dir, hf_name, out.model_type));
     used.insert(hf_name);
     return reader.load(hf_name, at::kFloat);
   };
@@ -266,8 +273,8 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
     const auto o_bias = theirs + "self_attn.o_proj.bias";
     if (reader.contains(o_bias)) {
       if (load(o_bias).abs().max().item<double>() != 0.0)
-        throw UserError(fmt::format("{}: tensor '{}' is non-zero; moeforge's o_proj has no bias",
-                                    dir, o_bias));
+        throw UserError(
+            fmt::format("{}: tensor '{}' is non-zero; moeforge's o_proj has no bias", dir, o_bias));
     }
     if (!is_moe_block(moe, i)) continue;
     out.weights[fmt::format("layers.{}.mlp.router.expert_bias", i)] =
@@ -289,9 +296,10 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
     if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
       unused.push_back(name);
   if (!unused.empty())
-    throw UserError(fmt::format("{}: {} tensor(s) are not part of a {} model as config.json "
-                                "describes it, e.g. '{}'",
-                                dir, unused.size(), out.model_type, unused.front()));
+    throw UserError(
+        fmt::format("{}: {} tensor(s) are not part of a {} model as config.json "
+                    "describes it, e.g. '{}'",
+                    dir, unused.size(), out.model_type, unused.front()));
   return out;
 }
 
@@ -377,8 +385,8 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
     j["architectures"] = {"Qwen2MoeForCausalLM"};
     j["model_type"] = "qwen2_moe";
     j["moe_intermediate_size"] = moe.expert_ffn_size;
-    const int64_t shared_size = moe.shared_expert_ffn_size > 0 ? moe.shared_expert_ffn_size
-                                                               : moe.expert_ffn_size;
+    const int64_t shared_size =
+        moe.shared_expert_ffn_size > 0 ? moe.shared_expert_ffn_size : moe.expert_ffn_size;
     // No shared expert: a 1-wide one with zero down projection adds exactly 0.
     j["shared_expert_intermediate_size"] =
         moe.num_shared_experts > 0 ? moe.num_shared_experts * shared_size : 1;
@@ -405,18 +413,19 @@ void export_directory(const Config& config, const WeightMap& weights, const Expo
                       const std::string& out_dir) {
   const std::vector<std::string> formats = {"hf-llama", "hf-mixtral", "hf-qwen2-moe"};
   if (!contains(formats, options.format))
-    throw UserError(fmt::format("--format '{}': allowed {}", options.format,
-                                fmt::join(formats, " | ")));
+    throw UserError(
+        fmt::format("--format '{}': allowed {}", options.format, fmt::join(formats, " | ")));
   const std::map<std::string, at::ScalarType> dtypes = {
       {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
   if (!dtypes.count(options.dtype))
-    throw UserError(fmt::format("--dtype '{}': allowed float32 | bfloat16 | float16", options.dtype));
+    throw UserError(
+        fmt::format("--dtype '{}': allowed float32 | bfloat16 | float16", options.dtype));
   const auto problems = export_problems(config, weights, options);
   if (!problems.empty())
-    throw UserError(fmt::format("cannot export as {}: {}", options.format,
-                                fmt::join(problems, "; ")));
+    throw UserError(
+        fmt::format("cannot export as {}: {}", options.format, fmt::join(problems, "; ")));
 
-  const std::string family = options.format == "hf-mixtral"    ? "mixtral"
+  const std::string family = options.format == "hf-mixtral"     ? "mixtral"
                              : options.format == "hf-qwen2-moe" ? "qwen2_moe"
                                                                 : "llama";
   const auto dtype = dtypes.at(options.dtype);

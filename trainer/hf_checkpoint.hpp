@@ -29,10 +29,10 @@ bool is_hf_directory(const std::string& dir);
 ImportedModel import_directory(const std::string& dir, const Config& base);
 
 struct ExportOptions {
-  std::string format;                  // hf-llama | hf-mixtral | hf-qwen2-moe
+  std::string format;  // hf-llama | hf-mixtral | hf-qwen2-moe
   uint64_t max_shard_bytes = 5ULL << 30;
-  std::string dtype = "float32";       // float32 | bfloat16 | float16
-  bool drop_expert_bias = false;       // allow losing a non-zero aux-loss-free bias
+  std::string dtype = "float32";  // float32 | bfloat16 | float16
+  bool drop_expert_bias = false;  // allow losing a non-zero aux-loss-free bias
 };
 
 // Writes config.json and the safetensors shards (+ index when sharded) into `out_dir`.

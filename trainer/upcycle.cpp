@@ -15,13 +15,14 @@ namespace {
 void require_same(bool same, const std::string& key, const std::string& moe_value,
                   const std::string& dense_value) {
   if (!same)
-    throw UserError(fmt::format("upcycle: the MoE config has {} = {} but the dense model has {}; "
-                                "they must match (only the FFNs change)",
-                                key, moe_value, dense_value));
+    throw UserError(
+        fmt::format("upcycle: the MoE config has {} = {} but the dense model has {}; "
+                    "they must match (only the FFNs change)",
+                    key, moe_value, dense_value));
 }
 
 void check_shapes(const ModelConfig& moe, const ModelConfig& dense) {
-#define MOEFORGE_SAME(field) \
+#define MOEFORGE_SAME(field)                                                            \
   require_same(moe.field == dense.field, "model." #field, fmt::format("{}", moe.field), \
                fmt::format("{}", dense.field))
   MOEFORGE_SAME(vocab_size);
@@ -82,8 +83,8 @@ WeightMap upcycle(const Config& dense_config, const WeightMap& dense, const Conf
         "equal model.ffn_size ({}); use --method granular for smaller experts",
         options.method, Fe, F));
   }
-  const int64_t shared_size = moe.num_shared_experts *
-                              (moe.shared_expert_ffn_size > 0 ? moe.shared_expert_ffn_size : Fe);
+  const int64_t shared_size =
+      moe.num_shared_experts * (moe.shared_expert_ffn_size > 0 ? moe.shared_expert_ffn_size : Fe);
   const bool shared_from_dense = moe.num_shared_experts > 0 && options.shared_from_dense;
   if (shared_from_dense && shared_size != F)
     throw UserError(fmt::format(
@@ -104,10 +105,10 @@ WeightMap upcycle(const Config& dense_config, const WeightMap& dense, const Conf
     const bool ffn = name.find(".mlp.") != std::string::npos;
     if (!ffn) out[name] = tensor.clone();
   }
-  const double scale = granular ? std::cbrt(moe.router.normalize_gates
-                                                ? static_cast<double>(g)
-                                                : static_cast<double>(E * g) / moe.top_k)
-                                : 1.0;
+  const double scale =
+      granular ? std::cbrt(moe.router.normalize_gates ? static_cast<double>(g)
+                                                      : static_cast<double>(E * g) / moe.top_k)
+               : 1.0;
   for (int64_t i = 0; i < moe_config.model.num_layers; ++i) {
     const std::string prefix = fmt::format("layers.{}.mlp.", i);
     if (!is_moe_block(moe, i)) {
@@ -115,15 +116,16 @@ WeightMap upcycle(const Config& dense_config, const WeightMap& dense, const Conf
       continue;
     }
     if (is_moe_block(dense_config.moe, i) || !dense.count(prefix + "w_gate"))
-      throw UserError(fmt::format("upcycle: block {} of the source is not dense (no {}w_gate)", i,
-                                  prefix));
+      throw UserError(
+          fmt::format("upcycle: block {} of the source is not dense (no {}w_gate)", i, prefix));
     const DenseFfn ffn{take(prefix + "w_gate"), take(prefix + "w_up"), take(prefix + "w_down")};
     const double routed_down_scale = shared_from_dense ? 0.5 : 1.0;
     for (int64_t e = 0; e < E; ++e) {
       DenseFfn expert;
       if (granular) {
         const int64_t chunk = e % g;
-        expert = {ffn.gate.narrow(0, chunk * Fe, Fe) * scale, ffn.up.narrow(0, chunk * Fe, Fe) * scale,
+        expert = {ffn.gate.narrow(0, chunk * Fe, Fe) * scale,
+                  ffn.up.narrow(0, chunk * Fe, Fe) * scale,
                   ffn.down.narrow(1, chunk * Fe, Fe) * scale};
       } else {
         expert = {ffn.gate.clone(), ffn.up.clone(), ffn.down.clone()};
@@ -137,9 +139,11 @@ WeightMap upcycle(const Config& dense_config, const WeightMap& dense, const Conf
       } else if (options.method == "drop") {
         const auto count = static_cast<int64_t>(std::llround(options.drop_ratio * F));
         const auto channels = at::randperm(F, gen, at::kLong).narrow(0, 0, count);
-        expert.gate.index_copy_(0, channels, like_statistics(ffn.gate, {count, ffn.gate.size(1)}, gen));
+        expert.gate.index_copy_(0, channels,
+                                like_statistics(ffn.gate, {count, ffn.gate.size(1)}, gen));
         expert.up.index_copy_(0, channels, like_statistics(ffn.up, {count, ffn.up.size(1)}, gen));
-        expert.down.index_copy_(1, channels, like_statistics(ffn.down, {ffn.down.size(0), count}, gen));
+        expert.down.index_copy_(1, channels,
+                                like_statistics(ffn.down, {ffn.down.size(0), count}, gen));
       }
       const std::string name = fmt::format("{}experts.{}.", prefix, e);
       out[name + "w_gate"] = expert.gate;
@@ -150,11 +154,13 @@ WeightMap upcycle(const Config& dense_config, const WeightMap& dense, const Conf
     auto router_gen = generator_for(options.seed, i, -1, 2);
     const int64_t hidden = moe_config.model.hidden_size;
     const int64_t distinct = granular ? E / g : E;
-    const auto rows = at::empty({distinct, hidden}, at::kFloat).normal_(0.0, options.router_std, router_gen);
+    const auto rows =
+        at::empty({distinct, hidden}, at::kFloat).normal_(0.0, options.router_std, router_gen);
     auto router = granular ? rows.repeat_interleave(g, 0) : rows;
     if (pool > E)
-      router = at::cat({router, at::empty({pool - E, hidden}, at::kFloat)
-                                    .normal_(0.0, options.router_std, router_gen)});
+      router = at::cat(
+          {router,
+           at::empty({pool - E, hidden}, at::kFloat).normal_(0.0, options.router_std, router_gen)});
     out[prefix + "router.weight"] = router;
     out[prefix + "router.expert_bias"] = at::zeros({pool}, at::kFloat);
     if (moe.num_shared_experts > 0) {
@@ -165,7 +171,8 @@ WeightMap upcycle(const Config& dense_config, const WeightMap& dense, const Conf
       } else {
         auto shared_gen = generator_for(options.seed, i, -2, 3);
         const double std = moe_config.model.init_std;
-        const double out_std = std / std::sqrt(2.0 * static_cast<double>(moe_config.model.num_layers));
+        const double out_std =
+            std / std::sqrt(2.0 * static_cast<double>(moe_config.model.num_layers));
         out[prefix + "shared_experts.w_gate"] =
             at::empty({shared_size, hidden}, at::kFloat).normal_(0.0, std, shared_gen);
         out[prefix + "shared_experts.w_up"] =
