@@ -143,7 +143,10 @@ std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
   *data_start = 8 + header_bytes;
   const uint64_t data_bytes = file_size - *data_start;
   std::vector<TensorInfo> tensors;
-  for (const auto& [name, entry] : header.items()) {
+  for (const auto& item : header.items()) {
+    // Plain references, not a structured binding: lambdas below capture them (clang 14).
+    const std::string& name = item.key();
+    const auto& entry = item.value();
     if (name == "__metadata__") {
       if (!entry.is_object())
         throw UserError(fmt::format("{}: __metadata__ must be a map of strings", source));
