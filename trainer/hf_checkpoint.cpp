@@ -164,6 +164,7 @@ void check_supported(const HfConfig& c, const std::string& model_type) {
     fail(fmt::format("hidden_act '{}' is not supported; moeforge's FFNs are SwiGLU (silu)",
                      c.get<std::string>("hidden_act")));
   if (c.has("rope_scaling")) fail("rope_scaling is not supported (plain RoPE only)");
+  if (c.get<bool>("mlp_bias", false)) fail("mlp_bias is not supported (FFNs have no biases)");
   if (c.has("rope_parameters")) {
     const auto& rope = c.raw("rope_parameters");
     if (rope.is_object() && rope.value("rope_type", std::string("default")) != "default")

@@ -30,14 +30,17 @@ std::string file_with(const std::string& header, const std::string& data) {
 std::vector<std::string> seeds() {
   return {
       file_with(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", std::string(8, 'a')),
-      file_with(R"({"__metadata__":{"format":"pt"},"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},"b":{"dtype":"I64","shape":[1],"data_offsets":[8,16]}})",
-                std::string(16, 'b')),
-      file_with(R"({"e":{"dtype":"F16","shape":[0,3],"data_offsets":[0,0]},"s":{"dtype":"U8","shape":[],"data_offsets":[0,1]}})",
-                "x"),
+      file_with(
+          R"({"__metadata__":{"format":"pt"},"a":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]},"b":{"dtype":"I64","shape":[1],"data_offsets":[8,16]}})",
+          std::string(16, 'b')),
+      file_with(
+          R"({"e":{"dtype":"F16","shape":[0,3],"data_offsets":[0,0]},"s":{"dtype":"U8","shape":[],"data_offsets":[0,1]}})",
+          "x"),
       file_with(R"({"x":{"dtype":"F64","shape":[1,1,1],"data_offsets":[0,8]}}        )",
                 std::string(8, 'c')),
-      file_with(R"({"o":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"p":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-                std::string(8, 'd')),
+      file_with(
+          R"({"o":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"p":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+          std::string(8, 'd')),
   };
 }
 
@@ -73,7 +76,8 @@ std::string mutate(std::string s, std::mt19937_64& rng) {
         }
         break;
       default:  // splice in a JSON fragment
-        static const char* fragments[] = {"-1", "1e400", "[]", "{}", "\"", "null", "18446744073709551615", ",", "\"F8\""};
+        static const char* fragments[] = {
+            "-1", "1e400", "[]", "{}", "\"", "null", "18446744073709551615", ",", "\"F8\""};
         s.insert(pos, fragments[rng() % 9]);
     }
   }
