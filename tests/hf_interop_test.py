@@ -3,8 +3,8 @@
 
     python tests/hf_interop_test.py --moeforge build/moeforge --source-dir .
 
-1. Tiny random Llama (GQA, rope_theta, rms_norm_eps) and Qwen2 (qkv bias, tied embeddings)
-   made and saved by transformers; `moeforge import`; moeforge's float64 logits equal the
+1. Tiny random Llama (GQA, rope_theta, rms_norm_eps), Qwen2 (qkv bias, tied embeddings) and
+   Mistral (one kv head, sliding window) made and saved by transformers; `moeforge import`; moeforge's float64 logits equal the
    float64 transformers logits (<= 1e-6 relative: transformers' RoPE tables are float32 even in
    float64), float32 ones within 1e-4.
 2. `moeforge upcycle --method copy` of the Llama into 4 experts top-2: logits equal the dense
@@ -15,8 +15,9 @@
    loaded by Qwen2MoeForCausalLM: same logits. Dense model exported as hf-llama: same logits.
 5. Round trips moeforge -> HF -> moeforge are exact: re-importing each export and exporting
    again gives bit-identical tensors, and the re-imported model's logits are bit-identical.
-6. Continued pretraining from the upcycled checkpoint starts at the dense model's loss on the
-   same batch (not at a random-init loss).
+6. Continued pretraining from the upcycled checkpoint (of a dense moeforge model trained 60
+   steps) starts at the dense model's loss on the same batch, not at a random-init loss, on one
+   rank and on two ranks with ep_size 2.
 Tolerances are relative Frobenius-norm errors.
 """
 import argparse
@@ -32,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import transformers
-from transformers import (LlamaConfig, LlamaForCausalLM, MixtralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen2MoeForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeForCausalLM)
 
 FP32_TOL = 1e-4
 FP64_TOL = 1e-9
@@ -97,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--moeforge", required=True)
     parser.add_argument("--source-dir", required=True)
+    parser.add_argument("--mpiexec", default="mpiexec")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -133,7 +135,16 @@ def main():
     qwen64 = hf_logits(qwen, tokens, torch.float64)
 
     ours_dense64 = {}
-    for name, ref32, ref64 in (("llama", dense32, dense64), ("qwen2", qwen32, qwen64)):
+    mistral_cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                max_position_embeddings=256, sliding_window=32, rms_norm_eps=1e-5,
+                                initializer_range=0.08)
+    mistral = MistralForCausalLM(mistral_cfg)
+    mistral.save_pretrained(p("mistral"), safe_serialization=True)
+    mistral32, mistral64 = hf_logits(mistral, tokens), hf_logits(mistral, tokens, torch.float64)
+
+    for name, ref32, ref64 in (("llama", dense32, dense64), ("qwen2", qwen32, qwen64),
+                               ("mistral", mistral32, mistral64)):
         mf.run("import", "--from", p(name), "--out", p(f"{name}_run"))
         ours64 = ours_dense64[name] = mf.logits(p(f"{name}_run"), tokens_file, "float64")
         ours32 = mf.logits(p(f"{name}_run"), tokens_file)
@@ -208,10 +219,20 @@ train: {seq_len: 24}
     check(torch.equal(back, qmoe32), "re-imported Qwen2-MoE: bit-identical moeforge logits")
 
     # --- 6. continued pretraining starts at the dense loss ---------------------------------------
-    def first_loss(run_dir, config, init_from):
+    def first_loss(run_dir, config, init_from, ep_size=1):
         out = p(run_dir)
-        mf.run("train", "--config", config, "--init-from", init_from, "--set",
-               f"train.out_dir={out}", "--set", "data.builtin_bytes=300000")
+        command = ["train", "--config", config, "--init-from", init_from, "--set",
+                   f"train.out_dir={out}", "--set", "data.builtin_bytes=300000"]
+        if ep_size == 1:
+            mf.run(*command)
+        else:  # two ranks, experts split over both, each with half the batch
+            command += ["--set", f"parallel.ep_size={ep_size}", "--set", "train.micro_batch_size=1"]
+            result = subprocess.run([args.mpiexec, "--allow-run-as-root", "--oversubscribe",
+                                     "--bind-to", "none", "-n", str(ep_size), mf.binary, *command],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                print(result.stdout, result.stderr)
+                raise SystemExit("mpiexec moeforge train failed")
         with open(os.path.join(out, "metrics.jsonl")) as f:
             steps = [json.loads(line) for line in f if '"loss"' in line]
         return steps[0]["loss"]
@@ -234,6 +255,10 @@ train: {seq_len: 24, micro_batch_size: 2, steps: 60, warmup_steps: 5, eval_every
           f"continued pretraining: first MoE loss {moe_loss:.5f} = dense loss {dense_loss:.5f}")
     check(moe_loss < random_loss - 1.0,
           f"... far below a random init's ~{random_loss:.2f}")
+    moe_loss_ep2 = first_loss("moe_continued_ep2", p("moe_from_own", "config.yaml"),
+                              p("moe_from_own"), ep_size=2)
+    check(abs(moe_loss_ep2 - dense_loss) <= 1e-4 * dense_loss,
+          f"... and on 2 ranks with ep_size 2: {moe_loss_ep2:.5f}")
 
     # --- bad input is a clear error ------------------------------------------------------------
     broken = p("broken_hf")
