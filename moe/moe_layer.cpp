@@ -4,6 +4,7 @@
 
 #include "moe/capacity.hpp"
 #include "moe/load_balancing.hpp"
+#include "parallel/trace.hpp"
 
 namespace moeforge::moe {
 
@@ -46,8 +47,14 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   const int64_t num_experts = config_.num_experts;
   const auto& balancing = config_.balancing;
   MoeOutput out;
-  const auto mark = [this](const char* phase) {
+  auto last = parallel::trace::Clock::now();
+  const auto mark = [this, &last](const char* phase) {
     if (timer_) timer_->mark(phase);
+    if (parallel::trace::enabled()) {
+      const auto now = parallel::trace::Clock::now();
+      parallel::trace::record("compute", phase, last, now);
+      last = now;
+    }
   };
   if (timer_) timer_->start();
 
@@ -93,34 +100,46 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   stats_.dropped = stats_.slots - stats_.null_slots - stats_.rows;
   mark("balance+capacity");
 
-  // 4 permute: rows sorted by global expert id; counts agreed with the EP group.
-  const DispatchPlan plan = dispatcher_.plan(route.expert_ids, keep);
+  // 4 permute: rows sorted by global expert id, in `overlap_degree` chunks of consecutive
+  // tokens; counts agreed with the EP group in one exchange.
+  const int64_t chunks = std::clamp<int64_t>(overlap_degree_, 1, std::max<int64_t>(1, tokens));
+  const auto plans = dispatcher_.plan_chunks(route.expert_ids, keep, chunks);
   mark("plan+counts a2a");
-  const auto permuted = dispatcher_.permute(x, plan);  // [N, H]
+  std::vector<at::Tensor> permuted;
+  for (const auto& plan : plans) permuted.push_back(dispatcher_.permute(x, plan));  // [N_c, H]
   mark("permute");
 
-  // 5 dispatch: all-to-all-v to the ranks owning the experts.
-  const auto local_rows = dispatcher_.dispatch(permuted, plan);  // [R, H] by local expert
-  mark("dispatch a2a");
-
-  // + shared experts on every token (independent of routing).
+  // 5-7 pipelined: chunk c+1's dispatch and chunk c-1's combine are in flight while chunk c
+  // is in the experts; the shared experts run while the first dispatch is in flight. Backward
+  // runs the same pipeline in reverse (parallel/all_to_all.hpp).
+  std::vector<PendingRows> dispatched(chunks), combining(chunks);
+  dispatched[0] = dispatcher_.start_dispatch(permuted[0], plans[0]);
   at::Tensor shared;
-  if (shared_experts) shared = shared_experts->forward(x);  // [T, H]
-  if (shared_experts) mark("shared experts");
-
-  // 6 experts: grouped SwiGLU over contiguous per-expert blocks.
-  const auto expert_out =
-      capacity_config.pad && capacity > 0
-          ? padded_experts_forward(local_rows, plan.rows_per_local_expert, capacity)
-          : experts->forward(local_rows, plan.rows_per_local_expert);  // [R, H]
-  mark("experts");
-
-  // 7 combine: all-to-all-v back, then y[t] = Σ_j gate[t, j] · out[t, j] in slot order.
-  const auto combined = dispatcher_.combine(expert_out, plan);  // [N, H]
-  mark("combine a2a");
-  out.y = dispatcher_.unpermute(combined, route.gates, plan);  // [T, H]
-  if (shared.defined()) out.y = out.y + shared;
-  mark("unpermute");
+  if (shared_experts) {
+    shared = shared_experts->forward(x);  // [T, H], independent of routing
+    mark("shared experts");
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (c + 1 < chunks)
+      dispatched[c + 1] = dispatcher_.start_dispatch(permuted[c + 1], plans[c + 1]);
+    const auto local_rows = dispatcher_.finish(dispatched[c]);  // [R_c, H] by local expert
+    mark("dispatch a2a");
+    const auto expert_out =
+        capacity_config.pad && capacity > 0
+            ? padded_experts_forward(local_rows, plans[c].rows_per_local_expert, capacity)
+            : experts->forward(local_rows, plans[c].rows_per_local_expert);  // [R_c, H]
+    mark("experts");
+    combining[c] = dispatcher_.start_combine(expert_out, plans[c]);
+  }
+  // y[t] = Σ_j gate[t, j] · out[t, j], each token's rows added in (global expert, slot) order.
+  at::Tensor y;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const auto combined = dispatcher_.finish(combining[c]);  // [N_c, H]
+    mark("combine a2a");
+    y = dispatcher_.unpermute(combined, route.gates, plans[c], y);
+    mark("unpermute");
+  }
+  out.y = shared.defined() ? y + shared : y;
   return out;
 }
 

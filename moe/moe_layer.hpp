@@ -58,6 +58,9 @@ class MoeLayerImpl : public torch::nn::Module {
 
   int64_t pool_size() const { return router->pool_size(); }
 
+  // Pipeline chunks of dispatch / experts / combine (parallel.overlap_degree).
+  void set_overlap_degree(int64_t chunks) { overlap_degree_ = chunks; }
+
   Router router{nullptr};
   GroupedExperts experts{nullptr};
   FeedForward shared_experts{nullptr};  // null when num_shared_experts == 0
@@ -69,6 +72,7 @@ class MoeLayerImpl : public torch::nn::Module {
   TokenDispatcher dispatcher_;
   RoutingStats stats_;
   at::Tensor global_fraction_;
+  int64_t overlap_degree_ = 1;
   PhaseTimer* timer_ = nullptr;
 };
 TORCH_MODULE(MoeLayer);

@@ -60,12 +60,16 @@ RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor) {
   out.scores = config_.score == "sigmoid" ? at::sigmoid(out.logits) : at::softmax(out.logits, -1);
   const int64_t tokens = x.size(0);
   if (config_.routing == "expert_choice") {
-    at::NoGradGuard no_grad;
-    // Each expert takes its top-C tokens by (biased) selection score.
-    const int64_t capacity = expert_choice_capacity(capacity_factor, tokens, top_k_, pool_);
-    const auto picked = std::get<1>(selection_scores(out.scores).t().topk(capacity, -1));  // [E, C]
-    out.selected = at::zeros({pool_, tokens}, at::kBool).scatter_(1, picked, true).t().contiguous();
-    out.expert_ids = at::arange(pool_, at::kLong).expand({tokens, pool_}).contiguous();
+    {
+      at::NoGradGuard no_grad;
+      // Each expert takes its top-C tokens by (biased) selection score.
+      const int64_t capacity = expert_choice_capacity(capacity_factor, tokens, top_k_, pool_);
+      const auto picked =
+          std::get<1>(selection_scores(out.scores).t().topk(capacity, -1));  // [E, C]
+      out.selected =
+          at::zeros({pool_, tokens}, at::kBool).scatter_(1, picked, true).t().contiguous();
+      out.expert_ids = at::arange(pool_, at::kLong).expand({tokens, pool_}).contiguous();
+    }
     out.gates = out.scores * config_.scaling_factor;  // unbiased scores, no renormalisation
     return out;
   }

@@ -17,6 +17,7 @@
 
 #include <vector>
 
+#include "parallel/all_to_all.hpp"
 #include "parallel/communicator.hpp"
 
 namespace moeforge::moe {
@@ -33,6 +34,12 @@ struct DispatchPlan {
   std::vector<int64_t> rows_per_local_expert;   // [E/ep]
 };
 
+// Rows on their way: either already here (no exchange needed, ep = 1) or in flight.
+struct PendingRows {
+  at::Tensor ready;
+  parallel::PendingExchange exchange;
+};
+
 class TokenDispatcher {
  public:
   // `ep` is the expert-parallel group (size 1 = all experts local). Not owned.
@@ -40,11 +47,20 @@ class TokenDispatcher {
 
   // expert_ids [T, k] int64; keep [T, k] bool or undefined (= keep all).
   DispatchPlan plan(const at::Tensor& expert_ids, const at::Tensor& keep) const;
+  // One plan per chunk of consecutive tokens (chunk c: tokens [c·T/n, (c+1)·T/n)), agreed with
+  // the EP group in a single counts exchange. Each plan indexes the full x / gates.
+  std::vector<DispatchPlan> plan_chunks(const at::Tensor& expert_ids, const at::Tensor& keep,
+                                        int64_t chunks) const;
   at::Tensor permute(const at::Tensor& x, const DispatchPlan& plan) const;
   at::Tensor dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
   at::Tensor combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
+  // `into` (optional, [T, H]): add to it instead of to zeros (chunked pipelines).
   at::Tensor unpermute(const at::Tensor& combined, const at::Tensor& gates,
-                       const DispatchPlan& plan) const;
+                       const DispatchPlan& plan, const at::Tensor& into = {}) const;
+  // Asynchronous dispatch / combine (parallel::start_all_to_all_blocks); finish() waits.
+  PendingRows start_dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
+  PendingRows start_combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
+  at::Tensor finish(const PendingRows& pending) const;
 
   int64_t num_local_experts() const { return num_local_experts_; }
   int64_t first_local_expert() const { return first_local_expert_; }

@@ -19,6 +19,18 @@ std::vector<RowBlock> unflatten(const std::vector<int64_t>& flat) {
   return blocks;
 }
 
+// Input rows sent nowhere get no gradient through the exchange: zero them when the send blocks
+// do not cover the input.
+at::Tensor zero_uncovered_rows(at::Tensor grad_input, const std::vector<RowBlock>& send) {
+  int64_t covered = 0;
+  for (const auto& block : send) covered += block.rows;
+  if (covered == grad_input.size(0)) return grad_input;
+  auto full = at::zeros_like(grad_input);
+  for (const auto& block : send)
+    full.narrow(0, block.offset, block.rows).copy_(grad_input.narrow(0, block.offset, block.rows));
+  return full;
+}
+
 class AllToAllBlocks : public torch::autograd::Function<AllToAllBlocks> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
@@ -38,23 +50,71 @@ class AllToAllBlocks : public torch::autograd::Function<AllToAllBlocks> {
     const auto send = unflatten(ctx->saved_data["send"].toIntVector());
     const auto recv = unflatten(ctx->saved_data["recv"].toIntVector());
     const int64_t input_rows = ctx->saved_data["input_rows"].toInt();
-    // Input rows sent nowhere get no gradient through the exchange: start from zeros only when
-    // the send blocks do not cover the input.
-    int64_t covered = 0;
-    for (const auto& block : send) covered += block.rows;
     auto grad_input = comm->all_to_all_blocks(grad_outputs[0], recv, send, input_rows);
-    if (covered != input_rows) {
-      auto full = at::zeros_like(grad_input);
-      for (const auto& block : send)
-        full.narrow(0, block.offset, block.rows)
-            .copy_(grad_input.narrow(0, block.offset, block.rows));
-      grad_input = full;
-    }
-    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {zero_uncovered_rows(grad_input, send), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
 }  // namespace
+
+namespace {
+
+c10::intrusive_ptr<ExchangeState> state_of(torch::autograd::AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<ExchangeState>(ctx->saved_data["state"].toCapsule());
+}
+
+class StartExchange : public torch::autograd::Function<StartExchange> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            c10::intrusive_ptr<ExchangeState> state) {
+    state->forward_work = state->comm->all_to_all_blocks_async(input.contiguous(), state->send,
+                                                               state->recv, state->output_rows);
+    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    return at::zeros({0}, input.options());
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list) {
+    const auto state = state_of(ctx);
+    return {zero_uncovered_rows(state->backward_work.wait(), state->send), at::Tensor()};
+  }
+};
+
+class FinishExchange : public torch::autograd::Function<FinishExchange> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& token,
+                            c10::intrusive_ptr<ExchangeState> state) {
+    (void)token;  // only links this step to StartExchange in the graph
+    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    return state->forward_work.wait();
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grad_outputs) {
+    const auto state = state_of(ctx);
+    // Reverse exchange of the gradient, posted now and awaited by StartExchange::backward.
+    state->backward_work = state->comm->all_to_all_blocks_async(
+        grad_outputs[0].contiguous(), state->recv, state->send, state->input_rows);
+    return {at::zeros({0}, grad_outputs[0].options()), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+PendingExchange start_all_to_all_blocks(const at::Tensor& input, Communicator& comm,
+                                        const std::vector<RowBlock>& send,
+                                        const std::vector<RowBlock>& recv, int64_t output_rows) {
+  auto state = c10::make_intrusive<ExchangeState>();
+  state->comm = &comm;
+  state->send = send;
+  state->recv = recv;
+  state->input_rows = input.size(0);
+  state->output_rows = output_rows;
+  return {StartExchange::apply(input, state), state};
+}
+
+at::Tensor finish_all_to_all_blocks(const PendingExchange& pending) {
+  return FinishExchange::apply(pending.token, pending.state);
+}
 
 at::Tensor all_to_all_blocks_autograd(const at::Tensor& input, Communicator& comm,
                                       const std::vector<RowBlock>& send,

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "parallel/work.hpp"
+
 namespace moeforge::parallel {
 
 enum class ReduceOp { kSum, kMax, kMin };
@@ -60,6 +62,19 @@ class Communicator {
   virtual at::Tensor all_gather(const at::Tensor& tensor) = 0;
 
   virtual void barrier() = 0;
+
+  // Asynchronous forms, for overlapping communication with compute. A QueuedCommunicator runs
+  // them on the communication worker and returns at once; by default they run now and return
+  // finished work. The result (all_to_all_blocks: the output rows; all_reduce: `tensor`
+  // reduced in place) is available from Work::wait(). Inputs must stay unchanged until then.
+  virtual Work all_to_all_blocks_async(const at::Tensor& input, const std::vector<RowBlock>& send,
+                                       const std::vector<RowBlock>& recv, int64_t output_rows) {
+    return Work::completed(all_to_all_blocks(input, send, recv, output_rows));
+  }
+  virtual Work all_reduce_async(at::Tensor tensor, ReduceOp op = ReduceOp::kSum) {
+    all_reduce(tensor, op);
+    return Work::completed(tensor);
+  }
 };
 
 // The group of one process: every collective is a copy. Needs no MPI (tools, benchmarks, tests).

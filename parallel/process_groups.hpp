@@ -30,4 +30,12 @@ ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size);
 // One-rank groups (world = ep = edp = this process, no MPI needed) for tests and tools.
 ProcessGroups make_single_process_groups();
 
+struct LinkModel;
+
+// The same groups with every collective slowed to `link` (when its bandwidth is > 0) and run on
+// the communication worker (when `worker`; parallel/comm_worker.hpp). Single-process groups are
+// returned unchanged: they have nothing to overlap.
+ProcessGroups with_communication_options(const ProcessGroups& groups, bool worker,
+                                         const LinkModel& link);
+
 }  // namespace moeforge::parallel

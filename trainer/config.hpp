@@ -78,9 +78,18 @@ struct MoeConfig {
   CapacityConfig capacity;
 };
 
+struct SimulatedLinkConfig {
+  double bandwidth_gbps = 0.0;  // GB/s per rank; 0 = off
+  double latency_us = 0.0;
+};
+
 struct ParallelConfig {
   int64_t ep_size = 1;
-  double bucket_mb = 25.0;  // gradient all-reduce bucket size
+  double bucket_mb = 25.0;        // gradient all-reduce bucket size
+  bool comm_worker = true;        // run collectives on the communication worker thread
+  int64_t overlap_degree = 1;     // MoE dispatch/experts/combine pipeline chunks
+  bool overlap_grad_sync = true;  // all-reduce gradient buckets during backward
+  SimulatedLinkConfig simulated_link;
 };
 
 struct TrainConfig {
@@ -118,6 +127,8 @@ struct CheckpointConfig {
 
 struct LoggingConfig {
   int64_t every = 1;
+  bool trace = false;       // Chrome trace-event JSON of compute and communication per rank
+  int64_t trace_steps = 3;  // steps traced (after the first, warm-up step)
 };
 
 struct Config {

@@ -157,6 +157,20 @@ const std::vector<KeySpec>& config_schema() {
       int_key(KEY(parallel.ep_size), 1, 4096,
               "Expert-parallel group size; divides the world size and num_experts"),
       float_key(KEY(parallel.bucket_mb), 0.001, 4096.0, "Gradient all-reduce bucket size (MiB)"),
+      bool_key(KEY(parallel.comm_worker),
+               "Run collectives on a communication worker thread, so compute overlaps them; "
+               "false = every collective blocks the compute thread (no overlap)"),
+      int_key(KEY(parallel.overlap_degree), 1, 64,
+              "MoE layer pipeline: split the routed rows into n chunks so chunk i+1's dispatch "
+              "and chunk i−1's combine run while chunk i is in the experts (forward and "
+              "backward); 1 = one chunk (shared experts still overlap the dispatch)"),
+      bool_key(KEY(parallel.overlap_grad_sync),
+               "All-reduce each gradient bucket as soon as backward has produced it"),
+      float_key(KEY(parallel.simulated_link.bandwidth_gbps), 0.0, 1e6,
+                "Simulated network: every collective takes at least its traffic / this many "
+                "GB/s (10⁹ bytes/s) plus latency; 0 = off"),
+      float_key(KEY(parallel.simulated_link.latency_us), 0.0, 1e7,
+                "Simulated network: latency per message step (µs)"),
       // train
       int_key(KEY(train.steps), 1, 1LL << 40, "Optimizer steps"),
       int_key(KEY(train.seed), 0, std::numeric_limits<int64_t>::max(),
@@ -194,6 +208,10 @@ const std::vector<KeySpec>& config_schema() {
               "Checkpoint every N steps (and at the end); 0 = only at the end"),
       int_key(KEY(checkpoint.keep), 0, 1 << 20, "Newest checkpoints kept; 0 = all"),
       // logging
+      bool_key(KEY(logging.trace),
+               "Write a Chrome trace-event timeline of compute and communication per rank to "
+               "<out_dir>/trace/rank-N.json (open in Perfetto or chrome://tracing)"),
+      int_key(KEY(logging.trace_steps), 1, 1000, "Steps traced, after the first (warm-up) step"),
       int_key(KEY(logging.every), 1, 1LL << 40, "Print and record metrics every N steps"),
   };
   return schema;

@@ -12,6 +12,8 @@
 
 #include "moe/expert_bias.hpp"
 #include "moe/load_balancing.hpp"
+#include "parallel/simulated_link.hpp"
+#include "parallel/trace.hpp"
 #include "trainer/hf_checkpoint.hpp"
 #include "trainer/model_weights.hpp"
 #include "trainer/user_error.hpp"
@@ -54,19 +56,37 @@ void maybe_inject_failure(int rank, int64_t step) {
 
 Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, TokenDataset data,
                  RunOptions options)
-    : config_(config), groups_(groups), data_(std::move(data)), options_(std::move(options)) {
+    : config_(config),
+      groups_(parallel::with_communication_options(
+          groups, config.parallel.comm_worker,
+          parallel::LinkModel{config.parallel.simulated_link.bandwidth_gbps,
+                              config.parallel.simulated_link.latency_us})),
+      data_(std::move(data)),
+      options_(std::move(options)) {
   is_root_ = groups_.world->rank() == 0;
+  const auto& link = config_.parallel.simulated_link;
+  if (link.bandwidth_gbps > 0 && is_root_ && options_.print)
+    std::cout << fmt::format(
+                     "*** SIMULATED LINK ON: every collective takes at least {} us latency + "
+                     "bytes / {} GB/s (parallel.simulated_link) — timings model a slower "
+                     "network, not this machine ***",
+                     link.latency_us, link.bandwidth_gbps)
+              << std::endl;
   at::manual_seed(static_cast<uint64_t>(config_.train.seed));
   model_ = DecoderLM(config_, *groups_.ep);
+  for (auto& layer : model_->moe_layers())
+    layer->set_overlap_degree(config_.parallel.overlap_degree);
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->train();
   optimizer_ = std::make_unique<AdamW>(named_parameters(*model_), config_.train);
   const auto bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * 1024 * 1024);
   const int world = groups_.world->size();
+  // Overlapping the gradient all-reduce with backward needs the communication worker.
+  const bool overlap_sync = config_.parallel.overlap_grad_sync && config_.parallel.comm_worker;
   dense_sync_ = std::make_unique<parallel::GradientSynchronizer>(
-      select_parameters(*model_, false), *groups_.world, world, bucket_bytes);
+      select_parameters(*model_, false), *groups_.world, world, bucket_bytes, overlap_sync);
   expert_sync_ = std::make_unique<parallel::GradientSynchronizer>(
-      select_parameters(*model_, true), *groups_.edp, world, bucket_bytes);
+      select_parameters(*model_, true), *groups_.edp, world, bucket_bytes, overlap_sync);
   checkpoints_ = std::make_unique<CheckpointManager>(
       (fs::path(config_.train.out_dir) / "checkpoints").string(), groups_);
   if (options_.init_from) initialize_from(*options_.init_from);
@@ -165,16 +185,25 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     const int64_t first = first_sample(samples_consumed, micro);
     seed_router_noise(first);
     const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed);  // [B, S+1]
+    const auto forward_start = parallel::trace::Clock::now();
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
     const auto lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
     const double lm_value = lm_loss.item<double>();
+    parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
     if (!std::isfinite(lm_value))
       throw std::runtime_error(fmt::format(
           "non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data", lm_value,
           rank, state_.step + 1));
     const auto total =
         lm_loss + balancing.aux_loss.coeff * out.aux_loss + balancing.z_loss.coeff * out.z_loss;
-    (total / static_cast<double>(t.grad_accum)).backward();
+    if (micro == t.grad_accum - 1) {  // gradients are final in this backward: sync as they come
+      dense_sync_->prepare_for_backward();
+      expert_sync_->prepare_for_backward();
+    }
+    {
+      const parallel::trace::Span span("compute", "backward");
+      (total / static_cast<double>(t.grad_accum)).backward();
+    }
     totals.loss += lm_value / t.grad_accum;
     totals.aux += out.aux_loss.item<double>() / t.grad_accum;
     totals.z += out.z_loss.item<double>() / t.grad_accum;
@@ -191,6 +220,7 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   }
   if (global_aux)
     for (auto& layer : layers) layer->set_global_load_fraction({});
+  const parallel::trace::Span span("compute", "gradient sync (wait)");
   dense_sync_->synchronize();
   expert_sync_->synchronize();
   return totals;
@@ -254,7 +284,10 @@ StepMetrics Trainer::train_step() {
   const int64_t num_experts = config_.moe.num_experts;
   const auto totals = forward_backward(state_.samples_consumed);
   const double grad_norm = clip_gradients();
-  optimizer_->step(lr);
+  {
+    const parallel::trace::Span span("compute", "clip + optimizer");
+    optimizer_->step(lr);
+  }
 
   // One all-reduce for every reported number: [loss, aux, z, per layer: kPerLayer values].
   constexpr size_t kPerLayer = 5;
@@ -357,8 +390,26 @@ RunSummary Trainer::run() {
   }
   const int64_t end_step =
       options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
+  const auto& logging = config_.logging;
+  const int64_t trace_first = state_.step + 2;  // skip the warm-up step
+  const int64_t trace_last = trace_first + logging.trace_steps - 1;
   while (state_.step < end_step) {
+    const int64_t this_step = state_.step + 1;
+    parallel::trace::enable(logging.trace && this_step >= trace_first && this_step <= trace_last);
     auto m = train_step();
+    if (logging.trace &&
+        (this_step == trace_last ||
+         (state_.step == end_step && this_step >= trace_first && this_step < trace_last))) {
+      parallel::trace::enable(false);
+      const auto dir = fs::path(t.out_dir) / "trace";
+      fs::create_directories(dir);
+      const auto path = dir / fmt::format("rank-{}.json", groups_.world->rank());
+      parallel::trace::write(path.string(), groups_.world->rank());
+      if (print)
+        std::cout << fmt::format("trace of steps {}-{} written to {}/rank-*.json", trace_first,
+                                 this_step, dir.string())
+                  << std::endl;
+    }
     summary.steps.push_back(m);
     const bool last = state_.step == end_step;
     if (is_root_ && (state_.step % config_.logging.every == 0 || last)) log.log(m);

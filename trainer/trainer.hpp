@@ -60,6 +60,10 @@ class Trainer {
   double evaluate();
 
   DecoderLMImpl& model() { return *model_; }
+  // Gradient buckets all-reduced while the last backward was still running (overlap proof).
+  int64_t buckets_launched_during_backward() const {
+    return dense_sync_->launched_during_backward() + expert_sync_->launched_during_backward();
+  }
   const TrainingState& state() const { return state_; }
 
  private:
@@ -84,7 +88,7 @@ class Trainer {
   double clip_gradients();
 
   Config config_;
-  const parallel::ProcessGroups& groups_;
+  parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;
   DecoderLM model_{nullptr};

@@ -1,0 +1,75 @@
+#include "parallel/trace.hpp"
+
+#include <atomic>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <vector>
+
+namespace moeforge::parallel::trace {
+namespace {
+
+struct Event {
+  const char* lane;
+  std::string name;
+  Clock::time_point start, end;
+};
+
+std::atomic<bool> on{false};
+std::mutex mutex;
+std::vector<Event> events;
+const Clock::time_point origin = Clock::now();
+
+double micros(Clock::time_point t) {
+  return std::chrono::duration<double, std::micro>(t - origin).count();
+}
+
+}  // namespace
+
+void enable(bool value) {
+  on = value;
+}
+bool enabled() {
+  return on;
+}
+
+void record(const char* lane, const std::string& name, Clock::time_point start,
+            Clock::time_point end) {
+  if (!on) return;
+  std::lock_guard<std::mutex> lock(mutex);
+  events.push_back({lane, name, start, end});
+}
+
+void write(const std::string& path, int rank) {
+  std::vector<Event> taken;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    taken.swap(events);
+  }
+  auto list = nlohmann::json::array();
+  const auto lane_id = [](const char* lane) { return std::string(lane) == "comm" ? 2 : 1; };
+  for (const char* lane : {"compute", "comm"})
+    list.push_back({{"ph", "M"},
+                    {"name", "thread_name"},
+                    {"pid", rank},
+                    {"tid", lane_id(lane)},
+                    {"args", {{"name", lane}}}});
+  list.push_back({{"ph", "M"},
+                  {"name", "process_name"},
+                  {"pid", rank},
+                  {"args", {{"name", "rank " + std::to_string(rank)}}}});
+  for (const auto& e : taken)
+    list.push_back({{"ph", "X"},
+                    {"name", e.name},
+                    {"cat", e.lane},
+                    {"pid", rank},
+                    {"tid", lane_id(e.lane)},
+                    {"ts", micros(e.start)},
+                    {"dur", micros(e.end) - micros(e.start)}});
+  std::ofstream out(path);
+  out << nlohmann::json{{"traceEvents", list}, {"displayTimeUnit", "ms"}}.dump() << '\n';
+  if (!out) throw std::runtime_error("cannot write trace file " + path);
+}
+
+}  // namespace moeforge::parallel::trace

@@ -1,0 +1,38 @@
+#pragma once
+// Work: the handle of a collective submitted to the communication worker (or already done).
+// wait() blocks until it finished and returns its result tensor (undefined for in-place ops),
+// rethrowing the worker's exception if it failed. Copies share the same state.
+#include <ATen/core/Tensor.h>
+
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+namespace moeforge::parallel {
+
+class Work {
+ public:
+  Work();
+  static Work completed(at::Tensor result = {});
+
+  // Blocks until done; returns the result or rethrows the operation's exception.
+  at::Tensor wait() const;
+  bool done() const;
+
+  // Called by whoever executes the operation (the worker): runs it and publishes the outcome.
+  void run(const std::function<at::Tensor()>& operation) const;
+
+ private:
+  struct State {
+    std::mutex mutex;
+    std::condition_variable finished;
+    bool done = false;
+    at::Tensor result;
+    std::exception_ptr error;
+  };
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace moeforge::parallel
