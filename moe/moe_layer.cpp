@@ -114,9 +114,13 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   // runs the same pipeline in reverse (parallel/all_to_all.hpp).
   std::vector<PendingRows> dispatched(chunks), combining(chunks);
   dispatched[0] = dispatcher_.start_dispatch(permuted[0], plans[0]);
-  at::Tensor shared;
+  // Shared experts run on every token, independent of routing: the first half of the tokens
+  // while the first dispatch is in flight, the second half while the last combine is (and in
+  // backward, mirrored, while the first and last gradient exchanges are).
+  const int64_t shared_split = tokens / 2;
+  std::vector<at::Tensor> shared_parts;
   if (shared_experts) {
-    shared = shared_experts->forward(x);  // [T, H], independent of routing
+    shared_parts.push_back(shared_experts->forward(x.narrow(0, 0, shared_split)));
     mark("shared experts");
   }
   for (int64_t c = 0; c < chunks; ++c) {
@@ -130,6 +134,12 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
             : experts->forward(local_rows, plans[c].rows_per_local_expert);  // [R_c, H]
     mark("experts");
     combining[c] = dispatcher_.start_combine(expert_out, plans[c]);
+  }
+  at::Tensor shared;
+  if (shared_experts) {
+    shared_parts.push_back(shared_experts->forward(x.narrow(0, shared_split, tokens - shared_split)));
+    shared = at::cat(shared_parts, 0);  // [T, H]
+    mark("shared experts");
   }
   // y[t] = Σ_j gate[t, j] · out[t, j], each token's rows added in (global expert, slot) order.
   at::Tensor y;

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -74,6 +76,32 @@ std::vector<int> to_int_counts(const std::vector<int64_t>& rows, const char* wha
   return counts;
 }
 
+// Waits for `requests` without occupying a core: a few busy tests (short exchanges finish
+// there), then sleeps with backoff. A blocking MPI wait busy-polls in OpenMPI, which on a
+// shared or oversubscribed node steals the core the compute thread (or a peer rank) needs.
+void polite_wait(std::vector<MPI_Request>& requests, const char* what) {
+  if (requests.empty()) return;
+  auto sleep = std::chrono::microseconds(10);
+  for (int attempt = 0;; ++attempt) {
+    int done = 0;
+    check_mpi(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
+                          MPI_STATUSES_IGNORE),
+              what);
+    if (done) return;
+    if (attempt < 64) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, std::chrono::microseconds(200));
+    }
+  }
+}
+
+void polite_wait(MPI_Request request, const char* what) {
+  std::vector<MPI_Request> requests = {request};
+  polite_wait(requests, what);
+}
+
 std::vector<int> displacements(const std::vector<int>& counts) {
   std::vector<int> displs(counts.size(), 0);
   for (size_t i = 1; i < counts.size(); ++i) displs[i] = displs[i - 1] + counts[i - 1];
@@ -98,9 +126,11 @@ void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
   TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(),
               "MPI all_reduce needs a contiguous CPU tensor");
   if (size_ == 1 || tensor.numel() == 0) return;
-  check_mpi(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
-                          reduction_type(tensor.scalar_type()), mpi_op(op), comm_),
-            "MPI_Allreduce");
+  MPI_Request request;
+  check_mpi(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
+                           reduction_type(tensor.scalar_type()), mpi_op(op), comm_, &request),
+            "MPI_Iallreduce");
+  polite_wait(request, "MPI_Iallreduce");
 }
 
 at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
@@ -132,10 +162,12 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
   const auto recv_counts = to_int_counts(recv_rows, "all_to_all_v");
   const auto send_displs = displacements(send_counts);
   const auto recv_displs = displacements(recv_counts);
-  check_mpi(
-      MPI_Alltoallv(source.data_ptr(), send_counts.data(), send_displs.data(), row.get(),
-                    output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(), comm_),
-      "MPI_Alltoallv");
+  MPI_Request request;
+  check_mpi(MPI_Ialltoallv(source.data_ptr(), send_counts.data(), send_displs.data(), row.get(),
+                           output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(),
+                           comm_, &request),
+            "MPI_Ialltoallv");
+  polite_wait(request, "MPI_Ialltoallv");
   return output;
 }
 
@@ -171,8 +203,7 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
   };
   post(recv, output.data_ptr(), /*sending=*/false);  // receives first: no unexpected messages
   post(send, source.data_ptr(), /*sending=*/true);
-  check_mpi(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE),
-            "MPI_Waitall");
+  polite_wait(requests, "MPI_Testall");
   return output;
 }
 
@@ -182,7 +213,9 @@ void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
   if (size_ == 1 || tensor.numel() == 0) return;
   const int64_t bytes = tensor.numel() * tensor.element_size();
   RowType row(bytes);
-  check_mpi(MPI_Bcast(tensor.data_ptr(), 1, row.get(), root, comm_), "MPI_Bcast");
+  MPI_Request request;
+  check_mpi(MPI_Ibcast(tensor.data_ptr(), 1, row.get(), root, comm_, &request), "MPI_Ibcast");
+  polite_wait(request, "MPI_Ibcast");
 }
 
 at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
@@ -197,13 +230,18 @@ at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
     return output;
   }
   RowType row(bytes);
-  check_mpi(MPI_Allgather(source.data_ptr(), 1, row.get(), output.data_ptr(), 1, row.get(), comm_),
-            "MPI_Allgather");
+  MPI_Request request;
+  check_mpi(MPI_Iallgather(source.data_ptr(), 1, row.get(), output.data_ptr(), 1, row.get(), comm_,
+                           &request),
+            "MPI_Iallgather");
+  polite_wait(request, "MPI_Iallgather");
   return output;
 }
 
 void MpiCommunicator::barrier() {
-  check_mpi(MPI_Barrier(comm_), "MPI_Barrier");
+  MPI_Request request;
+  check_mpi(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
+  polite_wait(request, "MPI_Ibarrier");
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key) const {
