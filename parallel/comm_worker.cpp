@@ -6,10 +6,11 @@ namespace moeforge::parallel {
 
 Work::Work() : state_(std::make_shared<State>()) {}
 
-Work Work::completed(at::Tensor result) {
+Work Work::completed(at::Tensor result, std::function<void()> on_wait) {
   Work work;
   work.state_->done = true;
   work.state_->result = std::move(result);
+  work.state_->on_wait = std::move(on_wait);
   return work;
 }
 
@@ -17,6 +18,7 @@ at::Tensor Work::wait() const {
   std::unique_lock<std::mutex> lock(state_->mutex);
   state_->finished.wait(lock, [&] { return state_->done; });  // sleeps, no spinning
   if (state_->error) std::rethrow_exception(state_->error);
+  if (state_->on_wait) state_->on_wait();
   return state_->result;
 }
 

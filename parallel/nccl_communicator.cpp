@@ -2,10 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <functional>
+#include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -60,6 +65,7 @@ cudaStream_t current_stream(int device) {
 
 struct NcclCommunicator::Handle {
   ncclComm_t comm = nullptr;
+  std::optional<c10::cuda::CUDAStream> comm_stream;  // created on first async call
 };
 
 bool nccl_available() {
@@ -178,6 +184,53 @@ void NcclCommunicator::barrier() {
   auto token = at::ones({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device_));
   all_reduce(token, ReduceOp::kSum);
   at::cuda::getCurrentCUDAStream(device_).synchronize();
+}
+
+Work NcclCommunicator::on_comm_stream(const std::vector<at::Tensor>& inputs,
+                                      const std::function<at::Tensor()>& enqueue) {
+  c10::cuda::CUDAGuard guard(device_);
+  if (!handle_->comm_stream)
+    handle_->comm_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_);
+  const auto comm_stream = *handle_->comm_stream;
+  const auto compute_stream = at::cuda::getCurrentCUDAStream(device_);
+  at::cuda::CUDAEvent inputs_ready;
+  inputs_ready.record(compute_stream);
+  inputs_ready.block(comm_stream);
+  // The inputs are read on the communication stream: keep their memory from being reused by
+  // the compute stream's allocations until that stream's work is done.
+  for (const auto& input : inputs)
+    if (input.defined() && input.numel() > 0)
+      c10::cuda::CUDACachingAllocator::recordStream(input.storage().data_ptr(), comm_stream);
+  at::Tensor result;
+  {
+    c10::cuda::CUDAStreamGuard stream_guard(comm_stream);
+    result = enqueue();
+  }
+  auto done = std::make_shared<at::cuda::CUDAEvent>();
+  done->record(comm_stream);
+  const int device = device_;
+  return Work::completed(result, [done, result, device] {
+    const auto waiting = at::cuda::getCurrentCUDAStream(device);
+    done->block(waiting);
+    // The result was allocated on the communication stream and is now used on this one.
+    if (result.defined() && result.numel() > 0)
+      c10::cuda::CUDACachingAllocator::recordStream(result.storage().data_ptr(), waiting);
+  });
+}
+
+Work NcclCommunicator::all_to_all_blocks_async(const at::Tensor& input,
+                                               const std::vector<RowBlock>& send,
+                                               const std::vector<RowBlock>& recv,
+                                               int64_t output_rows) {
+  return on_comm_stream({input},
+                        [&] { return all_to_all_blocks(input, send, recv, output_rows); });
+}
+
+Work NcclCommunicator::all_reduce_async(at::Tensor tensor, ReduceOp op) {
+  return on_comm_stream({tensor}, [&] {
+    all_reduce(tensor, op);
+    return tensor;
+  });
 }
 
 }  // namespace moeforge::parallel

@@ -7,6 +7,12 @@
 // compute that produced their inputs; the call returns once enqueued (stream semantics), except
 // all_to_all_v's split sizes, which are host vectors agreed beforehand. all-to-all-v is a
 // grouped ncclSend/ncclRecv per peer. Not thread-safe.
+//
+// The *_async calls run on a dedicated high-priority communication stream instead: it first
+// waits for an event recorded on the current (compute) stream, so the inputs are ready; the
+// returned Work's wait() makes the stream current at that moment wait for the exchange's
+// completion event — compute waits only on the events it needs, and only when it needs them.
+// Tensors crossing streams are recorded with the caching allocator (recordStream).
 #include <memory>
 
 #include "parallel/communicator.hpp"
@@ -34,8 +40,15 @@ class NcclCommunicator final : public Communicator {
   void broadcast(at::Tensor& tensor, int root) override;
   at::Tensor all_gather(const at::Tensor& tensor) override;
   void barrier() override;
+  Work all_to_all_blocks_async(const at::Tensor& input, const std::vector<RowBlock>& send,
+                               const std::vector<RowBlock>& recv, int64_t output_rows) override;
+  Work all_reduce_async(at::Tensor tensor, ReduceOp op = ReduceOp::kSum) override;
 
  private:
+  // Runs `enqueue` with the communication stream current, after it waited for the current
+  // stream; returns Work whose wait() orders the then-current stream after it.
+  Work on_comm_stream(const std::vector<at::Tensor>& inputs,
+                      const std::function<at::Tensor()>& enqueue);
   struct Handle;
   std::unique_ptr<Handle> handle_;
   int rank_ = 0;

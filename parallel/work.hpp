@@ -15,7 +15,9 @@ namespace moeforge::parallel {
 class Work {
  public:
   Work();
-  static Work completed(at::Tensor result = {});
+  // Already finished. `on_wait` (optional) runs in every wait() before the result is returned:
+  // a GPU backend makes the waiting stream wait for the communication stream's event there.
+  static Work completed(at::Tensor result = {}, std::function<void()> on_wait = {});
 
   // Blocks until done; returns the result or rethrows the operation's exception.
   at::Tensor wait() const;
@@ -31,6 +33,7 @@ class Work {
     bool done = false;
     at::Tensor result;
     std::exception_ptr error;
+    std::function<void()> on_wait;
   };
   std::shared_ptr<State> state_;
 };
