@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <chrono>
-#include <thread>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 namespace moeforge::parallel {
 namespace {
@@ -84,9 +84,9 @@ void polite_wait(std::vector<MPI_Request>& requests, const char* what) {
   auto sleep = std::chrono::microseconds(10);
   for (int attempt = 0;; ++attempt) {
     int done = 0;
-    check_mpi(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
-                          MPI_STATUSES_IGNORE),
-              what);
+    check_mpi(
+        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE),
+        what);
     if (done) return;
     if (attempt < 64) {
       std::this_thread::yield();

@@ -222,8 +222,7 @@ Work NcclCommunicator::all_to_all_blocks_async(const at::Tensor& input,
                                                const std::vector<RowBlock>& send,
                                                const std::vector<RowBlock>& recv,
                                                int64_t output_rows) {
-  return on_comm_stream({input},
-                        [&] { return all_to_all_blocks(input, send, recv, output_rows); });
+  return on_comm_stream({input}, [&] { return all_to_all_blocks(input, send, recv, output_rows); });
 }
 
 Work NcclCommunicator::all_reduce_async(at::Tensor tensor, ReduceOp op) {

@@ -19,10 +19,15 @@ struct Event {
 std::atomic<bool> on{false};
 std::mutex mutex;
 std::vector<Event> events;
-const Clock::time_point origin = Clock::now();
+// Timestamps are wall-clock microseconds (system_clock, shared by every rank of a node and
+// NTP-aligned across nodes), so all ranks' files line up on one timeline.
+const Clock::time_point steady_origin = Clock::now();
+const double wall_origin_us =
+    std::chrono::duration<double, std::micro>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
 
 double micros(Clock::time_point t) {
-  return std::chrono::duration<double, std::micro>(t - origin).count();
+  return wall_origin_us + std::chrono::duration<double, std::micro>(t - steady_origin).count();
 }
 
 }  // namespace

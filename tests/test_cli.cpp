@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -110,6 +111,36 @@ TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resumed from"), std::string::npos);
   EXPECT_NE(resumed.output.find("step   104/104"), std::string::npos) << resumed.output;
+  fs::remove_all(out);
+}
+
+// logging.trace writes one Chrome trace per rank with compute phases and collectives, and the
+// simulated link announces itself once.
+TEST(Cli, TraceAndSimulatedLink) {
+  const auto out = scratch("trace");
+  const auto r = run_shell(
+      mpirun(2) + " train --config " + kTiny + " --set train.out_dir=" + out +
+      " --set train.steps=4 --set train.warmup_steps=1 --set parallel.ep_size=2" +
+      " --set parallel.overlap_degree=2 --set logging.trace=true --set logging.trace_steps=2" +
+      " --set parallel.simulated_link.bandwidth_gbps=1 --set "
+      "parallel.simulated_link.latency_us=20");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(count(r.output, "SIMULATED LINK ON"), 1u) << r.output;
+  for (const char* file : {"rank-0.json", "rank-1.json"}) {
+    std::ifstream in(fs::path(out) / "trace" / file);
+    ASSERT_TRUE(in.good()) << file;
+    const auto trace = nlohmann::json::parse(in);
+    std::map<std::string, int> names;
+    for (const auto& e : trace["traceEvents"])
+      if (e["ph"] == "X") {
+        EXPECT_GE(e["dur"].get<double>(), 0.0);
+        names[e["cat"].get<std::string>() + ":" + e["name"].get<std::string>().substr(0, 10)]++;
+      }
+    EXPECT_GT(names["compute:experts"], 0) << file;
+    EXPECT_GT(names["compute:backward"], 0) << file;
+    EXPECT_GT(names["comm:all_to_all"], 0) << file;
+    EXPECT_GT(names["comm:all_reduce"], 0) << file;
+  }
   fs::remove_all(out);
 }
 
