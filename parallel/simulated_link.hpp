@@ -2,7 +2,10 @@
 // Simulated link: makes every collective of an inner communicator take at least the time a
 // network of `bandwidth_gbps` GB/s (10⁹ bytes/s, as in "25 GB/s") per rank and `latency_us`
 // per message step would need for that collective's traffic, by sleeping out the remainder
-// after the real operation (no CPU burnt). So ranks sharing one machine behave like ranks on a
+// after the real operation (no CPU burnt). The modelled time counts from when this member
+// entered the collective, so time spent waiting for a slower peer counts towards it (a
+// transfer-starts-when-all-arrived model was tried: it charged the wait on top and made both
+// blocking and overlapped steps slower; see docs/benchmarks.md). So ranks sharing one machine behave like ranks on a
 // slower network, and overlap can be measured. Cost model (p = group size, B = bytes):
 //   all-to-all (v / blocks): latency + max(bytes sent to others, bytes received) / bandwidth
 //   all-reduce (ring):       2(p−1)·latency + 2(p−1)/p · B / bandwidth
