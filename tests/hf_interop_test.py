@@ -50,6 +50,11 @@ def check(condition, message):
         failures.append(message)
 
 
+def close(actual, expected, tol, label):
+    error = rel(actual, expected)
+    check(error <= tol, f"{label}: {error:.2e}")
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
@@ -148,10 +153,8 @@ def main():
         mf.run("import", "--from", p(name), "--out", p(f"{name}_run"))
         ours64 = ours_dense64[name] = mf.logits(p(f"{name}_run"), tokens_file, "float64")
         ours32 = mf.logits(p(f"{name}_run"), tokens_file)
-        check(rel(ours64, ref64) <= HF_FP64_TOL,
-              f"import {name}: float64 logits vs transformers float64: {rel(ours64, ref64):.2e}")
-        check(rel(ours32, ref32) <= FP32_TOL,
-              f"import {name}: float32 logits vs transformers: {rel(ours32, ref32):.2e}")
+        close(ours64, ref64, HF_FP64_TOL, f"import {name}: float64 logits vs transformers float64")
+        close(ours32, ref32, FP32_TOL, f"import {name}: float32 logits vs transformers")
 
     # --- 2. upcycle (copy) --------------------------------------------------------------------
     moe_yaml = write_yaml(p("moe.yaml"), """
@@ -164,10 +167,8 @@ train: {seq_len: 24, micro_batch_size: 2, steps: 4, warmup_steps: 0, eval_every:
            "--method", "copy")
     moe32 = mf.logits(p("moe_run"), tokens_file)
     moe64 = mf.logits(p("moe_run"), tokens_file, "float64")
-    check(rel(moe32, dense32) <= FP32_TOL,
-          f"upcycle copy: MoE logits vs dense (fp32): {rel(moe32, dense32):.2e}")
-    check(rel(moe64, ours_dense64["llama"]) <= FP64_TOL,
-          f"upcycle copy: MoE logits vs dense (fp64): {rel(moe64, ours_dense64['llama']):.2e}")
+    close(moe32, dense32, FP32_TOL, "upcycle copy: MoE logits vs dense (fp32)")
+    close(moe64, ours_dense64["llama"], FP64_TOL, "upcycle copy: MoE logits vs dense (fp64)")
 
     # --- 3. export as Mixtral, load with transformers -----------------------------------------
     mf.run("export", "--from", p("moe_run"), "--format", "hf-mixtral", "--out", p("mixtral"),
@@ -176,10 +177,8 @@ train: {seq_len: 24, micro_batch_size: 2, steps: 4, warmup_steps: 0, eval_every:
           "hf-mixtral export is sharded with model.safetensors.index.json")
     mixtral = MixtralForCausalLM.from_pretrained(p("mixtral"), torch_dtype=torch.float32)
     mixtral32 = hf_logits(mixtral, tokens)
-    check(rel(mixtral32, moe32) <= FP32_TOL,
-          f"transformers Mixtral vs moeforge MoE forward: {rel(mixtral32, moe32):.2e}")
-    check(rel(mixtral32, dense32) <= FP32_TOL,
-          f"transformers Mixtral vs dense Llama: {rel(mixtral32, dense32):.2e}")
+    close(mixtral32, moe32, FP32_TOL, "transformers Mixtral vs moeforge MoE forward")
+    close(mixtral32, dense32, FP32_TOL, "transformers Mixtral vs dense Llama")
 
     # --- 4. Qwen2-MoE with a shared expert and a dense first block; hf-llama ------------------
     qmoe_yaml = write_yaml(p("qwen_moe.yaml"), """
@@ -195,14 +194,13 @@ train: {seq_len: 24}
     mf.run("export", "--from", p("qmoe_run"), "--format", "hf-qwen2-moe", "--out", p("qwen2_moe"))
     hf_qmoe = Qwen2MoeForCausalLM.from_pretrained(p("qwen2_moe"), torch_dtype=torch.float32)
     hf_qmoe32 = hf_logits(hf_qmoe, tokens)
-    check(rel(hf_qmoe32, qmoe32) <= FP32_TOL,
-          f"transformers Qwen2-MoE vs moeforge (noise-upcycled, shared expert, dense block 0): "
-          f"{rel(hf_qmoe32, qmoe32):.2e}")
+    close(hf_qmoe32, qmoe32, FP32_TOL, "transformers Qwen2-MoE vs moeforge (noise-upcycled, "
+          "shared expert, dense block 0)")
     check(rel(qmoe32, qwen32) > 1e-4, "noise upcycling changes the function (as it should)")
 
     mf.run("export", "--from", p("llama_run"), "--format", "hf-llama", "--out", p("llama_out"))
     reloaded = LlamaForCausalLM.from_pretrained(p("llama_out"), torch_dtype=torch.float32)
-    check(rel(hf_logits(reloaded, tokens), dense32) <= FP32_TOL, "hf-llama export reloads exactly")
+    close(hf_logits(reloaded, tokens), dense32, FP32_TOL, "hf-llama export reloads exactly")
 
     # --- 5. round trips are exact ---------------------------------------------------------------
     for exported, fmt in (("mixtral", "hf-mixtral"), ("qwen2_moe", "hf-qwen2-moe"),
