@@ -150,15 +150,17 @@ int main(int argc, char** argv) {
       compute_times.push_back(step(compute_layer, x, weight));
       comm_times.push_back(comm_only());
       off_times.push_back(step(off_layer, x, weight));
-      for (size_t i = 0; i < degrees.size(); ++i) on_times[i].push_back(step(on_layers[i], x, weight));
+      for (size_t i = 0; i < degrees.size(); ++i)
+        on_times[i].push_back(step(on_layers[i], x, weight));
     }
     const double t_compute_all = median(compute_times), t_comm = median(comm_times);
     const double t_off = median(off_times);
     if (rank == 0) {
-      fmt::print("MoE layer step (forward + backward), ep_size {}, {} tokens/rank, H {}, E {} "
-                 "top-{}, expert FFN {}, 1 shared expert; {} rounds, medians of the slowest "
-                 "rank\n",
-                 world, s.tokens, s.hidden, s.experts, s.top_k, s.ffn, rounds);
+      fmt::print(
+          "MoE layer step (forward + backward), ep_size {}, {} tokens/rank, H {}, E {} "
+          "top-{}, expert FFN {}, 1 shared expert; {} rounds, medians of the slowest "
+          "rank\n",
+          world, s.tokens, s.hidden, s.experts, s.top_k, s.ffn, rounds);
       fmt::print("simulated link: {:.3f} GB/s, {} us latency ({:.2f} MiB per exchange)\n",
                  bandwidth_gbps, latency_us, exchange_bytes / (1 << 20));
       fmt::print("  T_compute (link off)          {:8.1f} ms\n", t_compute_all * 1e3);
@@ -167,9 +169,10 @@ int main(int argc, char** argv) {
       const double lower = std::min(t_compute_all, t_comm), upper = std::max(t_compute_all, t_comm);
       for (size_t i = 0; i < degrees.size(); ++i) {
         const double t_on = median(on_times[i]);
-        fmt::print("  T_on overlap_degree {}         {:8.1f} ms   hidden fraction {:.2f}   "
-                   "T_on / max(compute, comm) {:.2f}\n",
-                   degrees[i], t_on * 1e3, (t_off - t_on) / lower, t_on / upper);
+        fmt::print(
+            "  T_on overlap_degree {}         {:8.1f} ms   hidden fraction {:.2f}   "
+            "T_on / max(compute, comm) {:.2f}\n",
+            degrees[i], t_on * 1e3, (t_off - t_on) / lower, t_on / upper);
       }
     }
   }

@@ -137,7 +137,8 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   }
   at::Tensor shared;
   if (shared_experts) {
-    shared_parts.push_back(shared_experts->forward(x.narrow(0, shared_split, tokens - shared_split)));
+    shared_parts.push_back(
+        shared_experts->forward(x.narrow(0, shared_split, tokens - shared_split)));
     shared = at::cat(shared_parts, 0);  // [T, H]
     mark("shared experts");
   }

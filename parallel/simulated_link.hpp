@@ -5,8 +5,9 @@
 // after the real operation (no CPU burnt). The modelled time counts from when this member
 // entered the collective, so time spent waiting for a slower peer counts towards it (a
 // transfer-starts-when-all-arrived model was tried: it charged the wait on top and made both
-// blocking and overlapped steps slower; see docs/benchmarks.md). So ranks sharing one machine behave like ranks on a
-// slower network, and overlap can be measured. Cost model (p = group size, B = bytes):
+// blocking and overlapped steps slower; see docs/benchmarks.md). So ranks sharing one machine
+// behave like ranks on a slower network, and overlap can be measured. Cost model (p = group size, B
+// = bytes):
 //   all-to-all (v / blocks): latency + max(bytes sent to others, bytes received) / bandwidth
 //   all-reduce (ring):       2(p−1)·latency + 2(p−1)/p · B / bandwidth
 //   all-gather (ring):       (p−1)·latency + (p−1)·B / bandwidth         (B per member)
