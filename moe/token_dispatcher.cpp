@@ -89,18 +89,11 @@ at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& pla
 }
 
 at::Tensor TokenDispatcher::dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const {
-  if (ep_.size() == 1) return permuted;  // already grouped by expert
-  const int64_t received =
-      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
-  return parallel::all_to_all_blocks_autograd(permuted, ep_, plan.send_blocks, plan.recv_blocks,
-                                              received);  // [R, H] (local expert, source)
+  return finish(start_dispatch(permuted, plan));  // [R, H] (local expert, source)
 }
 
 at::Tensor TokenDispatcher::combine(const at::Tensor& expert_out, const DispatchPlan& plan) const {
-  if (ep_.size() == 1) return expert_out;
-  // The reverse exchange: each (expert, source) block goes back to its place on the source.
-  return parallel::all_to_all_blocks_autograd(expert_out, ep_, plan.recv_blocks, plan.send_blocks,
-                                              plan.slot_order.size(0));  // [N, H]
+  return finish(start_combine(expert_out, plan));  // [N, H]
 }
 
 PendingRows TokenDispatcher::start_dispatch(const at::Tensor& permuted,
@@ -116,6 +109,7 @@ PendingRows TokenDispatcher::start_dispatch(const at::Tensor& permuted,
 PendingRows TokenDispatcher::start_combine(const at::Tensor& expert_out,
                                            const DispatchPlan& plan) const {
   if (ep_.size() == 1) return {expert_out, {}};
+  // The reverse exchange: each (expert, source) block goes back to its place on the source.
   return {{},
           parallel::start_all_to_all_blocks(expert_out, ep_, plan.recv_blocks, plan.send_blocks,
                                             plan.slot_order.size(0))};

@@ -14,6 +14,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "trainer/model_weights.hpp"
 #include "trainer/safetensors.hpp"
 #include "trainer/user_error.hpp"
 
@@ -31,13 +32,6 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 std::string expert_file_name(int ep_rank, int ep_size) {
   return fmt::format("experts-{:05d}-of-{:05d}.safetensors", ep_rank, ep_size);
-}
-
-// "layers.3.mlp.experts.w_gate", expert 17 -> "layers.3.mlp.experts.17.w_gate".
-std::string global_expert_name(const std::string& stacked_name, int64_t global_expert) {
-  const auto dot = stacked_name.rfind('.');
-  return fmt::format("{}.{}.{}", stacked_name.substr(0, dot), global_expert,
-                     stacked_name.substr(dot + 1));
 }
 
 int64_t first_local_expert(DecoderLMImpl& model) {
@@ -209,16 +203,33 @@ std::string CheckpointManager::resolve(const std::string& requested) const {
       base.string(), kMetadataFile));
 }
 
+namespace {
+
+// checkpoint.json of `dir`, parsed; UserError naming the file when it is not JSON.
+nlohmann::json read_metadata(const fs::path& dir) {
+  const auto meta_path = (dir / kMetadataFile).string();
+  try {
+    return nlohmann::json::parse(read_text(meta_path));
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(fmt::format("{}: not valid JSON: {}", meta_path, e.what()));
+  }
+}
+
+}  // namespace
+
+std::string checkpoint_config_yaml(const std::string& checkpoint_dir) {
+  const auto meta = read_metadata(checkpoint_dir);
+  if (!meta.contains("config") || !meta["config"].is_string())
+    throw UserError(
+        fmt::format("{}/{}: no 'config' (resolved YAML)", checkpoint_dir, kMetadataFile));
+  return meta["config"].get<std::string>();
+}
+
 TrainingState CheckpointManager::load(const std::string& checkpoint_dir, DecoderLMImpl& model,
                                       AdamW& optimizer) {
   const fs::path dir(checkpoint_dir);
   const auto meta_path = (dir / kMetadataFile).string();
-  nlohmann::json meta;
-  try {
-    meta = nlohmann::json::parse(read_text(meta_path));
-  } catch (const nlohmann::json::exception& e) {
-    throw UserError(fmt::format("{}: not valid JSON: {}", meta_path, e.what()));
-  }
+  const auto meta = read_metadata(dir);
   if (meta.value("format", "") != "moeforge-checkpoint" || !meta.contains("files"))
     throw UserError(fmt::format("{}: not a moeforge checkpoint (missing format/files)", meta_path));
   if (meta.value("version", 0) != kFormatVersion)

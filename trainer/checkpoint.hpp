@@ -50,6 +50,9 @@ class CheckpointManager {
   const parallel::ProcessGroups& groups_;
 };
 
+// The resolved config YAML stored in a checkpoint's checkpoint.json. UserError when absent.
+std::string checkpoint_config_yaml(const std::string& checkpoint_dir);
+
 // CRC-32 of a file's bytes, as 8 hex digits.
 std::string file_crc32(const std::string& path);
 

@@ -6,8 +6,6 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "parallel/process_groups.hpp"
 #include "trainer/checkpoint.hpp"
@@ -33,12 +31,6 @@ const parallel::ProcessGroups& single_process() {
   return groups;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> parameter_list(DecoderLMImpl& model) {
-  std::vector<std::pair<std::string, at::Tensor>> result;
-  for (const auto& item : model.named_parameters()) result.emplace_back(item.key(), item.value());
-  return result;
-}
-
 // A Hugging Face directory, or a moeforge run / checkpoints / checkpoint directory.
 LoadedModel load_any(const std::string& path, const Config& base) {
   if (hf::is_hf_directory(path)) {
@@ -48,22 +40,11 @@ LoadedModel load_any(const std::string& path, const Config& base) {
   }
   CheckpointManager manager(path, single_process());
   const auto dir = manager.resolve(path);
-  std::ifstream in(fs::path(dir) / "checkpoint.json");
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::json meta;
-  try {
-    meta = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::exception& e) {
-    throw UserError(fmt::format("{}/checkpoint.json: not valid JSON: {}", dir, e.what()));
-  }
-  if (!meta.contains("config") || !meta["config"].is_string())
-    throw UserError(fmt::format("{}/checkpoint.json: no 'config' (resolved YAML)", dir));
   auto config =
-      load_config_from_string(meta["config"].get<std::string>(), dir + "/checkpoint.json:config");
+      load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json:config");
   config.parallel.ep_size = 1;
   DecoderLM model(config, *single_process().ep);
-  AdamW optimizer(parameter_list(*model), config.train);
+  AdamW optimizer(named_parameter_list(*model), config.train);
   manager.load(dir, *model, optimizer);
   return {config, model_weights(*model), "moeforge checkpoint " + dir};
 }
@@ -75,7 +56,7 @@ void write_run(const std::string& out_dir, Config config, const WeightMap& weigh
   config = load_config_from_string(to_yaml(config), out_dir + "/config.yaml");
   fs::create_directories(out_dir);
   auto model = model_from_weights(config, weights, "converted weights");
-  AdamW optimizer(parameter_list(*model), config.train);
+  AdamW optimizer(named_parameter_list(*model), config.train);
   CheckpointManager manager((fs::path(out_dir) / "checkpoints").string(), single_process());
   const std::string yaml = to_yaml(config);
   const auto checkpoint = manager.save(*model, optimizer, TrainingState{}, yaml, 0);

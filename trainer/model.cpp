@@ -136,6 +136,12 @@ std::vector<moe::MoeLayer> DecoderLMImpl::moe_layers() const {
   return result;
 }
 
+std::vector<std::pair<std::string, at::Tensor>> named_parameter_list(DecoderLMImpl& model) {
+  std::vector<std::pair<std::string, at::Tensor>> result;
+  for (const auto& item : model.named_parameters()) result.emplace_back(item.key(), item.value());
+  return result;
+}
+
 bool is_expert_parameter(const std::string& name) {
   return name.find(".mlp.experts.") != std::string::npos;
 }

@@ -86,6 +86,9 @@ class DecoderLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(DecoderLM);
 
+// (name, parameter) pairs in registration order: what AdamW and checkpoints take.
+std::vector<std::pair<std::string, at::Tensor>> named_parameter_list(DecoderLMImpl& model);
+
 // True for parameters sharded over the EP group (their gradients sync over EDP, not world).
 bool is_expert_parameter(const std::string& name);
 

@@ -10,14 +10,13 @@
 #include "trainer/user_error.hpp"
 
 namespace moeforge {
-namespace {
-
-// "layers.3.mlp.experts.w_gate", expert 17 -> "layers.3.mlp.experts.17.w_gate".
-std::string global_name(const std::string& stacked_name, int64_t global_expert) {
+std::string global_expert_name(const std::string& stacked_name, int64_t global_expert) {
   const auto dot = stacked_name.rfind('.');
   return fmt::format("{}.{}.{}", stacked_name.substr(0, dot), global_expert,
                      stacked_name.substr(dot + 1));
 }
+
+namespace {
 
 // Every tensor of the model by checkpoint name, as views into the model's storage.
 WeightMap named_views(DecoderLMImpl& model) {
@@ -30,7 +29,7 @@ WeightMap named_views(DecoderLMImpl& model) {
       continue;
     }
     for (int64_t e = 0; e < item.value().size(0); ++e)
-      views[global_name(item.key(), first + e)] = item.value()[e];
+      views[global_expert_name(item.key(), first + e)] = item.value()[e];
   }
   for (const auto& item : model.named_buffers()) views[item.key()] = item.value();
   return views;

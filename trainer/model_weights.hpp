@@ -11,6 +11,9 @@ namespace moeforge {
 
 using WeightMap = std::map<std::string, at::Tensor>;
 
+// "layers.3.mlp.experts.w_gate", expert 17 -> "layers.3.mlp.experts.17.w_gate".
+std::string global_expert_name(const std::string& stacked_name, int64_t global_expert);
+
 // This rank's weights (its expert slice under global names), detached CPU tensors.
 WeightMap model_weights(DecoderLMImpl& model);
 

@@ -25,9 +25,18 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::vector<std::pair<std::string, at::Tensor>> named_parameters(DecoderLMImpl& model) {
-  std::vector<std::pair<std::string, at::Tensor>> result;
-  for (const auto& item : model.named_parameters()) result.emplace_back(item.key(), item.value());
+// Each layer's [P] int64 load summed over the group's members, with one all-reduce for all.
+std::vector<at::Tensor> sum_loads(parallel::Communicator& group,
+                                  const std::vector<at::Tensor>& loads) {
+  if (loads.empty()) return {};
+  auto packed = at::cat(loads).contiguous();
+  group.all_reduce(packed);
+  std::vector<at::Tensor> result;
+  int64_t offset = 0;
+  for (const auto& load : loads) {
+    result.push_back(packed.narrow(0, offset, load.numel()));
+    offset += load.numel();
+  }
   return result;
 }
 
@@ -78,7 +87,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
     layer->set_overlap_degree(config_.parallel.overlap_degree);
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->train();
-  optimizer_ = std::make_unique<AdamW>(named_parameters(*model_), config_.train);
+  optimizer_ = std::make_unique<AdamW>(named_parameter_list(*model_), config_.train);
   const auto bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * 1024 * 1024);
   const int world = groups_.world->size();
   // Overlapping the gradient all-reduce with backward needs the communication worker.
@@ -140,13 +149,9 @@ void Trainer::set_global_load_fractions(int64_t samples_consumed) {
       for (size_t i = 0; i < layers.size(); ++i) load[i] += layers[i]->last_stats().load;
     }
   }
-  // One all-reduce over the data-parallel world for every layer's counts.
-  auto packed = at::cat(load).contiguous();
-  groups_.world->all_reduce(packed);
-  int64_t offset = 0;
+  const auto global = sum_loads(*groups_.world, load);  // over the data-parallel world
   for (size_t i = 0; i < layers.size(); ++i) {
-    const auto counts = packed.narrow(0, offset, load[i].numel()).to(at::kFloat);
-    offset += load[i].numel();
+    const auto counts = global[i].to(at::kFloat);
     layers[i]->set_global_load_fraction(counts / counts.sum().clamp_min(1.0));
   }
 }
@@ -157,7 +162,7 @@ void Trainer::initialize_from(const std::string& path) {
     load_model_weights(*model_, imported.weights, path);
   } else {
     checkpoints_->load(checkpoints_->resolve(path), *model_, *optimizer_);
-    optimizer_ = std::make_unique<AdamW>(named_parameters(*model_), config_.train);  // fresh
+    optimizer_ = std::make_unique<AdamW>(named_parameter_list(*model_), config_.train);  // fresh
   }
   if (is_root_ && options_.print)
     std::cout << fmt::format("initialised weights from {} (step 0, fresh optimizer)", path)
@@ -283,9 +288,10 @@ StepMetrics Trainer::train_step() {
   auto layers = model_->moe_layers();
   const int64_t num_experts = config_.moe.num_experts;
   const auto totals = forward_backward(state_.samples_consumed);
-  const double grad_norm = clip_gradients();
+  double grad_norm = 0.0;
   {
     const parallel::trace::Span span("compute", "clip + optimizer");
+    grad_norm = clip_gradients();
     optimizer_->step(lr);
   }
 
@@ -300,12 +306,7 @@ StepMetrics Trainer::train_step() {
   auto packed_tensor = at::tensor(packed, at::kDouble);
   groups_.world->all_reduce(packed_tensor);
   const double* reduced = packed_tensor.data_ptr<double>();
-  std::vector<at::Tensor> global_load;
-  for (const auto& l : totals.load) {
-    auto g = l.contiguous();
-    groups_.world->all_reduce(g);
-    global_load.push_back(g);
-  }
+  const auto global_load = sum_loads(*groups_.world, totals.load);
   update_expert_biases(global_load);
 
   state_.step += 1;
@@ -392,14 +393,12 @@ RunSummary Trainer::run() {
       options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
   const auto& logging = config_.logging;
   const int64_t trace_first = state_.step + 2;  // skip the warm-up step
-  const int64_t trace_last = trace_first + logging.trace_steps - 1;
+  const int64_t trace_last = std::min(trace_first + logging.trace_steps - 1, end_step);
   while (state_.step < end_step) {
     const int64_t this_step = state_.step + 1;
     parallel::trace::enable(logging.trace && this_step >= trace_first && this_step <= trace_last);
     auto m = train_step();
-    if (logging.trace &&
-        (this_step == trace_last ||
-         (state_.step == end_step && this_step >= trace_first && this_step < trace_last))) {
+    if (logging.trace && this_step == trace_last && this_step >= trace_first) {
       parallel::trace::enable(false);
       const auto dir = fs::path(t.out_dir) / "trace";
       fs::create_directories(dir);
