@@ -81,18 +81,21 @@ std::vector<int> to_int_counts(const std::vector<int64_t>& rows, const char* wha
 // shared or oversubscribed node steals the core the compute thread (or a peer rank) needs.
 void polite_wait(std::vector<MPI_Request>& requests, const char* what) {
   if (requests.empty()) return;
-  auto sleep = std::chrono::microseconds(10);
-  for (int attempt = 0;; ++attempt) {
+  // Yielding polls for the first 100 µs (most exchanges end there; yield hands the core to
+  // whoever needs it), then sleeps of 20-100 µs.
+  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+  auto sleep = std::chrono::microseconds(20);
+  for (;;) {
     int done = 0;
-    check_mpi(
-        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE),
-        what);
+    check_mpi(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
+                          MPI_STATUSES_IGNORE),
+              what);
     if (done) return;
-    if (attempt < 64) {
+    if (std::chrono::steady_clock::now() < spin_until) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(sleep);
-      sleep = std::min(sleep * 2, std::chrono::microseconds(200));
+      sleep = std::min(sleep * 2, std::chrono::microseconds(100));
     }
   }
 }
