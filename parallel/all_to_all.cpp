@@ -33,7 +33,9 @@ class StartExchange : public torch::autograd::Function<StartExchange> {
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list) {
     const auto state = state_of(ctx);
-    return {zero_uncovered_rows(state->backward_work.wait(), state->send), at::Tensor()};
+    auto received = state->backward_work.wait();
+    state->backward_work = Work();  // the state outlives this call: hold no gradient rows
+    return {zero_uncovered_rows(std::move(received), state->send), at::Tensor()};
   }
 };
 
@@ -43,7 +45,12 @@ class FinishExchange : public torch::autograd::Function<FinishExchange> {
                             c10::intrusive_ptr<ExchangeState> state) {
     (void)token;  // only links this step to StartExchange in the graph
     ctx->saved_data["state"] = c10::IValue::make_capsule(state);
-    return state->forward_work.wait();
+    // Hand the received rows over and drop the state's reference to them: the output gets this
+    // node as its grad_fn, and the node holds the state, so a reference kept in the state would
+    // be a cycle (output -> node -> state -> output) that leaks every exchanged tensor.
+    auto received = state->forward_work.wait();
+    state->forward_work = Work();
+    return received;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grad_outputs) {
