@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "moe/load_balancing.hpp"
+
 namespace moeforge::moe {
 
 int64_t expert_capacity(double factor, int64_t tokens, int64_t top_k, int64_t num_experts) {
@@ -27,10 +29,11 @@ at::Tensor capacity_keep_mask(const at::Tensor& expert_ids, const at::Tensor& ga
     order = at::argsort(ids, /*stable=*/true);
   }
   const auto sorted_ids = ids.index_select(0, order);
-  const auto counts = at::bincount(ids, {}, num_experts);
+  const auto counts = count_ids(ids, num_experts);
   const auto starts = at::cumsum(counts, 0) - counts;  // first sorted row per expert
-  const auto rank_in_expert = at::arange(slots, at::kLong) - starts.index_select(0, sorted_ids);
-  auto keep = at::zeros({slots}, at::kBool);
+  const auto rank_in_expert =
+      at::arange(slots, ids.options().dtype(at::kLong)) - starts.index_select(0, sorted_ids);
+  auto keep = at::zeros({slots}, ids.options().dtype(at::kBool));
   keep.index_put_({order}, rank_in_expert < capacity);
   return keep.view(expert_ids.sizes());
 }

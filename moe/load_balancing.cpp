@@ -7,9 +7,10 @@ namespace {
 
 // [T, P] float: how many of token t's selected slots picked expert e (0 or 1 each).
 at::Tensor slot_counts(const at::Tensor& expert_ids, const at::Tensor& selected, int64_t pool) {
-  auto ones = at::ones(expert_ids.sizes(), at::kFloat);
-  if (selected.defined()) ones = ones * selected.to(at::kFloat);
-  return at::zeros({expert_ids.size(0), pool}, at::kFloat).scatter_add_(1, expert_ids, ones);
+  const auto options = expert_ids.options().dtype(at::kFloat);
+  const auto ones =
+      selected.defined() ? selected.to(at::kFloat) : at::ones(expert_ids.sizes(), options);
+  return at::zeros({expert_ids.size(0), pool}, options).scatter_add_(1, expert_ids, ones);
 }
 
 }  // namespace
@@ -45,23 +46,33 @@ at::Tensor z_loss(const at::Tensor& logits) {
   return at::logsumexp(logits, -1).square().mean();
 }
 
+at::Tensor count_ids(const at::Tensor& ids, int64_t n, const at::Tensor& weight) {
+  const auto flat = ids.reshape({-1});
+  const auto options = flat.options().dtype(at::kLong);
+  const auto counted =
+      weight.defined() ? weight.reshape({-1}).to(at::kLong) : at::ones(flat.sizes(), options);
+  return at::zeros({n}, options).index_add_(0, flat, counted);
+}
+
 at::Tensor expert_load(const at::Tensor& expert_ids, const at::Tensor& selected, int64_t pool) {
-  const auto ids =
-      selected.defined() ? expert_ids.masked_select(selected) : expert_ids.reshape({-1});
-  return at::bincount(ids, {}, pool);
+  return count_ids(expert_ids, pool, selected);
+}
+
+at::Tensor max_violation_tensor(const at::Tensor& load) {
+  const auto as_double = load.to(at::kDouble);
+  const auto mean = as_double.mean();
+  // 0 when there are no tokens (mean 0) instead of 0/0.
+  return at::where(mean > 0, as_double.max() / mean.clamp_min(1e-300) - 1.0, at::zeros_like(mean));
 }
 
 double max_violation(const at::Tensor& load) {
-  const auto as_double = load.to(at::kDouble);
-  const double mean = as_double.mean().item<double>();
-  if (mean <= 0) return 0.0;
-  return as_double.max().item<double>() / mean - 1.0;
+  return max_violation_tensor(load).item<double>();
 }
 
-double router_entropy(const at::Tensor& scores) {
+at::Tensor router_entropy(const at::Tensor& scores) {
   const auto probs = scores.detach().to(at::kDouble);
   const auto normalised = probs / probs.sum(-1, true).clamp_min(1e-300);
-  return -(normalised * normalised.clamp_min(1e-300).log()).sum(-1).mean().item<double>();
+  return -(normalised * normalised.clamp_min(1e-300).log()).sum(-1).mean();
 }
 
 }  // namespace moeforge::moe

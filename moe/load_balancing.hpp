@@ -28,13 +28,22 @@ at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids,
 // logits [T, P] -> scalar.
 at::Tensor z_loss(const at::Tensor& logits);
 
-// Selected routed slots per pool expert: [pool] int64 (before capacity drops).
+// Selected routed slots per pool expert: [pool] int64 (before capacity drops), on the ids'
+// device, without a host synchronisation.
 at::Tensor expert_load(const at::Tensor& expert_ids, const at::Tensor& selected, int64_t pool);
+
+// How many entries of `ids` (any shape, int64 in [0, n)) hold each value, counting entry i
+// weight[i] times (undefined weight = once each): [n] int64 on the ids' device. Unlike
+// at::bincount it never reads the data on the host (bincount sizes its result from max(ids)).
+at::Tensor count_ids(const at::Tensor& ids, int64_t n, const at::Tensor& weight = {});
 
 // MaxVio = max_i load_i / mean(load) - 1 (0 for a perfectly balanced load, 0 for no tokens).
 double max_violation(const at::Tensor& load);
+// The same as a 0-dim float64 tensor on the load's device (no host synchronisation).
+at::Tensor max_violation_tensor(const at::Tensor& load);
 
-// Mean over tokens of the entropy (nats) of the normalised routing distribution.
-double router_entropy(const at::Tensor& scores);
+// Mean over tokens of the entropy (nats) of the normalised routing distribution: 0-dim float64
+// on the scores' device.
+at::Tensor router_entropy(const at::Tensor& scores);
 
 }  // namespace moeforge::moe

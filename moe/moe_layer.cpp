@@ -42,6 +42,18 @@ at::Tensor MoeLayerImpl::padded_experts_forward(const at::Tensor& rows,
   return experts->forward(padded_rows, padded_counts).index_select(0, index);
 }
 
+RoutingStats MoeLayerImpl::last_stats() const {
+  RoutingStats stats;
+  stats.load = counters_.load.cpu();
+  const auto counts = counters_.slot_counts.cpu();
+  stats.slots = counts[0].item<int64_t>();
+  stats.null_slots = counts[1].item<int64_t>();
+  stats.rows = counts[2].item<int64_t>();
+  stats.dropped = stats.slots - stats.null_slots - stats.rows;
+  stats.entropy = counters_.entropy.item<double>();
+  return stats;
+}
+
 MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   const int64_t tokens = x.size(0);
   const int64_t num_experts = config_.num_experts;
@@ -73,12 +85,11 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   out.aux_loss = balancing.aux_loss.coeff > 0
                      ? aux_loss(route.scores, route.expert_ids, route.selected,
                                 balancing.aux_loss.scope, seq_len, global_fraction_)
-                     : at::zeros({}, at::kFloat);
-  out.z_loss = balancing.z_loss.coeff > 0 ? z_loss(route.logits) : at::zeros({}, at::kFloat);
-  stats_.load = expert_load(route.expert_ids, route.selected, pool);
-  stats_.entropy = router_entropy(route.scores);
-  stats_.slots = stats_.load.sum().item<int64_t>();
-  stats_.null_slots = stats_.load.narrow(0, num_experts, pool - num_experts).sum().item<int64_t>();
+                     : at::zeros({}, route.logits.options());
+  out.z_loss =
+      balancing.z_loss.coeff > 0 ? z_loss(route.logits) : at::zeros({}, route.logits.options());
+  counters_.load = expert_load(route.expert_ids, route.selected, pool);
+  counters_.entropy = router_entropy(route.scores);
 
   // 3 keep mask: selected picks of real experts (null experts are never dispatched), within
   // each expert's capacity (token choice; factor 0 = dropless). Expert choice: C per expert.
@@ -96,8 +107,12 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
                                            capacity_config.drop_policy);
     keep = keep.defined() ? keep.logical_and(within) : within;
   }
-  stats_.rows = keep.defined() ? keep.sum().item<int64_t>() : stats_.slots;
-  stats_.dropped = stats_.slots - stats_.null_slots - stats_.rows;
+  {
+    const auto slots = counters_.load.sum();
+    const auto rows = keep.defined() ? keep.sum().to(at::kLong) : slots;
+    counters_.slot_counts =
+        at::stack({slots, counters_.load.narrow(0, num_experts, pool - num_experts).sum(), rows});
+  }
   mark("balance+capacity");
 
   // 4 permute: rows sorted by global expert id, in `overlap_degree` chunks of consecutive

@@ -17,8 +17,16 @@
 
 namespace moeforge::moe {
 
-// Per-call routing statistics (no gradient), read by the trainer for telemetry and the
-// expert-bias update.
+// Routing statistics of the last forward, kept on the layer's device so that reading them needs
+// no host synchronisation inside the layer: the trainer sums them over micro-batches and reads
+// them once per step.
+struct RoutingCounters {
+  at::Tensor load;         // [P] int64 selected slots per pool expert on this rank (pre-drop)
+  at::Tensor slot_counts;  // [3] int64: selected slots, null-expert slots, kept rows
+  at::Tensor entropy;      // 0-dim float64: mean router entropy (nats)
+};
+
+// The same numbers on the host (one synchronisation to read them).
 struct RoutingStats {
   at::Tensor load;         // [P] int64 selected slots per pool expert on this rank (pre-drop)
   int64_t dropped = 0;     // slots to real experts dropped by the capacity limit
@@ -41,7 +49,8 @@ class MoeLayerImpl : public torch::nn::Module {
   // x: [T, H]; seq_len: tokens per sequence (for sequence-scope aux loss).
   MoeOutput forward(const at::Tensor& x, int64_t seq_len);
 
-  const RoutingStats& last_stats() const { return stats_; }
+  const RoutingCounters& last_counters() const { return counters_; }
+  RoutingStats last_stats() const;
   int64_t first_local_expert() const { return dispatcher_.first_local_expert(); }
   int64_t num_local_experts() const { return dispatcher_.num_local_experts(); }
   int64_t num_experts() const { return config_.num_experts; }
@@ -70,7 +79,7 @@ class MoeLayerImpl : public torch::nn::Module {
                                     const std::vector<int64_t>& rows_per_expert, int64_t capacity);
   MoeConfig config_;
   TokenDispatcher dispatcher_;
-  RoutingStats stats_;
+  RoutingCounters counters_;
   at::Tensor global_fraction_;
   int64_t overlap_degree_ = 1;
   PhaseTimer* timer_ = nullptr;

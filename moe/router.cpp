@@ -37,10 +37,11 @@ at::Tensor RouterImpl::selection_scores(const at::Tensor& scores) const {
   const int64_t best = std::clamp<int64_t>(top_k_ / config_.topk_groups, 1, per_group);
   const auto group_score = std::get<0>(real.topk(best, -1)).sum(-1);           // [T, G]
   const auto chosen = std::get<1>(group_score.topk(config_.topk_groups, -1));  // [T, g]
-  auto allowed = at::zeros({tokens, groups}, at::kBool).scatter_(1, chosen, true);
+  const auto flags = scores.options().dtype(at::kBool);
+  auto allowed = at::zeros({tokens, groups}, flags).scatter_(1, chosen, true);
   auto mask = allowed.unsqueeze(-1).expand({tokens, groups, per_group}).reshape({tokens, -1});
   if (pool_ > num_experts_)
-    mask = at::cat({mask, at::ones({tokens, pool_ - num_experts_}, at::kBool)}, 1);
+    mask = at::cat({mask, at::ones({tokens, pool_ - num_experts_}, flags)}, 1);
   return selection.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
@@ -66,9 +67,13 @@ RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor) {
       const int64_t capacity = expert_choice_capacity(capacity_factor, tokens, top_k_, pool_);
       const auto picked =
           std::get<1>(selection_scores(out.scores).t().topk(capacity, -1));  // [E, C]
-      out.selected =
-          at::zeros({pool_, tokens}, at::kBool).scatter_(1, picked, true).t().contiguous();
-      out.expert_ids = at::arange(pool_, at::kLong).expand({tokens, pool_}).contiguous();
+      const auto options = out.scores.options();
+      out.selected = at::zeros({pool_, tokens}, options.dtype(at::kBool))
+                         .scatter_(1, picked, true)
+                         .t()
+                         .contiguous();
+      out.expert_ids =
+          at::arange(pool_, options.dtype(at::kLong)).expand({tokens, pool_}).contiguous();
     }
     out.gates = out.scores * config_.scaling_factor;  // unbiased scores, no renormalisation
     return out;

@@ -4,6 +4,7 @@
 
 #include <numeric>
 
+#include "moe/load_balancing.hpp"
 #include "parallel/all_to_all.hpp"
 
 namespace moeforge::moe {
@@ -27,10 +28,10 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
   const int64_t ep = ep_.size();
   const int64_t tokens = expert_ids.size(0), top_k = expert_ids.size(1);
   const int64_t local = num_local_experts_;
+  const auto index_options = expert_ids.options().dtype(at::kLong);
   chunks = std::max<int64_t>(1, chunks);
   std::vector<DispatchPlan> plans(chunks);
-  // counts[c][g]: kept rows of chunk c for global expert g.
-  auto counts = at::zeros({chunks, num_experts_}, at::kLong);
+  std::vector<at::Tensor> chunk_counts;  // [E + 1] per chunk; the last counts dropped slots
   for (int64_t c = 0; c < chunks; ++c) {
     auto& plan = plans[c];
     plan.num_tokens = tokens;
@@ -38,27 +39,24 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
     // Chunk c: tokens [c·T/n, (c+1)·T/n), i.e. flat slots [first·k, last·k).
     const int64_t first = c * tokens / chunks, last = (c + 1) * tokens / chunks;
     auto flat_ids = expert_ids.narrow(0, first, last - first).reshape({-1});
-    auto slots = at::arange(first * top_k, last * top_k, at::kLong);
-    if (keep.defined()) {
-      const auto kept = keep.narrow(0, first, last - first).reshape({-1});
-      slots = slots.masked_select(kept);
-      flat_ids = flat_ids.masked_select(kept);
-    }
+    // Dropped slots get the id E, so they sort after every expert's rows and are cut off once
+    // the counts are on the host: no data-dependent shape (and host read) before that.
+    if (keep.defined())
+      flat_ids = at::where(keep.narrow(0, first, last - first).reshape({-1}), flat_ids,
+                           at::full({}, num_experts_, index_options));
     // Stable sort keeps slot order within an expert, so the permutation is ep-independent.
     const auto by_expert = at::argsort(flat_ids, /*stable=*/true);
-    plan.slot_order = slots.index_select(0, by_expert);
-    plan.token_of_row = at::floor_divide(plan.slot_order, top_k);
-    counts[c].copy_(at::bincount(flat_ids, {}, num_experts_));
+    plan.slot_order =
+        at::arange(first * top_k, last * top_k, index_options).index_select(0, by_expert);
+    chunk_counts.push_back(count_ids(flat_ids, num_experts_ + 1));
   }
-  // One counts exchange for all chunks: to EP rank p go [chunks, El] counts of its experts.
-  const auto send_counts = counts.view({chunks, ep, local}).permute({1, 0, 2}).contiguous();
-  const auto received =
-      ep_.all_to_all_v(send_counts, std::vector<int64_t>(ep, 1), std::vector<int64_t>(ep, 1))
-          .contiguous();  // [ep, chunks, El] from each source
-  const int64_t* recv = received.data_ptr<int64_t>();
+  const auto counts = at::stack(chunk_counts).narrow(1, 0, num_experts_);  // [chunks, E]
+  const auto host = counts_on_host(counts);
+  const int64_t* count_data = host.data_ptr<int64_t>();
+  const int64_t* recv = count_data + chunks * num_experts_;  // [ep, chunks, El] from each source
   for (int64_t c = 0; c < chunks; ++c) {
     auto& plan = plans[c];
-    const int64_t* count = counts[c].contiguous().data_ptr<int64_t>();
+    const int64_t* count = count_data + c * num_experts_;
     plan.send_rows.assign(ep, 0);
     plan.recv_rows.assign(ep, 0);
     plan.rows_per_local_expert.assign(local, 0);
@@ -71,6 +69,8 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
       plan.send_rows[g / local] += count[g];
       offset += count[g];
     }
+    plan.slot_order = plan.slot_order.narrow(0, 0, offset);  // the kept rows
+    plan.token_of_row = at::floor_divide(plan.slot_order, top_k);
     offset = 0;
     for (int64_t e = 0; e < local; ++e)
       for (int64_t p = 0; p < ep; ++p) {
@@ -82,6 +82,18 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
       }
   }
   return plans;
+}
+
+at::Tensor TokenDispatcher::counts_on_host(const at::Tensor& counts) const {
+  // The layer's one host synchronisation: this rank's [chunks, E] counts, then what every EP
+  // rank sends here ([ep, chunks, El]), exchanged in one all-to-all and copied in one transfer.
+  const int64_t ep = ep_.size(), chunks = counts.size(0);
+  if (ep == 1) return at::cat({counts.reshape({-1}), counts.reshape({-1})}).cpu();
+  const auto send_counts =
+      counts.view({chunks, ep, num_local_experts_}).permute({1, 0, 2}).contiguous();
+  const auto received =
+      ep_.all_to_all_v(send_counts, std::vector<int64_t>(ep, 1), std::vector<int64_t>(ep, 1));
+  return at::cat({counts.reshape({-1}), received.reshape({-1}).to(counts.device())}).cpu();
 }
 
 at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& plan) const {

@@ -67,6 +67,9 @@ class TokenDispatcher {
   int ep_size() const { return ep_.size(); }
 
  private:
+  // [chunks, E] counts (any device) -> host int64: these counts flattened, then the
+  // [ep, chunks, E/ep] counts each EP rank sends to this one.
+  at::Tensor counts_on_host(const at::Tensor& counts) const;
   parallel::Communicator& ep_;
   int64_t num_experts_;
   int64_t num_local_experts_;

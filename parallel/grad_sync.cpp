@@ -56,7 +56,7 @@ void GradientSynchronizer::prepare_for_backward() {
 }
 
 void GradientSynchronizer::on_gradient_ready(size_t bucket) {
-  if (!armed_ || pending_[bucket] == 0) return;
+  if (!armed_ || pending_[bucket] == 0 || group_.size() == 1) return;
   --pending_[bucket];
   // In bucket order only: the same collective sequence on every rank.
   while (next_launch_ < buckets_.size() && pending_[next_launch_] == 0) {
@@ -93,6 +93,15 @@ void GradientSynchronizer::finish(size_t bucket) {
 }
 
 void GradientSynchronizer::synchronize() {
+  if (group_.size() == 1) {  // nothing to exchange (one GPU, or ep = world for experts)
+    armed_ = false;
+    at::NoGradGuard no_grad;
+    for (auto& p : parameters_) {
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      if (world_size_ != 1) p.mutable_grad().div_(world_size_);
+    }
+    return;
+  }
   const size_t first_unlaunched = armed_ ? next_launch_ : 0;
   armed_ = false;
   for (size_t b = first_unlaunched; b < buckets_.size(); ++b) launch(b);

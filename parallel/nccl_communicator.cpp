@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -73,17 +74,17 @@ bool nccl_available() {
   return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
 }
 
-NcclCommunicator::NcclCommunicator(const MpiCommunicator& bootstrap, int device)
+NcclCommunicator::NcclCommunicator(Communicator& bootstrap, int device)
     : handle_(std::make_unique<Handle>()),
       rank_(bootstrap.rank()),
       size_(bootstrap.size()),
       device_(device) {
   ncclUniqueId id;
   if (rank_ == 0) check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
-  // The id is plain bytes: broadcast it over the MPI bootstrap communicator.
+  // The id is plain bytes: broadcast it over the bootstrap communicator.
   auto bytes = at::empty({static_cast<int64_t>(sizeof(id))}, at::kByte);
   if (rank_ == 0) std::memcpy(bytes.data_ptr(), &id, sizeof(id));
-  const_cast<MpiCommunicator&>(bootstrap).broadcast(bytes, 0);
+  bootstrap.broadcast(bytes, 0);
   std::memcpy(&id, bytes.data_ptr(), sizeof(id));
   c10::cuda::CUDAGuard guard(device_);
   check_nccl(ncclCommInitRank(&handle_->comm, size_, id, rank_), "ncclCommInitRank");

@@ -16,14 +16,14 @@
 #include <memory>
 
 #include "parallel/communicator.hpp"
-#include "parallel/mpi_communicator.hpp"
 
 namespace moeforge::parallel {
 
 class NcclCommunicator final : public Communicator {
  public:
-  // Collective over `bootstrap`. `device`: the CUDA device this rank uses.
-  NcclCommunicator(const MpiCommunicator& bootstrap, int device);
+  // Collective over `bootstrap` (any backend that broadcasts host tensors: MPI, or the
+  // one-process group). `device`: the CUDA device this rank uses.
+  NcclCommunicator(Communicator& bootstrap, int device);
   ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;

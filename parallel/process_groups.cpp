@@ -2,9 +2,16 @@
 
 #include <fmt/format.h>
 
+#include <functional>
+#include <stdexcept>
+
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/queued_communicator.hpp"
 #include "parallel/simulated_link.hpp"
+#include "parallel/staging_communicator.hpp"
+#ifdef MOEFORGE_CUDA
+#include "parallel/nccl_communicator.hpp"
+#endif
 #include "trainer/user_error.hpp"
 
 namespace moeforge::parallel {
@@ -31,24 +38,50 @@ ProcessGroups make_single_process_groups() {
   return groups;
 }
 
+namespace {
+
+// Applies `make` to each distinct communicator of `groups`, keeping the sharing between world,
+// EP and EDP (one of them may be another: ep = 1 or ep = W).
+ProcessGroups map_groups(
+    const ProcessGroups& groups,
+    const std::function<std::shared_ptr<Communicator>(const std::shared_ptr<Communicator>&)>&
+        make) {
+  ProcessGroups mapped = groups;
+  mapped.world = make(groups.world);
+  mapped.ep = groups.ep == groups.world ? mapped.world : make(groups.ep);
+  mapped.edp = groups.edp == groups.world ? mapped.world
+               : groups.edp == groups.ep  ? mapped.ep
+                                          : make(groups.edp);
+  return mapped;
+}
+
+}  // namespace
+
+ProcessGroups with_backend(const ProcessGroups& groups, Backend backend, c10::Device device) {
+  if (backend == Backend::kMpi)
+    return map_groups(groups, [](const std::shared_ptr<Communicator>& comm) {
+      return std::make_shared<StagingCommunicator>(comm, c10::Device(c10::kCPU));
+    });
+#ifdef MOEFORGE_CUDA
+  return map_groups(groups, [device](const std::shared_ptr<Communicator>& comm) {
+    auto nccl = std::make_shared<NcclCommunicator>(*comm, device.index());
+    return std::make_shared<StagingCommunicator>(std::move(nccl), device);
+  });
+#else
+  (void)device;
+  throw std::runtime_error("the NCCL backend needs a CUDA build of moeforge");
+#endif
+}
+
 ProcessGroups with_communication_options(const ProcessGroups& groups, bool worker,
                                          const LinkModel& link) {
   if (groups.world->size() <= 1) return groups;
-  const auto wrap =
-      [&](const std::shared_ptr<Communicator>& comm) -> std::shared_ptr<Communicator> {
+  return map_groups(groups, [&](const std::shared_ptr<Communicator>& comm) {
     std::shared_ptr<Communicator> result = comm;
     if (link.bandwidth_gbps > 0) result = std::make_shared<SimulatedLinkCommunicator>(result, link);
     if (worker) result = std::make_shared<QueuedCommunicator>(result);
     return result;
-  };
-  ProcessGroups wrapped = groups;
-  wrapped.world = wrap(groups.world);
-  // EP/EDP may be the world communicator itself (ep = 1 or ep = W): keep that sharing.
-  wrapped.ep = groups.ep == groups.world ? wrapped.world : wrap(groups.ep);
-  wrapped.edp = groups.edp == groups.world ? wrapped.world
-                : groups.edp == groups.ep  ? wrapped.ep
-                                           : wrap(groups.edp);
-  return wrapped;
+  });
 }
 
 }  // namespace moeforge::parallel

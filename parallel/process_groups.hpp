@@ -6,6 +6,8 @@
 //   edp:   expert-data-parallel group = ranks with the same EP-rank in every EP group; expert
 //          gradients are reduced over it, non-expert gradients over world.
 // Creating groups is collective over the world communicator.
+#include <c10/core/Device.h>
+
 #include <memory>
 
 #include "parallel/communicator.hpp"
@@ -29,6 +31,15 @@ ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size);
 
 // One-rank groups (world = ep = edp = this process, no MPI needed) for tests and tools.
 ProcessGroups make_single_process_groups();
+
+enum class Backend { kMpi, kNccl };
+
+// The same groups on `backend`, taking tensors of any device. kNccl: one NCCL communicator per
+// distinct group, bootstrapped over that group (its unique id broadcast), on CUDA `device`;
+// needs a CUDA build (throws otherwise). Either backend stages tensors that are not in its
+// native memory (MPI: host; NCCL: `device`) through a copy (parallel/staging_communicator.hpp).
+// Collective over the world when kNccl.
+ProcessGroups with_backend(const ProcessGroups& groups, Backend backend, c10::Device device);
 
 struct LinkModel;
 

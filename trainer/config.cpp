@@ -231,6 +231,8 @@ void validate(const Config& c, const Locations& locations, const std::string& so
   rule(c.moe.num_experts % c.parallel.ep_size == 0, "parallel.ep_size",
        fmt::format("{} does not divide moe.num_experts = {}", c.parallel.ep_size,
                    c.moe.num_experts));
+  rule(c.parallel.backend != "nccl" || c.train.device == "cuda", "parallel.backend",
+       "nccl carries CUDA tensors: set train.device: cuda, or use parallel.backend: mpi / auto");
   rule(c.train.seq_len <= m.max_seq_len, "train.seq_len",
        fmt::format("{} is longer than model.max_seq_len = {}", c.train.seq_len, m.max_seq_len));
   rule(c.train.min_lr <= c.train.lr, "train.min_lr",
@@ -350,8 +352,11 @@ std::string config_reference_markdown() {
     }
     std::string value = format_value(key, defaults);
     if (key.type == KeyType::kString && value.empty()) value = "\"\"";
-    text +=
-        fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, key.allowed_text(), key.doc);
+    // A bare '|' would end the table cell ("one of a | b").
+    std::string allowed = key.allowed_text();
+    for (size_t at = allowed.find('|'); at != std::string::npos; at = allowed.find('|', at + 2))
+      allowed.replace(at, 1, "\\|");
+    text += fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, allowed, key.doc);
   }
   return text;
 }

@@ -89,6 +89,7 @@ struct ParallelConfig {
   bool comm_worker = true;        // run collectives on the communication worker thread
   int64_t overlap_degree = 1;     // MoE dispatch/experts/combine pipeline chunks
   bool overlap_grad_sync = true;  // all-reduce gradient buckets during backward
+  std::string backend = "auto";   // auto | mpi | nccl (auto: nccl when train.device is cuda)
   SimulatedLinkConfig simulated_link;
 };
 
@@ -109,6 +110,7 @@ struct TrainConfig {
   int64_t eval_every = 50;  // 0 = only at the end
   int64_t eval_batches = 4;
   int64_t threads_per_rank = 0;  // 0 = leave torch's default (OMP_NUM_THREADS)
+  std::string device = "cpu";    // cpu | cuda (one GPU per rank, by node-local rank)
   std::string out_dir = "runs/tiny";
 };
 

@@ -166,6 +166,9 @@ const std::vector<KeySpec>& config_schema() {
               "backward); 1 = one chunk (shared experts still overlap the dispatch)"),
       bool_key(KEY(parallel.overlap_grad_sync),
                "All-reduce each gradient bucket as soon as backward has produced it"),
+      string_key(KEY(parallel.backend), {"auto", "mpi", "nccl"},
+                 "Collectives: auto = nccl when train.device is cuda, else mpi; mpi with cuda "
+                 "stages tensors through host memory; nccl needs train.device cuda"),
       float_key(KEY(parallel.simulated_link.bandwidth_gbps), 0.0, 1e6,
                 "Simulated network: every collective takes at least its traffic / this many "
                 "GB/s (10⁹ bytes/s) plus latency; 0 = off"),
@@ -193,6 +196,9 @@ const std::vector<KeySpec>& config_schema() {
               "Validation micro-batches per rank per evaluation"),
       int_key(KEY(train.threads_per_rank), 0, 1024,
               "Torch intra-op threads per rank; 0 = OMP_NUM_THREADS / default"),
+      string_key(KEY(train.device), {"cpu", "cuda"},
+                 "Where the model computes: cpu, or cuda = one GPU per rank, chosen by the "
+                 "rank's index on its node (MPI shared-memory split) modulo the visible GPUs"),
       string_key(KEY(train.out_dir), {},
                  "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
       // data

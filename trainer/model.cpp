@@ -27,8 +27,8 @@ at::Tensor apply_rope(const at::Tensor& x, double theta) {
       1.0 / at::pow(theta, at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim));
   const auto angles = at::outer(at::arange(seq, at::kDouble), inv_freq);  // [S, D/2]
   const auto emb = at::cat({angles, angles}, -1);                         // [S, D]
-  const auto cos = emb.cos().to(x.scalar_type());
-  const auto sin = emb.sin().to(x.scalar_type());
+  const auto cos = emb.cos().to(x.options());  // computed in float64 on the host, then moved
+  const auto sin = emb.sin().to(x.options());
   const auto first = x.narrow(-1, 0, dim / 2);
   const auto second = x.narrow(-1, dim / 2, dim / 2);
   const auto rotated = at::cat({-second, first}, -1);
@@ -115,8 +115,9 @@ DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) :
 
 LmOutput DecoderLMImpl::forward(const at::Tensor& tokens) {
   LmOutput out;
-  out.aux_loss = at::zeros({}, at::kFloat);
-  out.z_loss = at::zeros({}, at::kFloat);
+  const auto scalar = tokens.options().dtype(at::kFloat);
+  out.aux_loss = at::zeros({}, scalar);
+  out.z_loss = at::zeros({}, scalar);
   auto h = embed->forward(tokens);  // [B, S, H]
   for (const auto& layer : *layers) {
     h = layer->as<DecoderBlockImpl>()->forward(h, out.aux_loss, out.z_loss);

@@ -14,6 +14,7 @@
 #include "moe/load_balancing.hpp"
 #include "parallel/simulated_link.hpp"
 #include "parallel/trace.hpp"
+#include "trainer/device.hpp"
 #include "trainer/hf_checkpoint.hpp"
 #include "trainer/model_weights.hpp"
 #include "trainer/user_error.hpp"
@@ -61,15 +62,25 @@ void maybe_inject_failure(int rank, int64_t step) {
   }
 }
 
+// The groups a run uses: on its backend, with the communication worker (MPI only: NCCL is
+// asynchronous through its own stream) and the simulated link applied.
+parallel::ProcessGroups prepare_groups(const Config& config, const parallel::ProcessGroups& groups,
+                                       const c10::Device& device) {
+  const auto backend = resolve_backend(config, device);
+  const bool worker = config.parallel.comm_worker && backend == parallel::Backend::kMpi;
+  const auto& link = config.parallel.simulated_link;
+  return parallel::with_communication_options(
+      parallel::with_backend(groups, backend, device), worker,
+      parallel::LinkModel{link.bandwidth_gbps, link.latency_us});
+}
+
 }  // namespace
 
 Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, TokenDataset data,
                  RunOptions options)
     : config_(config),
-      groups_(parallel::with_communication_options(
-          groups, config.parallel.comm_worker,
-          parallel::LinkModel{config.parallel.simulated_link.bandwidth_gbps,
-                              config.parallel.simulated_link.latency_us})),
+      device_(resolve_device(config)),
+      groups_(prepare_groups(config, groups, device_)),
       data_(std::move(data)),
       options_(std::move(options)) {
   is_root_ = groups_.world->rank() == 0;
@@ -86,6 +97,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   for (auto& layer : model_->moe_layers())
     layer->set_overlap_degree(config_.parallel.overlap_degree);
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
+  model_->to(device_);  // initialised on the host, so every device starts from the same weights
   model_->train();
   optimizer_ = std::make_unique<AdamW>(named_parameter_list(*model_), config_.train);
   const auto bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * 1024 * 1024);
@@ -139,14 +151,14 @@ void Trainer::set_global_load_fractions(int64_t samples_consumed) {
     at::NoGradGuard no_grad;
     for (auto& layer : layers) {
       layer->set_global_load_fraction({});
-      load.push_back(at::zeros({layer->pool_size()}, at::kLong));
+      load.push_back(at::zeros({layer->pool_size()}, at::TensorOptions(device_).dtype(at::kLong)));
     }
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       const int64_t first = first_sample(samples_consumed, micro);
       seed_router_noise(first);
-      const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed);
+      const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);
       model_->forward(batch.narrow(1, 0, t.seq_len));
-      for (size_t i = 0; i < layers.size(); ++i) load[i] += layers[i]->last_stats().load;
+      for (size_t i = 0; i < layers.size(); ++i) load[i] += layers[i]->last_counters().load;
     }
   }
   const auto global = sum_loads(*groups_.world, load);  // over the data-parallel world
@@ -173,15 +185,14 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   const auto& t = config_.train;
   const int rank = groups_.world->rank();
   const auto& balancing = config_.moe.balancing;
-  const int64_t num_experts = config_.moe.num_experts;
   auto layers = model_->moe_layers();
-  const size_t n = layers.size();
+  const auto on_device = at::TensorOptions(device_);
   MicroBatchTotals totals;
-  for (auto& layer : layers)  // one tensor each: they are summed in place
-    totals.load.push_back(at::zeros({layer->pool_size()}, at::kLong));
-  for (auto* v : {&totals.dropped, &totals.real_slots, &totals.null_slots, &totals.entropy,
-                  &totals.micro_max_vio})
-    v->assign(n, 0.0);
+  totals.losses = at::zeros({3}, on_device.dtype(at::kDouble));
+  for (auto& layer : layers) {  // one tensor each: they are summed in place
+    totals.load.push_back(at::zeros({layer->pool_size()}, on_device.dtype(at::kLong)));
+    totals.routing.push_back(at::zeros({kRoutingValues}, on_device.dtype(at::kDouble)));
+  }
   const bool global_aux =
       balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == "global_batch";
   if (global_aux) set_global_load_fractions(samples_consumed);
@@ -189,16 +200,12 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
     const int64_t first = first_sample(samples_consumed, micro);
     seed_router_noise(first);
-    const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed);  // [B, S+1]
+    const auto batch =
+        data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);  // [B, S+1]
     const auto forward_start = parallel::trace::Clock::now();
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
     const auto lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
-    const double lm_value = lm_loss.item<double>();
     parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
-    if (!std::isfinite(lm_value))
-      throw std::runtime_error(fmt::format(
-          "non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data", lm_value,
-          rank, state_.step + 1));
     const auto total =
         lm_loss + balancing.aux_loss.coeff * out.aux_loss + balancing.z_loss.coeff * out.z_loss;
     if (micro == t.grad_accum - 1) {  // gradients are final in this backward: sync as they come
@@ -209,31 +216,43 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
       const parallel::trace::Span span("compute", "backward");
       (total / static_cast<double>(t.grad_accum)).backward();
     }
-    totals.loss += lm_value / t.grad_accum;
-    totals.aux += out.aux_loss.item<double>() / t.grad_accum;
-    totals.z += out.z_loss.item<double>() / t.grad_accum;
-    for (size_t i = 0; i < n; ++i) {
-      const auto& stats = layers[i]->last_stats();
-      totals.load[i] += stats.load;
-      totals.dropped[i] += static_cast<double>(stats.dropped);
-      totals.real_slots[i] += static_cast<double>(stats.slots - stats.null_slots);
-      totals.null_slots[i] += static_cast<double>(stats.null_slots);
-      totals.entropy[i] += stats.entropy / t.grad_accum;
-      totals.micro_max_vio[i] +=
-          moe::max_violation(stats.load.narrow(0, 0, num_experts)) / t.grad_accum;
-    }
+    totals.losses +=
+        at::stack({lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()}).to(at::kDouble) /
+        static_cast<double>(t.grad_accum);
+    accumulate_routing(totals);
   }
   if (global_aux)
     for (auto& layer : layers) layer->set_global_load_fraction({});
+  // Read once per step (on a GPU, the step's only wait for the device besides the MoE counts).
+  const double loss = totals.losses[0].item<double>();
+  if (!std::isfinite(loss))
+    throw std::runtime_error(
+        fmt::format("non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data",
+                    loss, rank, state_.step + 1));
   const parallel::trace::Span span("compute", "gradient sync (wait)");
   dense_sync_->synchronize();
   expert_sync_->synchronize();
   return totals;
 }
 
+void Trainer::accumulate_routing(MicroBatchTotals& totals) {
+  const auto layers = model_->moe_layers();
+  const int64_t num_experts = config_.moe.num_experts;
+  const double accum = static_cast<double>(config_.train.grad_accum);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& counters = layers[i]->last_counters();
+    totals.load[i] += counters.load;
+    const auto counts = counters.slot_counts.to(at::kDouble);  // selected, null, kept rows
+    const auto selected = counts[0], null_slots = counts[1], rows = counts[2];
+    totals.routing[i] += at::stack(
+        {selected - null_slots - rows, selected - null_slots, null_slots, counters.entropy / accum,
+         moe::max_violation_tensor(counters.load.narrow(0, 0, num_experts)) / accum});
+  }
+}
+
 Trainer::LossTerms Trainer::compute_gradients(int64_t samples_consumed) {
   const auto totals = forward_backward(samples_consumed);
-  auto packed = at::tensor(std::vector<double>{totals.loss, totals.aux, totals.z}, at::kDouble);
+  auto packed = totals.losses.cpu();
   groups_.world->all_reduce(packed);
   const double world = groups_.world->size();
   return {packed[0].item<double>() / world, packed[1].item<double>() / world,
@@ -244,19 +263,17 @@ double Trainer::clip_gradients() {
   at::NoGradGuard no_grad;
   // Non-expert gradients are identical on every rank after sync: count them once. Expert
   // gradients are distinct across the EP group (and identical across EDP): sum over EP.
-  double dense_sq = 0.0;
-  auto expert_sq = at::zeros({1}, at::kDouble);
+  // Summed on the device in float64, read once.
+  auto squares = at::zeros({2}, at::TensorOptions(device_).dtype(at::kDouble));  // dense, expert
   for (auto& slot : optimizer_->slots()) {
     const auto& grad = slot.param.grad();
     if (!grad.defined()) continue;
-    const double sq = grad.to(at::kDouble).square().sum().item<double>();
-    if (is_expert_parameter(slot.name))
-      expert_sq += sq;
-    else
-      dense_sq += sq;
+    squares[is_expert_parameter(slot.name) ? 1 : 0] += grad.to(at::kDouble).square().sum();
   }
+  const auto host = squares.cpu();
+  auto expert_sq = host.narrow(0, 1, 1).clone();
   groups_.ep->all_reduce(expert_sq);
-  const double norm = std::sqrt(dense_sq + expert_sq.item<double>());
+  const double norm = std::sqrt(host[0].item<double>() + expert_sq.item<double>());
   const double clip = config_.train.grad_clip;
   if (clip > 0 && norm > clip) {
     const double scale = clip / (norm + 1e-6);
@@ -295,18 +312,13 @@ StepMetrics Trainer::train_step() {
     optimizer_->step(lr);
   }
 
-  // One all-reduce for every reported number: [loss, aux, z, per layer: kPerLayer values].
-  constexpr size_t kPerLayer = 5;
-  std::vector<double> packed = {totals.loss, totals.aux, totals.z};
-  for (size_t i = 0; i < layers.size(); ++i) {
-    for (const double v : {totals.dropped[i], totals.real_slots[i], totals.null_slots[i],
-                           totals.entropy[i], totals.micro_max_vio[i]})
-      packed.push_back(v);
-  }
-  auto packed_tensor = at::tensor(packed, at::kDouble);
+  // One all-reduce for every reported number: [loss, aux, z, per layer: kRoutingValues].
+  std::vector<at::Tensor> parts = {totals.losses};
+  parts.insert(parts.end(), totals.routing.begin(), totals.routing.end());
+  auto packed_tensor = at::cat(parts).cpu();
   groups_.world->all_reduce(packed_tensor);
   const double* reduced = packed_tensor.data_ptr<double>();
-  const auto global_load = sum_loads(*groups_.world, totals.load);
+  auto global_load = sum_loads(*groups_.world, totals.load);
   update_expert_biases(global_load);
 
   state_.step += 1;
@@ -330,10 +342,11 @@ StepMetrics Trainer::train_step() {
       if (is_moe_block(config_.moe, b) && seen++ == static_cast<int64_t>(i)) block = b;
     }
     layer.layer = block;
-    const auto* counts = global_load[i].data_ptr<int64_t>();
+    const auto load = global_load[i].cpu();
+    const auto* counts = load.data_ptr<int64_t>();
     layer.expert_load.assign(counts, counts + num_experts);  // real experts (not null ones)
-    layer.max_vio = moe::max_violation(global_load[i].narrow(0, 0, num_experts));
-    const double* r = reduced + 3 + kPerLayer * i;  // dropped, real, null, entropy, micro vio
+    layer.max_vio = moe::max_violation(load.narrow(0, 0, num_experts));
+    const double* r = reduced + 3 + kRoutingValues * i;  // dropped, real, null, entropy, vio
     layer.dropped_frac = r[1] > 0 ? r[0] / r[1] : 0.0;
     layer.null_frac = r[1] + r[2] > 0 ? r[2] / (r[1] + r[2]) : 0.0;
     layer.router_entropy = r[3] / world;
@@ -357,7 +370,7 @@ double Trainer::evaluate() {
   double loss_sum = 0.0;
   for (int64_t b = 0; b < t.eval_batches; ++b) {
     const auto batch =
-        data_.val_samples((b * world + rank) * t.micro_batch_size, t.micro_batch_size);
+        data_.val_samples((b * world + rank) * t.micro_batch_size, t.micro_batch_size).to(device_);
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
     loss_sum += language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len)).item<double>();
   }

@@ -60,6 +60,7 @@ class Trainer {
   double evaluate();
 
   DecoderLMImpl& model() { return *model_; }
+  const c10::Device& device() const { return device_; }
   // Gradient buckets all-reduced while the last backward was still running (overlap proof).
   int64_t buckets_launched_during_backward() const {
     return dense_sync_->launched_during_backward() + expert_sync_->launched_during_backward();
@@ -67,13 +68,19 @@ class Trainer {
   const TrainingState& state() const { return state_; }
 
  private:
-  // Sums over this rank's micro-batches of one optimizer step (loss terms are means).
+  // Sums over this rank's micro-batches of one optimizer step (loss terms are means), kept on
+  // the device until the step reads them all at once.
   struct MicroBatchTotals {
-    double loss = 0.0, aux = 0.0, z = 0.0;
-    std::vector<at::Tensor> load;  // per MoE layer [P] int64
-    std::vector<double> dropped, real_slots, null_slots, entropy, micro_max_vio;
+    at::Tensor losses;                // [3] float64: loss, aux, z
+    std::vector<at::Tensor> load;     // per MoE layer [P] int64
+    std::vector<at::Tensor> routing;  // per MoE layer [kRoutingValues] float64 (see below)
   };
+  // Per-layer routing values summed over micro-batches: dropped slots, real slots, null slots,
+  // entropy / accum, micro-batch MaxVio / accum.
+  static constexpr int64_t kRoutingValues = 5;
   MicroBatchTotals forward_backward(int64_t samples_consumed);
+  // Adds every MoE layer's counters of the micro-batch just run to `totals`.
+  void accumulate_routing(MicroBatchTotals& totals);
   // Weights from a checkpoint (or HF directory); optimizer and step start fresh.
   void initialize_from(const std::string& path);
   // Global-batch aux scope: a no-grad routing pass over this step's micro-batches gives every
@@ -88,6 +95,7 @@ class Trainer {
   double clip_gradients();
 
   Config config_;
+  c10::Device device_;
   parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;

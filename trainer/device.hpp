@@ -1,0 +1,24 @@
+#pragma once
+// Where a rank computes (train.device) and which backend carries its collectives
+// (parallel.backend), resolved once at start-up.
+#include <c10/core/Device.h>
+
+#include <string>
+
+#include "parallel/process_groups.hpp"
+#include "trainer/config.hpp"
+
+namespace moeforge {
+
+// This rank's index among the ranks of its node, from the launcher's environment (OpenMPI,
+// MPICH/Hydra, SLURM, torchrun spellings); 0 when none is set (a single process).
+int node_local_rank();
+
+// cpu, or cuda:<node-local rank mod visible GPUs>. Throws UserError naming the key when CUDA is
+// asked for and this build or machine has none.
+c10::Device resolve_device(const Config& config);
+
+// parallel.backend with `auto` resolved: nccl for CUDA devices, mpi otherwise.
+parallel::Backend resolve_backend(const Config& config, const c10::Device& device);
+
+}  // namespace moeforge
