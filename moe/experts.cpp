@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include "moe/compute_precision.hpp"
 #include "moe/grouped_matmul.hpp"
 
 namespace moeforge::moe {
@@ -32,10 +33,13 @@ GroupedExpertsImpl::GroupedExpertsImpl(int64_t num_local_experts, int64_t hidden
 
 at::Tensor GroupedExpertsImpl::forward(const at::Tensor& x,
                                        const std::vector<int64_t>& rows_per_expert) {
-  // Same SwiGLU as swiglu(), with every matmul grouped over the local experts.
-  const auto gate = at::silu(grouped_matmul(x, w_gate.transpose(1, 2), rows_per_expert));  // [R, F]
-  const auto up = grouped_matmul(x, w_up.transpose(1, 2), rows_per_expert);                // [R, F]
-  return grouped_matmul(gate * up, w_down.transpose(1, 2), rows_per_expert);               // [R, H]
+  // Same SwiGLU as swiglu(), with every matmul grouped over the local experts; under autocast
+  // in its dtype (grouped_matmul is not an autocast op, so the casts are explicit).
+  const auto rows = to_compute_dtype(x, x);
+  const auto weight = [&](const at::Tensor& w) { return to_compute_dtype(w, x).transpose(1, 2); };
+  const auto gate = at::silu(grouped_matmul(rows, weight(w_gate), rows_per_expert));  // [R, F]
+  const auto up = grouped_matmul(rows, weight(w_up), rows_per_expert);                // [R, F]
+  return grouped_matmul(gate * up, weight(w_down), rows_per_expert);                  // [R, H]
 }
 
 }  // namespace moeforge::moe

@@ -3,6 +3,10 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
+#include <iostream>
+#include <mutex>
+#include <optional>
+
 namespace moeforge::moe {
 namespace {
 
@@ -18,6 +22,8 @@ bool is_16_byte_aligned(const at::Tensor& t) {
 // K and N multiples of 16 / element size; anything else takes the loop.
 bool has_grouped_kernel(const at::Tensor& a, const at::Tensor& b, int64_t result_columns) {
   const auto type = a.scalar_type();
+  // On CUDA the grouped GEMM kernel is bf16 (Hopper); other types take the per-group loop there.
+  if (a.is_cuda() && type != at::kBFloat16) return false;
   if (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf) return false;
   return is_16_byte_aligned(a) && is_16_byte_aligned(b) &&
          (result_columns * a.element_size()) % 16 == 0;
@@ -31,11 +37,29 @@ at::Tensor group_offsets(const std::vector<int64_t>& rows_per_group, const at::D
   return at::tensor(ends, at::kInt).to(device);
 }
 
+// at::_grouped_mm(a, b, offsets) when a kernel takes these operands; nullopt sends the caller to
+// its per-group loop. A layout the kernel refuses (its checks throw before any launch) is
+// reported once and then takes the loop too, so a slow path is visible instead of fatal.
+std::optional<at::Tensor> grouped_kernel(const at::Tensor& a, const at::Tensor& b,
+                                         int64_t result_columns,
+                                         const std::vector<int64_t>& rows_per_group) {
+  if (!has_grouped_kernel(a, b, result_columns)) return std::nullopt;
+  try {
+    return at::_grouped_mm(a, b, group_offsets(rows_per_group, a.device()));
+  } catch (const c10::Error& e) {
+    static std::once_flag reported;
+    std::call_once(reported, [&] {
+      std::cerr << "moeforge: at::_grouped_mm refused " << a.sizes() << "·" << b.sizes()
+                << "; using the per-group loop: " << e.what_without_backtrace() << std::endl;
+    });
+    return std::nullopt;
+  }
+}
+
 // x [R, K] · w[g] [K, N] per row group -> [R, N].
 at::Tensor rows_times_groups(const at::Tensor& x, const at::Tensor& w,
                              const std::vector<int64_t>& rows_per_group) {
-  if (has_grouped_kernel(x, w, w.size(2)))
-    return at::_grouped_mm(x, w, group_offsets(rows_per_group, x.device()));
+  if (auto out = grouped_kernel(x, w, w.size(2), rows_per_group)) return *out;
   auto out = at::empty({x.size(0), w.size(2)}, x.options());
   int64_t offset = 0;
   for (size_t g = 0; g < rows_per_group.size(); ++g) {
@@ -52,8 +76,12 @@ at::Tensor rows_times_groups(const at::Tensor& x, const at::Tensor& w,
 // a [K, R] · b [R, N] split along R by group -> [G, K, N] (weight gradients).
 at::Tensor per_group_outer(const at::Tensor& a, const at::Tensor& b,
                            const std::vector<int64_t>& rows_per_group) {
-  if (has_grouped_kernel(a, b, b.size(1)))
-    return at::_grouped_mm(a, b, group_offsets(rows_per_group, a.device()));
+  if (auto out = grouped_kernel(a, b, b.size(1), rows_per_group)) {
+    // An expert that received no rows has a zero gradient; not every kernel writes empty groups.
+    for (size_t g = 0; g < rows_per_group.size(); ++g)
+      if (rows_per_group[g] == 0) (*out)[static_cast<int64_t>(g)].zero_();
+    return *out;
+  }
   auto out =
       at::zeros({static_cast<int64_t>(rows_per_group.size()), a.size(0), b.size(1)}, a.options());
   int64_t offset = 0;

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "moe/capacity.hpp"
+#include "moe/compute_precision.hpp"
 #include "moe/load_balancing.hpp"
 #include "parallel/trace.hpp"
 
@@ -121,7 +122,8 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len) {
   const auto plans = dispatcher_.plan_chunks(route.expert_ids, keep, chunks);
   mark("plan+counts a2a");
   std::vector<at::Tensor> permuted;
-  for (const auto& plan : plans) permuted.push_back(dispatcher_.permute(x, plan));  // [N_c, H]
+  const auto rows = to_compute_dtype(x, x);  // bf16 under autocast: experts and a2a in bf16
+  for (const auto& plan : plans) permuted.push_back(dispatcher_.permute(rows, plan));  // [N_c, H]
   mark("permute");
 
   // 5-7 pipelined: chunk c+1's dispatch and chunk c-1's combine are in flight while chunk c

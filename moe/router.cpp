@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 
+#include "moe/compute_precision.hpp"
+
 namespace moeforge::moe {
 
 RouterImpl::RouterImpl(int64_t hidden_size, const MoeConfig& config)
@@ -47,6 +49,7 @@ at::Tensor RouterImpl::selection_scores(const at::Tensor& scores) const {
 
 RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor) {
   RouterOutput out;
+  const NoAutocast fp32_routing;  // also under train.precision: bf16
   // fp32 routing (float64 when the model runs in float64, for reference runs).
   const auto type = at::promote_types(weight.scalar_type(), at::kFloat);
   auto input = x.to(type);

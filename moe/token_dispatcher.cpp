@@ -136,12 +136,15 @@ at::Tensor TokenDispatcher::unpermute(const at::Tensor& combined, const at::Tens
                                       const DispatchPlan& plan, const at::Tensor& into) const {
   // Weight each row by its slot's gate, then add rows into their token in permuted-row order
   // (by global expert, then slot): that order does not depend on ep_size, and nothing of
-  // size [T·k, H] is materialised. Dropped slots have no row and contribute 0.
-  const auto row_gates =
-      gates.reshape({-1}).index_select(0, plan.slot_order).to(combined.scalar_type());  // [N]
-  const auto base =
-      into.defined() ? into : at::zeros({plan.num_tokens, combined.size(1)}, combined.options());
-  return base.index_add(0, plan.token_of_row, combined * row_gates.unsqueeze(1));  // [T, H]
+  // size [T·k, H] is materialised. Dropped slots have no row and contribute 0. The sum is in
+  // at least the gates' precision (fp32), also when the rows are bf16.
+  const auto type = at::promote_types(combined.scalar_type(), gates.scalar_type());
+  const auto row_gates = gates.reshape({-1}).index_select(0, plan.slot_order).to(type);  // [N]
+  const auto base = into.defined() ? into
+                                   : at::zeros({plan.num_tokens, combined.size(1)},
+                                               combined.options().dtype(type));
+  return base.index_add(0, plan.token_of_row,
+                        combined.to(type) * row_gates.unsqueeze(1));  // [T, H]
 }
 
 }  // namespace moeforge::moe

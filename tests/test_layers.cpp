@@ -6,6 +6,7 @@
 
 #include "moe/experts.hpp"
 #include "parallel/process_groups.hpp"
+#include "trainer/flops.hpp"
 #include "trainer/model.hpp"
 #include "trainer/optimizer.hpp"
 
@@ -148,6 +149,42 @@ TEST(Model, ForwardShapesAndMoePlacement) {
   EXPECT_TRUE(at::equal(model->embed->weight, again->embed->weight));
   initialize_parameters(*again, config, 2);
   EXPECT_FALSE(at::equal(model->embed->weight, again->embed->weight));
+}
+
+// MoE-aware FLOPs against a hand count: H 8, 2 heads of 4 (1 kv head), vocab 16, block 0 dense
+// (ffn 12), block 1 MoE with 4 experts top-2 of ffn 6 plus one shared expert, untied head.
+//   attention 8·8 + 2·8·4 + 8·8 = 192; dense SwiGLU 3·8·12 = 288; router 8·4 = 32;
+//   one expert 3·8·6 = 144; active = (192 + 288) + (192 + 32 + 2·144 + 144) + head 16·8 = 1264;
+//   total = 480 + 16 + (192 + 32 + 4·144 + 144) + 16 + embed 128 + norm 8 + head 128 = 1720;
+//   forward at S = 10: 2·1264 + 2 layers · 2·10·8 = 2848 per token; training 3× = 8544.
+TEST(Flops, MoeAwareCountMatchesHandCount) {
+  Config c;
+  c.model.vocab_size = 16;
+  c.model.hidden_size = 8;
+  c.model.num_layers = 2;
+  c.model.num_heads = 2;
+  c.model.num_kv_heads = 1;
+  c.model.ffn_size = 12;
+  c.moe.num_experts = 4;
+  c.moe.top_k = 2;
+  c.moe.expert_ffn_size = 6;
+  c.moe.num_shared_experts = 1;
+  c.moe.first_k_dense = 1;
+  const auto count = count_flops(c, 10);
+  EXPECT_EQ(count.active_params, 1264);
+  EXPECT_EQ(count.total_params, 1720);
+  EXPECT_DOUBLE_EQ(count.forward_per_token, 2848.0);
+  EXPECT_DOUBLE_EQ(count.training_per_token, 8544.0);
+  // top_k counts k experts, not 1 and not E (the Megatron-DeepSpeed miscount of top-k > 1).
+  c.moe.top_k = 1;
+  EXPECT_EQ(count_flops(c, 10).active_params, 1264 - 144);
+  // The total is the model's real parameter count.
+  const auto self = parallel::make_single_process_groups();
+  c.moe.top_k = 2;
+  DecoderLM model(c, *self.ep);
+  int64_t parameters = 0;
+  for (const auto& p : model->parameters()) parameters += p.numel();
+  EXPECT_EQ(count.total_params, parameters);
 }
 
 TEST(Optimizer, LearningRateScheduleClosedForm) {

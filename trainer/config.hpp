@@ -111,6 +111,7 @@ struct TrainConfig {
   int64_t eval_batches = 4;
   int64_t threads_per_rank = 0;  // 0 = leave torch's default (OMP_NUM_THREADS)
   std::string device = "cpu";    // cpu | cuda (one GPU per rank, by node-local rank)
+  std::string precision = "fp32";  // fp32 | bf16 (fp32 parameters and optimizer, bf16 compute)
   std::string out_dir = "runs/tiny";
 };
 

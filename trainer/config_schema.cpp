@@ -199,6 +199,10 @@ const std::vector<KeySpec>& config_schema() {
       string_key(KEY(train.device), {"cpu", "cuda"},
                  "Where the model computes: cpu, or cuda = one GPU per rank, chosen by the "
                  "rank's index on its node (MPI shared-memory split) modulo the visible GPUs"),
+      string_key(KEY(train.precision), {"fp32", "bf16"},
+                 "Compute precision: bf16 runs matmuls, attention, experts and the all-to-all "
+                 "in bf16 under autocast, with fp32 parameters, gradients, optimizer state, "
+                 "norms, router and losses (no loss scaling needed: bf16 has fp32's range)"),
       string_key(KEY(train.out_dir), {},
                  "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
       // data

@@ -1,9 +1,13 @@
 #include "trainer/device.hpp"
 
 #include <fmt/format.h>
+#include <sys/resource.h>
 #include <torch/cuda.h>
 
 #include <cstdlib>
+#ifdef MOEFORGE_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include "trainer/user_error.hpp"
 
@@ -32,6 +36,19 @@ c10::Device resolve_device(const Config& config) {
         "or CUDA_VISIBLE_DEVICES hides them); use train.device: cpu",
         config.source_file));
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(node_local_rank() % visible));
+}
+
+int64_t peak_memory_bytes(const c10::Device& device) {
+#ifdef MOEFORGE_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+        .peak;
+  }
+#endif
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;
 }
 
 parallel::Backend resolve_backend(const Config& config, const c10::Device& device) {

@@ -18,6 +18,10 @@ int node_local_rank();
 // asked for and this build or machine has none.
 c10::Device resolve_device(const Config& config);
 
+// Peak memory this process has used on `device` since start: the CUDA caching allocator's peak
+// of allocated bytes, or the peak resident set size for the CPU.
+int64_t peak_memory_bytes(const c10::Device& device);
+
 // parallel.backend with `auto` resolved: nccl for CUDA devices, mpi otherwise.
 parallel::Backend resolve_backend(const Config& config, const c10::Device& device);
 

@@ -1,6 +1,7 @@
 #include "trainer/trainer.hpp"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <fmt/format.h>
 
 #include <chrono>
@@ -62,6 +63,28 @@ void maybe_inject_failure(int rank, int64_t step) {
   }
 }
 
+// Turns on bf16 autocast on `device` for its lifetime when `enabled` (train.precision: bf16).
+// Forward passes run inside one; backward runs outside, as autocast prescribes.
+class AutocastScope {
+ public:
+  AutocastScope(const c10::Device& device, bool enabled) : type_(device.type()), enabled_(enabled) {
+    if (!enabled_) return;
+    at::autocast::set_autocast_dtype(type_, at::kBFloat16);
+    at::autocast::set_autocast_enabled(type_, true);
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    at::autocast::set_autocast_enabled(type_, false);
+    at::autocast::clear_cache();  // weights change every step: no stale bf16 copies
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool enabled_;
+};
+
 // The groups a run uses: on its backend, with the communication worker (MPI only: NCCL is
 // asynchronous through its own stream) and the simulated link applied.
 parallel::ProcessGroups prepare_groups(const Config& config, const parallel::ProcessGroups& groups,
@@ -80,6 +103,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
                  RunOptions options)
     : config_(config),
       device_(resolve_device(config)),
+      bf16_(config.train.precision == "bf16"),
       groups_(prepare_groups(config, groups, device_)),
       data_(std::move(data)),
       options_(std::move(options)) {
@@ -157,6 +181,7 @@ void Trainer::set_global_load_fractions(int64_t samples_consumed) {
       const int64_t first = first_sample(samples_consumed, micro);
       seed_router_noise(first);
       const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);
+      const AutocastScope autocast(device_, bf16_);
       model_->forward(batch.narrow(1, 0, t.seq_len));
       for (size_t i = 0; i < layers.size(); ++i) load[i] += layers[i]->last_counters().load;
     }
@@ -203,8 +228,13 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     const auto batch =
         data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);  // [B, S+1]
     const auto forward_start = parallel::trace::Clock::now();
-    const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
-    const auto lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
+    LmOutput out;
+    at::Tensor lm_loss;
+    {
+      const AutocastScope autocast(device_, bf16_);
+      out = model_->forward(batch.narrow(1, 0, t.seq_len));
+      lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
+    }
     parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
     const auto total =
         lm_loss + balancing.aux_loss.coeff * out.aux_loss + balancing.z_loss.coeff * out.z_loss;
@@ -371,6 +401,7 @@ double Trainer::evaluate() {
   for (int64_t b = 0; b < t.eval_batches; ++b) {
     const auto batch =
         data_.val_samples((b * world + rank) * t.micro_batch_size, t.micro_batch_size).to(device_);
+    const AutocastScope autocast(device_, bf16_);
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
     loss_sum += language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len)).item<double>();
   }

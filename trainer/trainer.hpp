@@ -96,6 +96,7 @@ class Trainer {
 
   Config config_;
   c10::Device device_;
+  bool bf16_ = false;  // train.precision: bf16 (autocast around every forward)
   parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;
