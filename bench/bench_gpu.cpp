@@ -15,6 +15,7 @@
 // --device cpu --quick rehearses every section on the CPU with tiny shapes.
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/cuda.h>
 
 #include <CLI/CLI.hpp>
@@ -81,12 +82,29 @@ double matmul_tflops(const at::Device& device, int64_t m, int64_t k, int64_t n, 
          1e12;
 }
 
+// Runs `body` once under the Kineto profiler (CPU ops and CUDA kernels) and writes a Chrome
+// trace to `path` (bench/trace_summary.py sums its kernels).
+void profile_once(const at::Device& device, const std::string& path,
+                  const std::function<void()>& body) {
+  namespace profiler = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  const profiler::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (device.is_cuda()) activities.insert(ActivityType::CUDA);
+  profiler::prepareProfiler(config, activities);
+  profiler::enableProfiler(config, activities);
+  body();
+  synchronize(device);
+  profiler::disableProfiler()->save(path);
+}
+
 struct LayerResult {
   double seconds, forward_seconds, tflops, matmul_tflops;
 };
 
 // The MoE layer in bf16 (weights and activations; router math in fp32), forward + backward.
-LayerResult time_moe_layer(const at::Device& device, const Shape& s, int iterations) {
+LayerResult time_moe_layer(const at::Device& device, const Shape& s, int iterations,
+                           const std::string& trace_path) {
   MoeConfig config;
   config.num_experts = s.experts;
   config.top_k = s.top_k;
@@ -107,6 +125,9 @@ LayerResult time_moe_layer(const at::Device& device, const Shape& s, int iterati
   });
   const double both = median_seconds(
       device, 2, iterations, [&] { layer->forward(x, s.tokens).y.backward(dy.to(at::kFloat)); });
+  if (!trace_path.empty())
+    profile_once(device, trace_path,
+                 [&] { layer->forward(x, s.tokens).y.backward(dy.to(at::kFloat)); });
   const double rows = static_cast<double>(s.tokens * s.top_k);
   const double flops = 18.0 * rows * static_cast<double>(s.hidden) * static_cast<double>(s.ffn);
   return {both, forward, flops / both / 1e12,
@@ -118,7 +139,8 @@ struct TrainResult {
   FlopCount flops;
 };
 
-TrainResult time_training(const at::Device& device, const std::string& path, int64_t steps) {
+TrainResult time_training(const at::Device& device, const std::string& path, int64_t steps,
+                          const std::string& trace_path) {
   auto config =
       load_config(path, {fmt::format("train.steps={}", steps),
                          fmt::format("train.device={}", device.is_cuda() ? "cuda" : "cpu"),
@@ -130,6 +152,8 @@ TrainResult time_training(const at::Device& device, const std::string& path, int
                   TokenDataset::open(config.data, config.model.vocab_size, config.train.seq_len),
                   options);
   const auto summary = trainer.run();
+  if (!trace_path.empty())  // one more global batch: forward, backward, gradient sync
+    profile_once(device, trace_path, [&] { trainer.compute_gradients(0); });
   TrainResult result;
   result.flops = count_flops(config, config.train.seq_len);
   result.tokens_per_s = summary.tokens_per_s;
@@ -142,7 +166,7 @@ TrainResult time_training(const at::Device& device, const std::string& path, int
 
 int main(int argc, char** argv) {
   CLI::App app{"moeforge GPU benchmarks"};
-  std::string device_name = "cuda", json_path, train_config;
+  std::string device_name = "cuda", json_path, train_config, profile_dir;
   bool quick = false;
   int64_t train_steps = 12;
   app.add_option("--device", device_name)->check(CLI::IsMember({"cuda", "cpu"}));
@@ -150,6 +174,8 @@ int main(int argc, char** argv) {
   app.add_option("--json", json_path, "append one JSON object per result to FILE");
   app.add_option("--train-config", train_config, "whole-model training section on this config");
   app.add_option("--train-steps", train_steps);
+  app.add_option("--profile", profile_dir,
+                 "write Chrome traces of one MoE layer f+b (first shapes) and one training step");
   CLI11_PARSE(app, argc, argv);
   if (device_name == "cuda" && !torch::cuda::is_available()) {
     std::cerr << "bench_gpu: no CUDA device visible (use --device cpu --quick to rehearse)\n";
@@ -175,8 +201,11 @@ int main(int argc, char** argv) {
   if (quick) shapes = {{"tiny", 64, 8, 2, 128, 512}, {"tiny-fine", 64, 16, 4, 32, 512}};
   std::cout << fmt::format("{:<24} {:>9} {:>9} {:>12} {:>12} {:>9}\n", "MoE layer bf16", "fwd ms",
                            "f+b ms", "TFLOP/s", "matmul TF/s", "fraction");
-  for (const auto& s : shapes) {
-    const auto r = time_moe_layer(device, s, iterations);
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto& s = shapes[i];
+    const bool traced = !profile_dir.empty() && (i == 0 || i == 2);
+    const auto r = time_moe_layer(device, s, iterations,
+                                  traced ? fmt::format("{}/layer-{}.json", profile_dir, i) : "");
     std::cout << fmt::format("{:<24} {:>9.2f} {:>9.2f} {:>12.1f} {:>12.1f} {:>8.0f}%\n", s.name,
                              r.forward_seconds * 1e3, r.seconds * 1e3, r.tflops, r.matmul_tflops,
                              100.0 * r.tflops / r.matmul_tflops);
@@ -190,7 +219,8 @@ int main(int argc, char** argv) {
   }
 
   if (!train_config.empty()) {
-    const auto r = time_training(device, train_config, train_steps);
+    const auto r = time_training(device, train_config, train_steps,
+                                 profile_dir.empty() ? "" : profile_dir + "/train.json");
     std::cout << fmt::format(
         "training {}: {:.2f}B params ({:.2f}B active), {:.0f} tokens/s, {:.1f} TFLOP/s, MFU "
         "{:.1f}% "

@@ -99,8 +99,13 @@ else
   BENCH_ARGS=(--train-config configs/gpu_moe_1b.yaml --train-steps 12)
   REF_ARGS=()
 fi
-rm -f "$OUT/bench.jsonl" "$OUT/reference.jsonl"
-step bench_gpu 240 "$BENCH_GPU" --json "$OUT/bench.jsonl" "${BENCH_ARGS[@]}" || status=1
+rm -rf "$OUT/bench.jsonl" "$OUT/reference.jsonl" "$OUT/traces"
+mkdir -p "$OUT/traces"  # Chrome traces of one layer f+b per traced shape and one training step
+step bench_gpu 240 "$BENCH_GPU" --json "$OUT/bench.jsonl" --profile "$OUT/traces" \
+  "${BENCH_ARGS[@]}" || status=1
+for trace in "$OUT"/traces/*.json; do
+  "$PYTHON" bench/trace_summary.py "$trace" --top 12
+done >"$OUT/traces.txt" 2>&1
 step reference 150 "$PYTHON" bench/gpu_moe_reference.py --json "$OUT/reference.jsonl" \
   "${REF_ARGS[@]}" || status=1
 # The user's path: `moeforge train` under the carried OpenMPI's mpirun, on the device.
@@ -122,6 +127,8 @@ fi
   cat "$OUT/bench_gpu.log" | grep -v '^step\|^eval' | tail -12
   echo "== moeforge train (mpirun -n 1) =="
   grep -E '^step|summary|throughput|error|Error' "$OUT/train_cli.log" | tail -8
+  echo "== where the GPU time goes (traces.txt) =="
+  cat "$OUT/traces.txt"
   echo "== MoE layer vs eager torch._grouped_mm =="
   cat "$OUT/summary.txt" 2>/dev/null
 } | tee -a "$OUT/summary.txt.tmp"

@@ -34,7 +34,8 @@ at::Tensor group_offsets(const std::vector<int64_t>& rows_per_group, const at::D
   int64_t end = 0;
   for (size_t g = 0; g < rows_per_group.size(); ++g)
     ends[g] = static_cast<int32_t>(end += rows_per_group[g]);
-  return at::tensor(ends, at::kInt).to(device);
+  // Asynchronous copy: a blocking one would synchronise the stream before every grouped GEMM.
+  return at::tensor(ends, at::kInt).to(device, /*non_blocking=*/true);
 }
 
 // at::_grouped_mm(a, b, offsets) when a kernel takes these operands; nullopt sends the caller to

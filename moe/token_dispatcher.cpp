@@ -97,7 +97,10 @@ at::Tensor TokenDispatcher::counts_on_host(const at::Tensor& counts) const {
 }
 
 at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& plan) const {
-  return x.index_select(0, plan.token_of_row);  // [N, H]
+  // On CUDA, advanced indexing: its backward is a sorted accumulate instead of index_select's
+  // atomic index_add (k atomic adds per token row). On the CPU both sum in index order.
+  if (x.is_cuda()) return x.index({plan.token_of_row});  // [N, H]
+  return x.index_select(0, plan.token_of_row);           // [N, H]
 }
 
 at::Tensor TokenDispatcher::dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const {
