@@ -123,11 +123,14 @@ LayerResult time_moe_layer(const at::Device& device, const Shape& s, int iterati
     at::NoGradGuard no_grad;
     layer->forward(x, s.tokens);
   });
-  const double both = median_seconds(
-      device, 2, iterations, [&] { layer->forward(x, s.tokens).y.backward(dy.to(at::kFloat)); });
-  if (!trace_path.empty())
-    profile_once(device, trace_path,
-                 [&] { layer->forward(x, s.tokens).y.backward(dy.to(at::kFloat)); });
+  // As in training: gradients start undefined every step (AdamW::zero_grad), no accumulation.
+  const auto fresh_step = [&] {
+    layer->zero_grad(/*set_to_none=*/true);
+    x.mutable_grad() = at::Tensor();
+    layer->forward(x, s.tokens).y.backward(dy.to(at::kFloat));
+  };
+  const double both = median_seconds(device, 2, iterations, fresh_step);
+  if (!trace_path.empty()) profile_once(device, trace_path, fresh_step);
   const double rows = static_cast<double>(s.tokens * s.top_k);
   const double flops = 18.0 * rows * static_cast<double>(s.hidden) * static_cast<double>(s.ffn);
   return {both, forward, flops / both / 1e12,

@@ -67,7 +67,12 @@ def run(args):
         w_down = (torch.randn(experts, hidden, ffn, **bf16) * 0.02).requires_grad_()
         x = torch.randn(tokens, hidden, **bf16).requires_grad_()
         dy = torch.randn(tokens, hidden, device=args.device)
-        body = lambda: eager_moe(torch, x, router, w_gate, w_up, w_down, top_k).backward(dy)
+        params = [router, w_gate, w_up, w_down, x]
+
+        def body():  # as in training: gradients start as None every step
+            for p in params:
+                p.grad = None
+            eager_moe(torch, x, router, w_gate, w_up, w_down, top_k).backward(dy)
         seconds = median_seconds(torch, args.device, 2, iterations, body)
         tflops = 18.0 * tokens * top_k * hidden * ffn / seconds / 1e12
         print(f"{name:<24} eager torch._grouped_mm f+b {seconds * 1e3:9.2f} ms {tflops:8.1f} TFLOP/s")

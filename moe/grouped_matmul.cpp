@@ -115,7 +115,15 @@ class GroupedMatmul : public torch::autograd::Function<GroupedMatmul> {
     const auto grad_out = grad_outputs[0].contiguous();  // may arrive expanded (stride 0)
     at::Tensor grad_x, grad_w;
     if (ctx->needs_input_grad(0)) grad_x = rows_times_groups(grad_out, w.transpose(1, 2), rows);
-    if (ctx->needs_input_grad(1)) grad_w = per_group_outer(x.t(), grad_out, rows);
+    if (ctx->needs_input_grad(1)) {
+      // In w's own layout: experts store w [G, N, K] (nn.Linear style) and pass its transpose, so
+      // compute dyᵀ·x [G, N, K] contiguous and hand back its transpose. A contiguous [G, K, N]
+      // gradient would reach the parameter transposed, and every accumulation into .grad would
+      // be a strided copy (on the GPU, the slowest kernel of the layer's backward).
+      const bool transposed = w.transpose(1, 2).is_contiguous() && !w.is_contiguous();
+      grad_w = transposed ? per_group_outer(grad_out.t(), x, rows).transpose(1, 2)
+                          : per_group_outer(x.t(), grad_out, rows);
+    }
     return {grad_x, grad_w, at::Tensor()};
   }
 };
