@@ -13,6 +13,7 @@
 # instead: binaries built on a machine with the same torch wheel (2.11.0+cu130) and the same
 # carried packages (a rehearsal's build-gpu/, copied to .deps/gpu-bin/), which saves the
 # build's minutes of GPU time.
+# MOEFORGE_GPU_TESTS_ONLY=1 stops after the CUDA tests (a build check in less device time).
 # Exit status: non-zero when a step fails (the failing step is named last in the log).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -98,6 +99,10 @@ if [[ "$REHEARSAL" == 1 ]]; then
 else
   BENCH_ARGS=(--train-config configs/gpu_moe_1b.yaml --train-steps 12)
   REF_ARGS=()
+fi
+if [[ "${MOEFORGE_GPU_TESTS_ONLY:-0}" == 1 ]]; then  # build + CUDA tests only
+  say "done (status $status, tests only)"
+  exit "$status"
 fi
 rm -rf "$OUT/bench.jsonl" "$OUT/reference.jsonl" "$OUT/traces"
 mkdir -p "$OUT/traces"  # Chrome traces of one layer f+b per traced shape and one training step
