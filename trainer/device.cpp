@@ -13,12 +13,20 @@
 
 namespace moeforge {
 
-int node_local_rank() {
-  for (const char* name :
-       {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"}) {
+namespace {
+
+// The first of the launcher variables that is set, or `fallback`.
+int launcher_value(std::initializer_list<const char*> names, int fallback) {
+  for (const char* name : names)
     if (const char* value = std::getenv(name)) return std::atoi(value);
-  }
-  return 0;
+  return fallback;
+}
+
+}  // namespace
+
+int node_local_rank() {
+  return launcher_value(
+      {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"}, 0);
 }
 
 c10::Device resolve_device(const Config& config) {
@@ -53,8 +61,17 @@ int64_t peak_memory_bytes(const c10::Device& device) {
 
 parallel::Backend resolve_backend(const Config& config, const c10::Device& device) {
   const auto& name = config.parallel.backend;
-  if (name == "nccl" || (name == "auto" && device.is_cuda())) return parallel::Backend::kNccl;
-  return parallel::Backend::kMpi;
+  if (name == "mpi" || !device.is_cuda()) return parallel::Backend::kMpi;
+  // NCCL refuses two ranks on one GPU (with an opaque "invalid usage"): say so up front.
+  const int ranks_here =
+      launcher_value({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE"}, 1);
+  const auto visible = static_cast<int>(torch::cuda::device_count());
+  if (visible > 0 && ranks_here > visible)
+    throw UserError(fmt::format(
+        "{}: {} ranks on this node share {} GPU(s), and NCCL needs one GPU per rank: launch at "
+        "most {} rank(s) per node (NP=...), or set parallel.backend: mpi",
+        config.source_file, ranks_here, visible, visible));
+  return parallel::Backend::kNccl;
 }
 
 }  // namespace moeforge
