@@ -27,10 +27,11 @@
 #include <vector>
 
 #include "moe/moe_layer.hpp"
+#include "moe/phase_timer.hpp"
 #include "moe/token_dispatcher.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
-#include "trainer/host_allocator.hpp"
+#include "trainer/common/host_allocator.hpp"
 
 using namespace moeforge;
 
@@ -158,7 +159,7 @@ void bandwidth_section(parallel::Communicator& ep, int iterations) {
 
 void time_split_section(parallel::Communicator& ep, int iterations) {
   const int rank = world_rank();
-  MoeConfig config;
+  moe::MoeConfig config;
   config.num_experts = 8;
   config.top_k = 2;
   config.expert_ffn_size = 1024;
@@ -179,9 +180,9 @@ void time_split_section(parallel::Communicator& ep, int iterations) {
       backward_seconds = 0;
     }
     MPI_Barrier(MPI_COMM_WORLD);
-    layer->set_phase_timer(&timer);
+    layer->set_observer(&timer);
     const auto y = layer->forward(x, tokens).y;
-    layer->set_phase_timer(nullptr);
+    layer->set_observer(nullptr);
     const auto start = std::chrono::steady_clock::now();
     y.backward(at::ones_like(y));
     backward_seconds +=
@@ -208,7 +209,7 @@ void time_split_section(parallel::Communicator& ep, int iterations) {
 
 void memory_section(const parallel::MpiCommunicator& world) {
   const int rank = world_rank();
-  MoeConfig config;
+  moe::MoeConfig config;
   config.num_experts = 16;
   config.top_k = 2;
   config.expert_ffn_size = 1024;
@@ -252,7 +253,7 @@ void memory_section(const parallel::MpiCommunicator& world) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  tune_host_allocator();  // as the trainer does (trainer/host_allocator.hpp)
+  tune_host_allocator();  // as the trainer does (trainer/common/host_allocator.hpp)
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;

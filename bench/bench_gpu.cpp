@@ -10,7 +10,7 @@
 //    The PyTorch-eager torch._grouped_mm reference (bench/gpu_moe_reference.py) times the same
 //    shapes in the same call; gpu-check.sh prints the ratio.
 // 3. Whole-model training of --train-config on this one device: tokens/s, MFU with MoE-aware
-//    FLOP counting (trainer/flops.hpp), peak memory.
+//    FLOP counting (trainer/model/flops.hpp), peak memory.
 // Times: medians of synchronised iterations after warm-up, fresh random inputs (never zeros).
 // --device cpu --quick rehearses every section on the CPU with tiny shapes.
 #include <ATen/ATen.h>
@@ -28,10 +28,10 @@
 
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
-#include "trainer/config.hpp"
-#include "trainer/data.hpp"
+#include "trainer/config/config.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/device.hpp"
-#include "trainer/flops.hpp"
+#include "trainer/model/flops.hpp"
 #include "trainer/trainer.hpp"
 
 using namespace moeforge;

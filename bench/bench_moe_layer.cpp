@@ -22,7 +22,7 @@
 
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
-#include "trainer/host_allocator.hpp"
+#include "trainer/common/host_allocator.hpp"
 
 using namespace moeforge;
 
@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
     const double flops = 3.0 * s.tokens * s.top_k * 3.0 * 2.0 * s.hidden * s.ffn;
     const auto moe = measure(
         [&]() -> std::function<void()> {
-          MoeConfig config;
+          moe::MoeConfig config;
           config.num_experts = s.experts;
           config.top_k = s.top_k;
           config.expert_ffn_size = s.ffn;

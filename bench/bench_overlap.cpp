@@ -27,7 +27,7 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "parallel/simulated_link.hpp"
-#include "trainer/host_allocator.hpp"
+#include "trainer/common/host_allocator.hpp"
 
 using namespace moeforge;
 
@@ -51,7 +51,7 @@ struct Setup {
 };
 
 moe::MoeLayer make_layer(const Setup& s, parallel::Communicator& ep, int64_t chunks) {
-  MoeConfig config;
+  moe::MoeConfig config;
   config.num_experts = s.experts;
   config.top_k = s.top_k;
   config.expert_ffn_size = s.ffn;
@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
     for (int r = 0; r < rounds; ++r) compute_times.push_back(step(compute_layer, x, weight));
     const double t_compute = median(compute_times);
     // Rows this rank sends to the other rank in one exchange, from the routing actually made.
-    const auto& load = compute_layer->last_stats().load;  // [E] this rank's rows per expert
+    // [E] this rank's rows per expert, from one more (collective) forward.
+    const auto load = moe::read_stats(compute_layer->forward(x, 128).counters).load;
     const int64_t local = s.experts / world;
     int64_t remote_rows = 0;
     for (int64_t e = 0; e < s.experts; ++e)

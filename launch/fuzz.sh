@@ -14,8 +14,8 @@ echo "[fuzz] building $OUT/fuzz_safetensors_header"
 clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -D_GLIBCXX_USE_CXX11_ABI=1 -DFMT_HEADER_ONLY=1 -I"$ROOT" -isystem "$TORCH/include" \
   -isystem "$TORCH/include/torch/csrc/api/include" \
-  "$ROOT/tests/fuzz/fuzz_safetensors_header.cpp" "$ROOT/trainer/safetensors.cpp" \
-  "$ROOT/trainer/user_error.cpp" \
+  "$ROOT/tests/fuzz/fuzz_safetensors_header.cpp" "$ROOT/trainer/checkpoint/safetensors.cpp" \
+  "$ROOT/trainer/common/user_error.cpp" \
   -L"$TORCH/lib" -Wl,-rpath,"$TORCH/lib" -lc10 -ltorch_cpu -lz \
   -o "$OUT/fuzz_safetensors_header"
 # Seeds: the replay driver's built-in valid files.

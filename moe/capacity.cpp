@@ -8,20 +8,14 @@
 
 namespace moeforge::moe {
 
-int64_t expert_capacity(double factor, int64_t tokens, int64_t top_k, int64_t num_experts) {
-  return static_cast<int64_t>(
-      std::ceil(factor * static_cast<double>(tokens * top_k) / static_cast<double>(num_experts)));
-}
-
 at::Tensor capacity_keep_mask(const at::Tensor& expert_ids, const at::Tensor& gates,
-                              int64_t num_experts, int64_t capacity,
-                              const std::string& drop_policy) {
+                              int64_t num_experts, int64_t capacity, DropPolicy drop_policy) {
   at::NoGradGuard no_grad;
   const auto ids = expert_ids.reshape({-1});  // [N] slot s = t*k + j
   const int64_t slots = ids.numel();
   // Order slots by expert, and within an expert by priority (best first).
   at::Tensor order;
-  if (drop_policy == "probs") {
+  if (drop_policy == DropPolicy::kProbs) {
     const auto by_gate = at::argsort(gates.detach().reshape({-1}), /*stable=*/true, 0, true);
     const auto by_expert = at::argsort(ids.index_select(0, by_gate), /*stable=*/true);
     order = by_gate.index_select(0, by_expert);

@@ -6,15 +6,12 @@
 // earliest slots in (token, slot) order. factor 0 = dropless: every slot is kept.
 #include <ATen/core/Tensor.h>
 
-#include <string>
+#include "moe/moe_config.hpp"
 
 namespace moeforge::moe {
 
-int64_t expert_capacity(double factor, int64_t tokens, int64_t top_k, int64_t num_experts);
-
 // expert_ids [T, k], gates [T, k] -> keep mask [T, k] bool.
 at::Tensor capacity_keep_mask(const at::Tensor& expert_ids, const at::Tensor& gates,
-                              int64_t num_experts, int64_t capacity,
-                              const std::string& drop_policy);
+                              int64_t num_experts, int64_t capacity, DropPolicy drop_policy);
 
 }  // namespace moeforge::moe

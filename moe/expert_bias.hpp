@@ -7,7 +7,7 @@
 // fraction of train.steps (DeepSeek-V3 stops updating for the final tokens).
 #include <ATen/core/Tensor.h>
 
-#include "trainer/config.hpp"
+#include "moe/moe_config.hpp"
 
 namespace moeforge::moe {
 

@@ -16,13 +16,13 @@ at::Tensor slot_counts(const at::Tensor& expert_ids, const at::Tensor& selected,
 }  // namespace
 
 at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids,
-                    const at::Tensor& selected, const std::string& scope, int64_t seq_len,
+                    const at::Tensor& selected, AuxLossScope scope, int64_t seq_len,
                     const at::Tensor& global_fraction) {
   const int64_t tokens = scores.size(0);
   const int64_t pool = scores.size(1);
   const auto probs = scores / scores.sum(-1, true).clamp_min(1e-20);  // [T, P]
   const auto scale = static_cast<double>(pool);
-  if (scope == "sequence") {
+  if (scope == AuxLossScope::kSequence) {
     TORCH_CHECK(seq_len > 0 && tokens % seq_len == 0, "sequence aux loss: ", tokens,
                 " tokens are not whole sequences of ", seq_len);
     const int64_t sequences = tokens / seq_len;
@@ -33,7 +33,7 @@ at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids,
     return (fraction * mean_prob).sum(-1).mean() * scale;
   }
   at::Tensor fraction;
-  if (scope == "global_batch" && global_fraction.defined()) {
+  if (scope == AuxLossScope::kGlobalBatch && global_fraction.defined()) {
     fraction = global_fraction.to(at::kFloat);
   } else {
     const auto counts = slot_counts(expert_ids, selected, pool).sum(0);  // [P]

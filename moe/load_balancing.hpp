@@ -14,7 +14,7 @@
 //   z-loss: mean over tokens of logsumexp(logits)².
 #include <ATen/core/Tensor.h>
 
-#include <string>
+#include "moe/moe_config.hpp"
 
 namespace moeforge::moe {
 
@@ -22,7 +22,7 @@ namespace moeforge::moe {
 // seq_len is used by scope "sequence"; global_fraction [P] by scope "global_batch" (undefined
 // there = this micro-batch's own fraction, which is the global one for 1 rank × 1 micro-batch).
 at::Tensor aux_loss(const at::Tensor& scores, const at::Tensor& expert_ids,
-                    const at::Tensor& selected, const std::string& scope, int64_t seq_len,
+                    const at::Tensor& selected, AuxLossScope scope, int64_t seq_len,
                     const at::Tensor& global_fraction = {});
 
 // logits [T, P] -> scalar.

@@ -1,22 +1,24 @@
 #pragma once
 // Wall-clock split of MoE layer forwards into their spine steps (route, permute, dispatch
 // all-to-all, experts, combine all-to-all, unpermute), accumulated over calls. Benchmarks attach
-// one to a layer; a layer without one pays a null check per step.
+// one to a layer as its PhaseObserver.
 #include <chrono>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "moe/phase_observer.hpp"
+
 namespace moeforge::moe {
 
-class PhaseTimer {
+class PhaseTimer final : public PhaseObserver {
  public:
   using Totals = std::vector<std::pair<std::string, double>>;  // phase -> seconds, first-seen order
 
-  void start() { last_ = Clock::now(); }
+  void forward_started() override { last_ = Clock::now(); }
 
-  // Charges the time since the previous start()/mark() to `phase`.
-  void mark(const char* phase) {
+  // Charges the time since the previous forward_started()/phase_done() to `phase`.
+  void phase_done(const char* phase) override {
     const auto now = Clock::now();
     const double seconds = std::chrono::duration<double>(now - last_).count();
     last_ = now;

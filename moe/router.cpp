@@ -19,13 +19,6 @@ RouterImpl::RouterImpl(int64_t hidden_size, const MoeConfig& config)
   expert_bias = register_buffer("expert_bias", at::zeros({pool_}, at::kFloat));
 }
 
-int64_t expert_choice_capacity(double factor, int64_t tokens, int64_t top_k, int64_t num_experts) {
-  const double f = factor > 0 ? factor : 1.0;
-  const auto c = static_cast<int64_t>(
-      std::ceil(f * static_cast<double>(tokens * top_k) / static_cast<double>(num_experts)));
-  return std::min(tokens, c);
-}
-
 at::Tensor RouterImpl::selection_scores(const at::Tensor& scores) const {
   auto selection = scores.detach() + expert_bias;  // bias: selection only
   const int64_t groups = config_.num_groups;
@@ -47,7 +40,7 @@ at::Tensor RouterImpl::selection_scores(const at::Tensor& scores) const {
   return selection.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
-RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor) {
+RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor, uint64_t noise_seed) {
   RouterOutput out;
   const NoAutocast fp32_routing;  // also under train.precision: bf16
   // fp32 routing (float64 when the model runs in float64, for reference runs).
@@ -55,15 +48,16 @@ RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor) {
   auto input = x.to(type);
   if (is_training() && config_.jitter_eps > 0) {
     // Multiplicative jitter (Switch Transformer) from a seeded generator: reproducible.
-    auto generator = at::make_generator<at::CPUGeneratorImpl>(noise_seed_);
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(noise_seed);
     const auto noise = at::empty(input.sizes(), type)
                            .uniform_(1.0 - config_.jitter_eps, 1.0 + config_.jitter_eps, generator);
     input = input * noise.to(input.device());
   }
   out.logits = at::matmul(input, weight.to(type).t());  // [T, P]
-  out.scores = config_.score == "sigmoid" ? at::sigmoid(out.logits) : at::softmax(out.logits, -1);
+  out.scores = config_.score == ScoreFunction::kSigmoid ? at::sigmoid(out.logits)
+                                                        : at::softmax(out.logits, -1);
   const int64_t tokens = x.size(0);
-  if (config_.routing == "expert_choice") {
+  if (config_.routing == Routing::kExpertChoice) {
     {
       at::NoGradGuard no_grad;
       // Each expert takes its top-C tokens by (biased) selection score.

@@ -13,7 +13,7 @@
 // produce 0 and are never dispatched.
 #include <torch/nn/module.h>
 
-#include "trainer/config.hpp"
+#include "moe/moe_config.hpp"
 
 namespace moeforge::moe {
 
@@ -30,11 +30,9 @@ class RouterImpl : public torch::nn::Module {
   RouterImpl(int64_t hidden_size, const MoeConfig& config);
 
   // x: [T, H] (any float dtype; routed in fp32). `capacity_factor` is used by expert_choice.
-  RouterOutput forward(const at::Tensor& x, double capacity_factor = 0.0);
-
-  // Seed of the jitter noise of the next forward calls: the trainer sets the same seed for the
-  // same (step, micro-batch, rank, layer), so a replayed forward routes identically.
-  void set_noise_seed(uint64_t seed) { noise_seed_ = seed; }
+  // `noise_seed` seeds the training jitter: the trainer passes the same seed for the same
+  // (step, micro-batch, rank, layer), so a replayed forward routes identically.
+  RouterOutput forward(const at::Tensor& x, double capacity_factor = 0.0, uint64_t noise_seed = 0);
 
   int64_t pool_size() const { return pool_; }
 
@@ -47,11 +45,7 @@ class RouterImpl : public torch::nn::Module {
   int64_t pool_;
   int64_t top_k_;
   RouterConfig config_;
-  uint64_t noise_seed_ = 0;
 };
 TORCH_MODULE(Router);
-
-// Expert-choice capacity C = min(T, ceil(factor · T · k / E)), factor 0 meaning 1.
-int64_t expert_choice_capacity(double factor, int64_t tokens, int64_t top_k, int64_t num_experts);
 
 }  // namespace moeforge::moe

@@ -12,15 +12,14 @@
 #ifdef MOEFORGE_CUDA
 #include "parallel/nccl_communicator.hpp"
 #endif
-#include "trainer/user_error.hpp"
 
 namespace moeforge::parallel {
 
 ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size) {
   const int world_size = world.size();
-  require(
-      ep_size >= 1 && world_size % ep_size == 0,
-      fmt::format("parallel.ep_size = {} does not divide the world size {}", ep_size, world_size));
+  if (ep_size < 1 || world_size % ep_size != 0)
+    throw std::invalid_argument(fmt::format(
+        "parallel.ep_size = {} does not divide the world size {}", ep_size, world_size));
   const int rank = world.rank();
   ProcessGroups groups;
   groups.ep_size = ep_size;

@@ -26,7 +26,8 @@ struct ProcessGroups {
   int dp_rank() const { return edp->rank(); }  // which EP group this rank is in
 };
 
-// Splits `world` into EP and EDP groups. Throws UserError when ep_size does not divide W.
+// Splits `world` into EP and EDP groups. Throws std::invalid_argument when ep_size does not
+// divide W (the trainer's config check reports that to the user first).
 ProcessGroups make_process_groups(const MpiCommunicator& world, int ep_size);
 
 // One-rank groups (world = ep = edp = this process, no MPI needed) for tests and tools.

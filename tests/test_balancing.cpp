@@ -89,7 +89,7 @@ TEST(ExpertBias, IsABufferTheOptimizerNeverSees) {
 TEST(GroupLimitedRouting, NeverPicksOutsideTheChosenGroups) {
   for (const bool with_bias : {false, true}) {
     auto config = balancing_moe(8, 3);
-    config.router.score = "sigmoid";
+    config.router.score = moe::ScoreFunction::kSigmoid;
     config.router.num_groups = 4;
     config.router.topk_groups = 2;
     Router router(6, config);
@@ -138,13 +138,15 @@ TEST(GroupLimitedRouting, NeverPicksOutsideTheChosenGroups) {
 TEST(ExpertChoice, EachExpertTakesExactlyItsTopCTokens) {
   auto groups = parallel::make_single_process_groups();
   auto config = balancing_moe(4, 2);
-  config.router.routing = "expert_choice";
+  config.router.routing = moe::Routing::kExpertChoice;
   config.capacity.factor = 1.0;  // C = ceil(10 · 2 / 4) = 5
   MoeLayer layer(6, config, *groups.ep);
   randomize(*layer, 12);
   layer->train();
   const auto x = at::randn({10, 6});
-  const auto y = layer->forward(x, 10).y;
+  const auto out = layer->forward(x, 10);
+  const auto& y = out.y;
+  const auto stats = read_stats(out.counters);
   const auto probs = float64_probs(x, *layer);
   std::vector<std::vector<std::pair<int64_t, double>>> picks(10);
   for (int64_t e = 0; e < 4; ++e) {
@@ -154,9 +156,9 @@ TEST(ExpertChoice, EachExpertTakesExactlyItsTopCTokens) {
       picks[t].push_back({e, probs[t][e].item<double>()});
     }
   }
-  EXPECT_TRUE(at::equal(layer->last_stats().load, at::full({4}, 5, at::kLong)));
-  EXPECT_EQ(layer->last_stats().rows, 20);
-  EXPECT_EQ(layer->last_stats().dropped, 0);
+  EXPECT_TRUE(at::equal(stats.load, at::full({4}, 5, at::kLong)));
+  EXPECT_EQ(stats.rows, 20);
+  EXPECT_EQ(stats.dropped, 0);
   EXPECT_LT(relative_error(y, reference_output(x, *layer->experts, picks)), 1e-5);
 }
 
@@ -167,7 +169,8 @@ TEST(NullExperts, ArePickedButNeverDispatched) {
   MoeLayer layer(6, config, *groups.ep);
   randomize(*layer, 13, 0.8);
   const auto x = at::randn({30, 6});
-  const auto y = layer->forward(x, 30).y;
+  const auto out = layer->forward(x, 30);
+  const auto& y = out.y;
   const auto probs = float64_probs(x, *layer);
   ASSERT_EQ(probs.size(1), 6);
   std::vector<std::vector<std::pair<int64_t, double>>> picks(30);
@@ -182,7 +185,7 @@ TEST(NullExperts, ArePickedButNeverDispatched) {
     }
   }
   ASSERT_GT(null_picks, 0) << "no null expert picked: weak test";
-  const auto& stats = layer->last_stats();
+  const auto stats = read_stats(out.counters);
   EXPECT_EQ(stats.null_slots, null_picks);
   EXPECT_EQ(stats.rows, 60 - null_picks);  // only real picks become dispatched rows
   EXPECT_LT(relative_error(y, reference_output(x, *layer->experts, picks)), 1e-5);
@@ -198,10 +201,11 @@ TEST(Capacity, PaddingToCapacityChangesNothingButShapes) {
   randomize(*plain, 14);
   randomize(*padded, 14);
   const auto x = at::randn({12, 8});
-  const auto y_plain = plain->forward(x, 12).y;
+  const auto plain_out = plain->forward(x, 12);
+  const auto& y_plain = plain_out.y;
   const auto y_padded = padded->forward(x, 12).y;
   EXPECT_LT(relative_error(y_padded, y_plain), 1e-6);
-  EXPECT_GT(plain->last_stats().dropped, 0) << "no drops: weak test";
+  EXPECT_GT(read_stats(plain_out.counters).dropped, 0) << "no drops: weak test";
   (y_plain.square().sum()).backward();
   (y_padded.square().sum()).backward();
   EXPECT_LT(relative_error(padded->experts->w_up.grad(), plain->experts->w_up.grad()), 1e-6);
@@ -216,17 +220,14 @@ TEST(Capacity, EvalUsesItsOwnFactorAndIsDroplessByDefault) {
   randomize(*layer, 15);
   const auto x = at::randn({16, 6});
   layer->train();
-  layer->forward(x, 16);
-  EXPECT_GT(layer->last_stats().dropped, 0);
+  EXPECT_GT(read_stats(layer->forward(x, 16).counters).dropped, 0);
   layer->eval();
-  layer->forward(x, 16);
-  EXPECT_EQ(layer->last_stats().dropped, 0);
+  EXPECT_EQ(read_stats(layer->forward(x, 16).counters).dropped, 0);
   config.capacity.eval_factor = 0.5;
   MoeLayer strict(6, config, *groups.ep);
   randomize(*strict, 15);
   strict->eval();
-  strict->forward(x, 16);
-  EXPECT_GT(strict->last_stats().dropped, 0);
+  EXPECT_GT(read_stats(strict->forward(x, 16).counters).dropped, 0);
 }
 
 TEST(RouterJitter, SeededInTrainingAndOffInEval) {
@@ -236,11 +237,9 @@ TEST(RouterJitter, SeededInTrainingAndOffInEval) {
   randomize(*router, 16);
   const auto x = at::randn({20, 6});
   router->train();
-  router->set_noise_seed(7);
-  const auto a = router->forward(x).logits;
-  const auto b = router->forward(x).logits;
-  router->set_noise_seed(8);
-  const auto c = router->forward(x).logits;
+  const auto a = router->forward(x, 0.0, 7).logits;
+  const auto b = router->forward(x, 0.0, 7).logits;
+  const auto c = router->forward(x, 0.0, 8).logits;
   EXPECT_TRUE(at::equal(a, b));
   EXPECT_FALSE(at::equal(a, c));
   router->eval();
@@ -260,8 +259,10 @@ TEST(Balancing, SequenceAndMicroBatchScopesCountOnlySelectedPicks) {
   // f = (3/4, 1/4); loss = 2 · (3/4 · p0 + 1/4 · p1).
   const auto p = scores.mean(0);
   const double expected = 2 * (0.75 * p[0].item<double>() + 0.25 * p[1].item<double>());
-  EXPECT_NEAR(aux_loss(scores, ids, selected, "micro_batch", 4).item<double>(), expected, 1e-6);
-  EXPECT_NEAR(aux_loss(scores, ids, selected, "sequence", 4).item<double>(), expected, 1e-6);
+  EXPECT_NEAR(aux_loss(scores, ids, selected, moe::AuxLossScope::kMicroBatch, 4).item<double>(),
+              expected, 1e-6);
+  EXPECT_NEAR(aux_loss(scores, ids, selected, moe::AuxLossScope::kSequence, 4).item<double>(),
+              expected, 1e-6);
   EXPECT_TRUE(at::equal(expert_load(ids, selected, 2), at::tensor({3, 1}, at::kLong)));
 }
 

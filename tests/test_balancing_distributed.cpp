@@ -9,9 +9,9 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
-#include "trainer/data.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
-#include "trainer/user_error.hpp"
 
 namespace moeforge {
 namespace {
@@ -70,11 +70,11 @@ TEST(GlobalBatchAuxLoss, IndependentOfHowTheBatchIsSplit) {
   world_rank_and_size(&world);
   auto config = small_test_config();
   config.moe.balancing.aux_loss.coeff = 0.5;  // large, so its gradient dominates the router's
-  config.moe.balancing.aux_loss.scope = "global_batch";
+  config.moe.balancing.aux_loss.scope = moe::AuxLossScope::kGlobalBatch;
   config.train.grad_accum = world;  // the global batch: world micro-batches
 
   auto whole = config;
-  whole.moe.balancing.aux_loss.scope = "micro_batch";
+  whole.moe.balancing.aux_loss.scope = moe::AuxLossScope::kMicroBatch;
   whole.train.micro_batch_size = config.train.micro_batch_size * world;
   whole.train.grad_accum = 1;
   const auto self = parallel::make_single_process_groups();
@@ -97,7 +97,7 @@ TEST(GlobalBatchAuxLoss, IndependentOfHowTheBatchIsSplit) {
   // The check has teeth: the micro-batch scope gives a different (smaller-f-correlation) loss.
   if (world > 1) {
     auto micro = config;
-    micro.moe.balancing.aux_loss.scope = "micro_batch";
+    micro.moe.balancing.aux_loss.scope = moe::AuxLossScope::kMicroBatch;
     const auto micro_result = gradients_in_groups(micro, 1);
     EXPECT_GT(relative_difference(micro_result.terms.aux, reference_terms.aux), 1e-4);
   }

@@ -6,8 +6,8 @@
 #include <sstream>
 #include <vector>
 
-#include "trainer/config.hpp"
-#include "trainer/user_error.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/config/config.hpp"
 
 namespace moeforge {
 namespace {
@@ -188,7 +188,7 @@ TEST(Config, BalancingExperimentsDifferOnlyInBalancing) {
   }
   for (const auto& run : runs) EXPECT_EQ(to_yaml(run), to_yaml(runs.front()));
   const auto recipe = load_config(dir + "aux_free_seq_aux.yaml");
-  EXPECT_EQ(recipe.moe.balancing.aux_loss.scope, "sequence");
+  EXPECT_EQ(recipe.moe.balancing.aux_loss.scope, moe::AuxLossScope::kSequence);
   EXPECT_GT(recipe.moe.balancing.expert_bias.rate, 0.0);
 }
 
@@ -232,7 +232,7 @@ TEST(Config, MissingFile) {
     load_config("/nonexistent/config.yaml");
     FAIL();
   } catch (const UserError& e) {
-    EXPECT_NE(std::string(e.what()).find("cannot open config file '/nonexistent/config.yaml'"),
+    EXPECT_NE(std::string(e.what()).find("config file: cannot open '/nonexistent/config.yaml'"),
               std::string::npos);
   }
 }
@@ -244,7 +244,7 @@ TEST(Config, OverridesApplyWithYamlTypes) {
   EXPECT_EQ(c.moe.top_k, 4);
   EXPECT_DOUBLE_EQ(c.train.lr, 0.01);
   EXPECT_TRUE(c.model.qkv_bias);
-  EXPECT_EQ(c.moe.router.score, "sigmoid");
+  EXPECT_EQ(c.moe.router.score, moe::ScoreFunction::kSigmoid);
   EXPECT_EQ(c.train.out_dir, "/tmp/run 1");
 }
 

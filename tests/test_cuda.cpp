@@ -16,10 +16,10 @@
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
-#include "trainer/data.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/device.hpp"
 #include "trainer/trainer.hpp"
-#include "trainer/user_error.hpp"
 #ifdef MOEFORGE_CUDA
 
 #include "parallel/nccl_communicator.hpp"
@@ -81,7 +81,8 @@ LayerResult run_layer(moe::MoeLayer& layer, const at::Tensor& x, const at::Tenso
     at::autocast::set_autocast_dtype(device, at::kBFloat16);
     at::autocast::set_autocast_enabled(device, true);
   }
-  const auto y = layer->forward(input, 64).y;
+  const auto out = layer->forward(input, 64);
+  const auto& y = out.y;
   if (autocast_bf16) {
     at::autocast::set_autocast_enabled(device, false);
     at::autocast::clear_cache();
@@ -89,7 +90,7 @@ LayerResult run_layer(moe::MoeLayer& layer, const at::Tensor& x, const at::Tenso
   (y.to(weight.scalar_type()) * weight).sum().backward();
   const auto host = [](const at::Tensor& t) { return t.detach().to(at::kCPU, at::kDouble); };
   return {host(y), host(input.grad()), host(layer->experts->w_gate.grad()),
-          host(layer->router->weight.grad()), layer->last_stats()};
+          host(layer->router->weight.grad()), moe::read_stats(out.counters)};
 }
 
 // The layer on `device` (fp32 weights; bf16 compute when `bf16`) against the same weights in
@@ -176,7 +177,7 @@ TEST(Cuda, TrainingStepsMatchCpu) {
     return TokenDataset::open(config.data, config.model.vocab_size, config.train.seq_len);
   };
   const auto cpu = Trainer(config, self, data(), quiet).run().steps;
-  config.train.device = "cuda";
+  config.train.device = DeviceKind::kCuda;
   Trainer gpu_trainer(config, self, data(), quiet);
   EXPECT_EQ(gpu_trainer.device().type(), at::kCUDA);
   const auto gpu = gpu_trainer.run().steps;
@@ -227,7 +228,7 @@ TEST(Device, CudaWithoutGpuIsAClearError) {
   if (torch::cuda::is_available()) GTEST_SKIP() << "a GPU is visible: nothing to refuse";
   Config config;
   config.source_file = "run.yaml";
-  config.train.device = "cuda";
+  config.train.device = DeviceKind::kCuda;
   try {
     resolve_device(config);
     FAIL() << "no error";
@@ -235,7 +236,7 @@ TEST(Device, CudaWithoutGpuIsAClearError) {
     EXPECT_NE(std::string(e.what()).find("train.device: cuda"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("run.yaml"), std::string::npos) << e.what();
   }
-  config.train.device = "cpu";
+  config.train.device = DeviceKind::kCpu;
   EXPECT_TRUE(resolve_device(config).is_cpu());
 }
 
@@ -243,7 +244,7 @@ TEST(Device, BackendFollowsDevice) {
   Config config;
   EXPECT_EQ(resolve_backend(config, at::Device(at::kCPU)), parallel::Backend::kMpi);
   EXPECT_EQ(resolve_backend(config, at::Device(at::kCUDA, 0)), parallel::Backend::kNccl);
-  config.parallel.backend = "mpi";
+  config.parallel.backend = BackendChoice::kMpi;
   EXPECT_EQ(resolve_backend(config, at::Device(at::kCUDA, 0)), parallel::Backend::kMpi);
   EXPECT_THROW(load_config_from_string("parallel: {backend: nccl}\n", "gpu.yaml"), UserError);
 }

@@ -9,9 +9,9 @@
 #include <map>
 #include <set>
 
-#include "trainer/builtin_corpus.hpp"
-#include "trainer/data.hpp"
-#include "trainer/user_error.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/data/builtin_corpus.hpp"
+#include "trainer/data/data.hpp"
 
 namespace fs = std::filesystem;
 
@@ -60,7 +60,7 @@ TEST(BuiltinCorpus, DeterministicAsciiAndLearnable) {
 
 Config text_config(const fs::path& path) {
   Config c;
-  c.data.source = "text";
+  c.data.source = DataSource::kText;
   c.data.path = path.string();
   c.data.val_fraction = 0.25;
   return c;
@@ -124,9 +124,9 @@ TEST(TokenDataset, BinFilesLittleEndian) {
     }
     std::ofstream(path, std::ios::binary) << bytes;
     Config c;
-    c.data.source = "bin";
+    c.data.source = DataSource::kBin;
     c.data.path = path.string();
-    c.data.dtype = dtype;
+    c.data.dtype = *enum_from_text<TokenWidth>(dtype);
     c.data.val_fraction = 0.5;
     const auto data = TokenDataset::open(c.data, 1000, 4);
     const auto val = data.val_samples(0, 1);
@@ -146,7 +146,7 @@ std::string open_error(const DataConfig& config, int64_t vocab, int64_t seq) {
 
 TEST(TokenDataset, ClearErrors) {
   DataConfig c;
-  c.source = "text";
+  c.source = DataSource::kText;
   c.path = "/nonexistent/corpus.txt";
   EXPECT_NE(open_error(c, 256, 4).find("data.path: cannot open '/nonexistent/corpus.txt'"),
             std::string::npos);
@@ -158,9 +158,9 @@ TEST(TokenDataset, ClearErrors) {
 
   const auto odd = scratch("odd.bin");
   std::ofstream(odd, std::ios::binary) << "abcdef";
-  c.source = "bin";
+  c.source = DataSource::kBin;
   c.path = odd.string();
-  c.dtype = "uint32";
+  c.dtype = TokenWidth::kUint32;
   const auto m = open_error(c, 1000, 1);
   EXPECT_NE(m.find("6 bytes is not a whole number of uint32 tokens"), std::string::npos) << m;
 
@@ -168,7 +168,7 @@ TEST(TokenDataset, ClearErrors) {
   std::ofstream(big, std::ios::binary)
       << std::string("\x01\x00\xff\x7f", 4) << std::string(60, '\0');
   c.path = big.string();
-  c.dtype = "uint16";
+  c.dtype = TokenWidth::kUint16;
   const auto v = open_error(c, 1000, 1);
   EXPECT_NE(v.find("token 32767 at position 1 is outside the vocabulary (model.vocab_size = 1000)"),
             std::string::npos)
@@ -176,7 +176,7 @@ TEST(TokenDataset, ClearErrors) {
 
   const auto tiny = scratch("tiny.txt");
   std::ofstream(tiny) << "hello world";
-  c.source = "text";
+  c.source = DataSource::kText;
   c.path = tiny.string();
   const auto t = open_error(c, 256, 64);
   EXPECT_NE(t.find("too few"), std::string::npos) << t;

@@ -6,9 +6,9 @@
 
 #include "moe/experts.hpp"
 #include "parallel/process_groups.hpp"
-#include "trainer/flops.hpp"
-#include "trainer/model.hpp"
-#include "trainer/optimizer.hpp"
+#include "trainer/model/flops.hpp"
+#include "trainer/model/model.hpp"
+#include "trainer/optim/optimizer.hpp"
 
 namespace moeforge {
 namespace {

@@ -10,6 +10,7 @@
 #include "moe/load_balancing.hpp"
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
+#include "trainer/config/config.hpp"
 
 namespace moeforge::moe {
 namespace {
@@ -24,7 +25,7 @@ MoeConfig small_moe(int64_t experts, int64_t k, const std::string& score = "soft
   c.num_experts = experts;
   c.top_k = k;
   c.expert_ffn_size = 6;
-  c.router.score = score;
+  c.router.score = *enum_from_text<ScoreFunction>(score);
   return c;
 }
 
@@ -84,7 +85,8 @@ TEST(Balancing, AuxLossIsOneForAUniformRouter) {
   const auto ids =
       at::tensor({0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 0, 0, 1, 1, 1, 1}, at::kLong).view({8, 2});
   // f is skewed, but P is uniform: E · Σ f_i / E = Σ f_i = 1.
-  EXPECT_NEAR(aux_loss(scores, ids, {}, "micro_batch", 8).item<double>(), 1.0, 1e-6);
+  EXPECT_NEAR(aux_loss(scores, ids, {}, moe::AuxLossScope::kMicroBatch, 8).item<double>(), 1.0,
+              1e-6);
 }
 
 TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
@@ -100,7 +102,8 @@ TEST(Balancing, AuxLossMatchesFloat64Recomputation) {
     const auto own_counts = at::bincount(ids.reshape(-1), {}, experts).to(at::kDouble);
     const auto global_counts = other_counts + own_counts;
     const auto global_fraction = (global_counts / global_counts.sum()).to(at::kFloat);
-    const auto loss = aux_loss(scores, ids, {}, scope, seq, global_fraction);
+    const auto loss =
+        aux_loss(scores, ids, {}, *enum_from_text<AuxLossScope>(scope), seq, global_fraction);
     auto grad = torch::autograd::grad({loss}, {logits})[0];
     // Reference in float64 with explicit loops over groups of tokens.
     const auto logits64 = logits.detach().to(at::kDouble).set_requires_grad(true);
@@ -144,9 +147,9 @@ TEST(Capacity, DropPoliciesDropExactlyTheSpecifiedPairs) {
   // 4 tokens, k=1, everyone picks expert 0; capacity 2.
   const auto ids = at::zeros({4, 1}, at::kLong);
   const auto gates = at::tensor({0.1, 0.9, 0.5, 0.7}, at::kFloat).view({4, 1});
-  const auto by_probs = capacity_keep_mask(ids, gates, 2, 2, "probs");
+  const auto by_probs = capacity_keep_mask(ids, gates, 2, 2, moe::DropPolicy::kProbs);
   EXPECT_TRUE(at::equal(by_probs.view(-1), at::tensor({0, 1, 0, 1}, at::kInt).to(at::kBool)));
-  const auto by_position = capacity_keep_mask(ids, gates, 2, 2, "position");
+  const auto by_position = capacity_keep_mask(ids, gates, 2, 2, moe::DropPolicy::kPosition);
   EXPECT_TRUE(at::equal(by_position.view(-1), at::tensor({1, 1, 0, 0}, at::kInt).to(at::kBool)));
   EXPECT_EQ(expert_capacity(1.0, 4, 1, 2), 2);
   EXPECT_EQ(expert_capacity(1.25, 10, 2, 8), 4);  // ceil(25/8)
@@ -235,7 +238,7 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts, int
     EXPECT_LT(relative_error(g, expected), 1e-5) << "param " << i;
   }
   if (force_empty_experts) {
-    const auto& load = layer->last_stats().load;
+    const auto load = read_stats(out.counters).load;
     EXPECT_EQ(load[2].item<int64_t>() + load[3].item<int64_t>(), 0);
     // Experts that saw no token get no gradient.
     const auto& g = layer->experts->w_gate.grad();
@@ -294,12 +297,13 @@ TEST(MoeLayer, CapacityDropsGiveZeroContributionForDroppedSlots) {
   auto config = small_moe(2, 1);
   config.router.normalize_gates = false;
   config.capacity.factor = 0.5;  // capacity = ceil(0.5 · 8 / 2) = 2 per expert
-  config.capacity.drop_policy = "position";
+  config.capacity.drop_policy = moe::DropPolicy::kPosition;
   MoeLayer layer(3, config, *groups.ep);
   randomize(*layer, 5);
   layer->train();
   const auto x = at::randn({8, 3});
-  const auto y = layer->forward(x, 8).y;
+  const auto out = layer->forward(x, 8);
+  const auto& y = out.y;
   const auto ids = layer->router->forward(x).expert_ids.view(-1);
   // Position policy: for each expert only its first 2 tokens are served; the others give 0.
   std::vector<int> seen(2, 0);
@@ -313,7 +317,7 @@ TEST(MoeLayer, CapacityDropsGiveZeroContributionForDroppedSlots) {
       EXPECT_GT(y[t].abs().max().item<double>(), 0.0) << "token " << t;
     }
   }
-  EXPECT_EQ(layer->last_stats().dropped, dropped);
+  EXPECT_EQ(read_stats(out.counters).dropped, dropped);
   // Eval is dropless by default.
   layer->eval();
   const auto y_eval = layer->forward(x, 8).y;

@@ -12,7 +12,7 @@
 #include "parallel/process_groups.hpp"
 #include "parallel/simulated_link.hpp"
 #include "test_support.hpp"
-#include "trainer/data.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
 
 namespace moeforge {
@@ -85,21 +85,21 @@ TEST(Overlap, PipelinedLayerEqualsOneChunkInEveryMode) {
       {"capacity position + pad",
        [](MoeConfig& c) {
          c.capacity.factor = 1.0;
-         c.capacity.drop_policy = "position";
+         c.capacity.drop_policy = moe::DropPolicy::kPosition;
          c.capacity.pad = true;
        }},
-      {"expert choice", [](MoeConfig& c) { c.router.routing = "expert_choice"; }},
+      {"expert choice", [](MoeConfig& c) { c.router.routing = moe::Routing::kExpertChoice; }},
       {"null experts + sigmoid",
        [](MoeConfig& c) {
          c.router.num_null_experts = 2;
-         c.router.score = "sigmoid";
+         c.router.score = moe::ScoreFunction::kSigmoid;
        }},
       {"group-limited + shared expert + aux", [](MoeConfig& c) {
          c.router.num_groups = 4;
          c.router.topk_groups = 2;
          c.num_shared_experts = 1;
          c.balancing.aux_loss.coeff = 0.1;
-         c.balancing.aux_loss.scope = "sequence";
+         c.balancing.aux_loss.scope = moe::AuxLossScope::kSequence;
        }}};
   for (const auto& mode : modes) {
     MoeConfig config;

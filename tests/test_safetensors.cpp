@@ -6,8 +6,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "trainer/safetensors.hpp"
-#include "trainer/user_error.hpp"
+#include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/user_error.hpp"
 
 namespace fs = std::filesystem;
 

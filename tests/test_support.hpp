@@ -8,7 +8,7 @@
 #include <filesystem>
 #include <string>
 
-#include "trainer/config.hpp"
+#include "trainer/config/config.hpp"
 
 namespace moeforge::testing {
 

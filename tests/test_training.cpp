@@ -7,11 +7,11 @@
 
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
-#include "trainer/checkpoint.hpp"
-#include "trainer/data.hpp"
-#include "trainer/safetensors.hpp"
+#include "trainer/checkpoint/checkpoint.hpp"
+#include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
-#include "trainer/user_error.hpp"
 
 namespace fs = std::filesystem;
 

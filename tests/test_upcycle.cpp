@@ -11,10 +11,10 @@
 
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
-#include "trainer/hf_checkpoint.hpp"
-#include "trainer/model_weights.hpp"
-#include "trainer/upcycle.hpp"
-#include "trainer/user_error.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/convert/hf_checkpoint.hpp"
+#include "trainer/convert/upcycle.hpp"
+#include "trainer/model/model_weights.hpp"
 
 namespace fs = std::filesystem;
 
@@ -271,7 +271,7 @@ TEST(HfCheckpoint, BrokenDirectoriesAndUnrepresentableModelsAreClearErrors) {
   options.drop_expert_bias = true;
   EXPECT_EQ(error_of([&] { hf::export_directory(config, weights, options, out); }), "");
   auto sigmoid = config;
-  sigmoid.moe.router.score = "sigmoid";
+  sigmoid.moe.router.score = moe::ScoreFunction::kSigmoid;
   EXPECT_NE(error_of([&] {
               hf::export_directory(sigmoid, weights, options, out);
             }).find("router score must be softmax"),

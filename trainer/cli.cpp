@@ -11,11 +11,11 @@
 
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
-#include "trainer/config.hpp"
-#include "trainer/convert_commands.hpp"
-#include "trainer/data.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/config/config.hpp"
+#include "trainer/convert/convert_commands.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
-#include "trainer/user_error.hpp"
 
 namespace moeforge {
 namespace {

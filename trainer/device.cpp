@@ -9,7 +9,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
-#include "trainer/user_error.hpp"
+#include "trainer/common/user_error.hpp"
 
 namespace moeforge {
 
@@ -30,7 +30,7 @@ int node_local_rank() {
 }
 
 c10::Device resolve_device(const Config& config) {
-  if (config.train.device == "cpu") return c10::Device(c10::kCPU);
+  if (config.train.device == DeviceKind::kCpu) return c10::Device(c10::kCPU);
 #ifndef MOEFORGE_CUDA
   throw UserError(fmt::format(
       "{}: train.device: cuda, but this moeforge was built without CUDA (its LibTorch has no "
@@ -60,8 +60,8 @@ int64_t peak_memory_bytes(const c10::Device& device) {
 }
 
 parallel::Backend resolve_backend(const Config& config, const c10::Device& device) {
-  const auto& name = config.parallel.backend;
-  if (name == "mpi" || !device.is_cuda()) return parallel::Backend::kMpi;
+  if (config.parallel.backend == BackendChoice::kMpi || !device.is_cuda())
+    return parallel::Backend::kMpi;
   // NCCL refuses two ranks on one GPU (with an opaque "invalid usage"): say so up front.
   const int ranks_here =
       launcher_value({"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE"}, 1);

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "parallel/process_groups.hpp"
-#include "trainer/config.hpp"
+#include "trainer/config/config.hpp"
 
 namespace moeforge {
 

@@ -1,5 +1,5 @@
 #include "trainer/cli.hpp"
-#include "trainer/host_allocator.hpp"
+#include "trainer/common/host_allocator.hpp"
 
 int main(int argc, char** argv) {
   moeforge::tune_host_allocator();

@@ -5,7 +5,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
-#include "trainer/user_error.hpp"
+#include "trainer/common/user_error.hpp"
 
 namespace moeforge {
 

@@ -15,10 +15,12 @@
 #include "moe/load_balancing.hpp"
 #include "parallel/simulated_link.hpp"
 #include "parallel/trace.hpp"
+#include "trainer/common/file_io.hpp"
+#include "trainer/common/hashing.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/device.hpp"
-#include "trainer/hf_checkpoint.hpp"
-#include "trainer/model_weights.hpp"
-#include "trainer/user_error.hpp"
+#include "trainer/model/model_weights.hpp"
 
 namespace fs = std::filesystem;
 
@@ -85,6 +87,21 @@ class AutocastScope {
   bool enabled_;
 };
 
+// Writes the MoE layers' phases to the trace (logging.trace) as compute spans.
+class TracedPhases final : public moe::PhaseObserver {
+ public:
+  void forward_started() override { last_ = parallel::trace::Clock::now(); }
+  void phase_done(const char* phase) override {
+    if (!parallel::trace::enabled()) return;
+    const auto now = parallel::trace::Clock::now();
+    parallel::trace::record("compute", phase, last_, now);
+    last_ = now;
+  }
+
+ private:
+  parallel::trace::Clock::time_point last_ = parallel::trace::Clock::now();
+};
+
 // The groups a run uses: on its backend, with the communication worker (MPI only: NCCL is
 // asynchronous through its own stream) and the simulated link applied.
 parallel::ProcessGroups prepare_groups(const Config& config, const parallel::ProcessGroups& groups,
@@ -103,7 +120,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
                  RunOptions options)
     : config_(config),
       device_(resolve_device(config)),
-      bf16_(config.train.precision == "bf16"),
+      bf16_(config.train.precision == Precision::kBf16),
       groups_(prepare_groups(config, groups, device_)),
       data_(std::move(data)),
       options_(std::move(options)) {
@@ -118,8 +135,11 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
               << std::endl;
   at::manual_seed(static_cast<uint64_t>(config_.train.seed));
   model_ = DecoderLM(config_, *groups_.ep);
-  for (auto& layer : model_->moe_layers())
+  phase_trace_ = std::make_unique<TracedPhases>();
+  for (auto& layer : model_->moe_layers()) {
     layer->set_overlap_degree(config_.parallel.overlap_degree);
+    layer->set_observer(phase_trace_.get());
+  }
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->to(device_);  // initialised on the host, so every device starts from the same weights
   model_->train();
@@ -152,45 +172,42 @@ int64_t Trainer::first_sample(int64_t samples_consumed, int64_t micro) const {
   return samples_consumed + (micro * world + rank) * config_.train.micro_batch_size;
 }
 
-void Trainer::seed_router_noise(int64_t first_sample_index) {
-  if (config_.moe.router.jitter_eps <= 0) return;
-  auto layers = model_->moe_layers();
-  for (size_t i = 0; i < layers.size(); ++i) {
-    // splitmix64-style mix of (seed, step, sample, layer).
-    uint64_t h = static_cast<uint64_t>(config_.train.seed) * 0x9E3779B97F4A7C15ULL;
-    for (const uint64_t v : {static_cast<uint64_t>(state_.step),
-                             static_cast<uint64_t>(first_sample_index), static_cast<uint64_t>(i)}) {
-      h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
-      h = (h ^ (h >> 31)) * 0xBF58476D1CE4E5B9ULL;
-    }
-    layers[i]->set_noise_seed(h);
+std::vector<moe::RoutingInputs> Trainer::routing_inputs(
+    int64_t first_sample_index, const std::vector<at::Tensor>& global_fractions) const {
+  const size_t layers = model_->moe_layers().size();
+  std::vector<moe::RoutingInputs> inputs(layers);
+  for (size_t i = 0; i < layers; ++i) {
+    // The same (seed, step, first sample, layer) always gives the same jitter.
+    inputs[i].noise_seed =
+        mix_seeds({static_cast<uint64_t>(config_.train.seed), static_cast<uint64_t>(state_.step),
+                   static_cast<uint64_t>(first_sample_index), i});
+    if (i < global_fractions.size()) inputs[i].global_load_fraction = global_fractions[i];
   }
+  return inputs;
 }
 
-void Trainer::set_global_load_fractions(int64_t samples_consumed) {
+std::vector<at::Tensor> Trainer::global_load_fractions(int64_t samples_consumed) {
   const auto& t = config_.train;
-  auto layers = model_->moe_layers();
-  std::vector<at::Tensor> load;
+  const size_t layers = model_->moe_layers().size();
+  std::vector<at::Tensor> load(layers);
   {
     at::NoGradGuard no_grad;
-    for (auto& layer : layers) {
-      layer->set_global_load_fraction({});
-      load.push_back(at::zeros({layer->pool_size()}, at::TensorOptions(device_).dtype(at::kLong)));
-    }
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       const int64_t first = first_sample(samples_consumed, micro);
-      seed_router_noise(first);
       const auto batch = data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);
       const AutocastScope autocast(device_, bf16_);
-      model_->forward(batch.narrow(1, 0, t.seq_len));
-      for (size_t i = 0; i < layers.size(); ++i) load[i] += layers[i]->last_counters().load;
+      const auto out = model_->forward(batch.narrow(1, 0, t.seq_len), routing_inputs(first, {}));
+      for (size_t i = 0; i < layers; ++i)
+        load[i] = load[i].defined() ? load[i] + out.routing[i].load : out.routing[i].load;
     }
   }
   const auto global = sum_loads(*groups_.world, load);  // over the data-parallel world
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const auto counts = global[i].to(at::kFloat);
-    layers[i]->set_global_load_fraction(counts / counts.sum().clamp_min(1.0));
+  std::vector<at::Tensor> fractions;
+  for (const auto& counts : global) {
+    const auto as_float = counts.to(at::kFloat);
+    fractions.push_back(as_float / as_float.sum().clamp_min(1.0));
   }
+  return fractions;
 }
 
 void Trainer::initialize_from(const std::string& path) {
@@ -219,12 +236,12 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     totals.routing.push_back(at::zeros({kRoutingValues}, on_device.dtype(at::kDouble)));
   }
   const bool global_aux =
-      balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == "global_batch";
-  if (global_aux) set_global_load_fractions(samples_consumed);
+      balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == moe::AuxLossScope::kGlobalBatch;
+  const auto fractions =
+      global_aux ? global_load_fractions(samples_consumed) : std::vector<at::Tensor>{};
   optimizer_->zero_grad();
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
     const int64_t first = first_sample(samples_consumed, micro);
-    seed_router_noise(first);
     const auto batch =
         data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);  // [B, S+1]
     const auto forward_start = parallel::trace::Clock::now();
@@ -232,7 +249,7 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     at::Tensor lm_loss;
     {
       const AutocastScope autocast(device_, bf16_);
-      out = model_->forward(batch.narrow(1, 0, t.seq_len));
+      out = model_->forward(batch.narrow(1, 0, t.seq_len), routing_inputs(first, fractions));
       lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
     }
     parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
@@ -249,10 +266,8 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     totals.losses +=
         at::stack({lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()}).to(at::kDouble) /
         static_cast<double>(t.grad_accum);
-    accumulate_routing(totals);
+    accumulate_routing(out.routing, totals);
   }
-  if (global_aux)
-    for (auto& layer : layers) layer->set_global_load_fraction({});
   // Read once per step (on a GPU, the step's only wait for the device besides the MoE counts).
   const double loss = totals.losses[0].item<double>();
   if (!std::isfinite(loss))
@@ -265,12 +280,12 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   return totals;
 }
 
-void Trainer::accumulate_routing(MicroBatchTotals& totals) {
-  const auto layers = model_->moe_layers();
+void Trainer::accumulate_routing(const std::vector<moe::RoutingCounters>& routing,
+                                 MicroBatchTotals& totals) const {
   const int64_t num_experts = config_.moe.num_experts;
   const double accum = static_cast<double>(config_.train.grad_accum);
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const auto& counters = layers[i]->last_counters();
+  for (size_t i = 0; i < routing.size(); ++i) {
+    const auto& counters = routing[i];
     totals.load[i] += counters.load;
     const auto counts = counters.slot_counts.to(at::kDouble);  // selected, null, kept rows
     const auto selected = counts[0], null_slots = counts[1], rows = counts[2];
@@ -419,7 +434,7 @@ RunSummary Trainer::run() {
   const std::string resolved = to_yaml(config_);
   if (write && is_root_) {
     fs::create_directories(t.out_dir);
-    std::ofstream(fs::path(t.out_dir) / "config.resolved.yaml") << resolved;
+    write_file_atomically((fs::path(t.out_dir) / "config.resolved.yaml").string(), resolved);
   }
   MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",
                  options_.resume.has_value(), print);

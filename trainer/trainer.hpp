@@ -12,12 +12,12 @@
 
 #include "parallel/grad_sync.hpp"
 #include "parallel/process_groups.hpp"
-#include "trainer/checkpoint.hpp"
-#include "trainer/config.hpp"
-#include "trainer/data.hpp"
+#include "trainer/checkpoint/checkpoint.hpp"
+#include "trainer/config/config.hpp"
+#include "trainer/data/data.hpp"
 #include "trainer/metrics.hpp"
-#include "trainer/model.hpp"
-#include "trainer/optimizer.hpp"
+#include "trainer/model/model.hpp"
+#include "trainer/optim/optimizer.hpp"
 
 namespace moeforge {
 
@@ -80,23 +80,26 @@ class Trainer {
   static constexpr int64_t kRoutingValues = 5;
   MicroBatchTotals forward_backward(int64_t samples_consumed);
   // Adds every MoE layer's counters of the micro-batch just run to `totals`.
-  void accumulate_routing(MicroBatchTotals& totals);
+  void accumulate_routing(const std::vector<moe::RoutingCounters>& routing,
+                          MicroBatchTotals& totals) const;
   // Weights from a checkpoint (or HF directory); optimizer and step start fresh.
   void initialize_from(const std::string& path);
-  // Global-batch aux scope: a no-grad routing pass over this step's micro-batches gives every
-  // MoE layer the load fraction of the whole global batch before the real micro-batches run.
-  void set_global_load_fractions(int64_t samples_consumed);
+  // Global-batch aux scope: a no-grad routing pass over this step's micro-batches gives the load
+  // fraction of the whole global batch per MoE layer, which the real micro-batches then use.
+  std::vector<at::Tensor> global_load_fractions(int64_t samples_consumed);
   // Sample index of the first sequence of this rank's micro-batch `micro`.
   int64_t first_sample(int64_t samples_consumed, int64_t micro) const;
-  // Same jitter noise whenever the same micro-batch is routed again (replay, pre-pass).
-  void seed_router_noise(int64_t first_sample_index);
+  // Per MoE layer: the jitter seed of this micro-batch (the same whenever it is routed again:
+  // replay, pre-pass) and the global-batch load fraction when given.
+  std::vector<moe::RoutingInputs> routing_inputs(
+      int64_t first_sample_index, const std::vector<at::Tensor>& global_fractions) const;
   StepMetrics train_step();
   void update_expert_biases(const std::vector<at::Tensor>& global_load);
   double clip_gradients();
 
   Config config_;
   c10::Device device_;
-  bool bf16_ = false;  // train.precision: bf16 (autocast around every forward)
+  bool bf16_ = false;               // train.precision: bf16 (autocast around every forward)
   parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;
@@ -105,6 +108,7 @@ class Trainer {
   std::unique_ptr<parallel::GradientSynchronizer> dense_sync_;
   std::unique_ptr<parallel::GradientSynchronizer> expert_sync_;
   std::unique_ptr<CheckpointManager> checkpoints_;
+  std::unique_ptr<moe::PhaseObserver> phase_trace_;  // MoE phases into the trace
   TrainingState state_;
   bool is_root_ = false;
 };

@@ -10,8 +10,8 @@
 #include <map>
 #include <string>
 
-#include "trainer/safetensors.hpp"
-#include "trainer/user_error.hpp"
+#include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/user_error.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace moeforge;

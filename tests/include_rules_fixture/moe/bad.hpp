@@ -1,0 +1,3 @@
+#pragma once
+// A planted violation: moe/ must not include trainer/.
+#include "trainer/config/config.hpp"

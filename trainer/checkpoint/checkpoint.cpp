@@ -1,0 +1,263 @@
+#include "trainer/checkpoint/checkpoint.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/file_io.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/model/model_weights.hpp"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+constexpr const char* kMetadataFile = "checkpoint.json";
+constexpr const char* kModelFile = "model.safetensors";
+constexpr const char* kOptimizerFile = "optimizer.safetensors";
+constexpr int kFormatVersion = 1;
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+std::string expert_file_name(int ep_rank, int ep_size) {
+  return fmt::format("experts-{:05d}-of-{:05d}.safetensors", ep_rank, ep_size);
+}
+
+// A parameter and its AdamW moments, each with the prefix of its checkpoint name.
+std::vector<std::pair<std::string, at::Tensor>> slot_tensors(const OptimizerSlot& slot) {
+  return {{"", slot.param}, {"exp_avg.", slot.exp_avg}, {"exp_avg_sq.", slot.exp_avg_sq}};
+}
+
+at::Tensor cpu_rng_state() {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+void set_cpu_rng_state(const at::Tensor& state) {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+}  // namespace
+
+std::string file_crc32(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UserError(fmt::format("cannot read {}", path));
+  uLong crc = crc32(0L, Z_NULL, 0);
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const auto got = in.gcount();
+    if (got > 0)
+      crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(got));
+  }
+  return fmt::format("{:08x}", crc);
+}
+
+CheckpointManager::CheckpointManager(std::string checkpoints_dir,
+                                     const parallel::ProcessGroups& groups)
+    : dir_(std::move(checkpoints_dir)), groups_(groups) {}
+
+std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
+                                    const TrainingState& state,
+                                    const std::string& resolved_config_yaml, int64_t keep) {
+  auto& world = *groups_.world;
+  const std::string name = fmt::format("step-{:08d}", state.step);
+  const fs::path final_dir = fs::path(dir_) / name;
+  const fs::path tmp_dir = fs::path(dir_) / (name + ".tmp");
+  if (world.rank() == 0) {
+    fs::create_directories(dir_);
+    fs::remove_all(tmp_dir);
+    fs::create_directories(tmp_dir);
+  }
+  world.barrier();
+
+  at::NoGradGuard no_grad;
+  const int64_t first = model.first_local_expert();
+  // Rank 0 writes the non-expert part; the first EP group writes the experts.
+  if (world.rank() == 0) {
+    NamedTensors weights, state_tensors;
+    for (const auto& item : model.named_parameters()) {
+      if (!is_expert_parameter(item.key())) weights.emplace_back(item.key(), item.value());
+    }
+    for (const auto& item : model.named_buffers()) weights.emplace_back(item.key(), item.value());
+    for (const auto& slot : optimizer.slots()) {
+      if (is_expert_parameter(slot.name)) continue;
+      state_tensors.emplace_back("exp_avg." + slot.name, slot.exp_avg);
+      state_tensors.emplace_back("exp_avg_sq." + slot.name, slot.exp_avg_sq);
+    }
+    state_tensors.emplace_back("rng.cpu", cpu_rng_state());
+    safetensors::save((tmp_dir / kModelFile).string(), weights);
+    safetensors::save((tmp_dir / kOptimizerFile).string(), state_tensors);
+  }
+  if (groups_.dp_rank() == 0) {
+    NamedTensors experts;
+    for (const auto& slot : optimizer.slots()) {
+      if (!is_expert_parameter(slot.name)) continue;
+      for (const auto& [prefix, tensor] : slot_tensors(slot))
+        for (auto& named : checkpoint_views(prefix + slot.name, tensor, first))
+          experts.push_back(std::move(named));
+    }
+    safetensors::save((tmp_dir / expert_file_name(groups_.ep_rank(), groups_.ep_size)).string(),
+                      experts);
+  }
+  world.barrier();
+
+  if (world.rank() == 0) {
+    nlohmann::json meta;
+    meta["format"] = "moeforge-checkpoint";
+    meta["version"] = kFormatVersion;
+    meta["step"] = state.step;
+    meta["samples_consumed"] = state.samples_consumed;
+    meta["optimizer"] = {{"type", "adamw"},
+                         {"steps_taken", optimizer.steps_taken()},
+                         {"state", {"exp_avg", "exp_avg_sq"}}};
+    meta["layout"] = {{"world_size", world.size()},
+                      {"ep_size", groups_.ep_size},
+                      {"expert_files", groups_.ep_size}};
+    meta["config"] = resolved_config_yaml;
+    nlohmann::json files = nlohmann::json::object();
+    for (const auto& entry : fs::directory_iterator(tmp_dir)) {
+      const auto file = entry.path().filename().string();
+      files[file] = {{"crc32", file_crc32(entry.path().string())},
+                     {"bytes", static_cast<int64_t>(fs::file_size(entry.path()))}};
+    }
+    meta["files"] = files;
+    write_file_atomically((tmp_dir / kMetadataFile).string(), meta.dump(2));
+    if (fs::exists(final_dir)) fs::remove_all(final_dir);
+    fs::rename(tmp_dir, final_dir);
+    write_file_atomically((fs::path(dir_) / "latest").string(), name + "\n");
+    if (keep > 0) {
+      std::vector<std::string> steps;
+      for (const auto& entry : fs::directory_iterator(dir_)) {
+        const auto file = entry.path().filename().string();
+        if (entry.is_directory() && file.rfind("step-", 0) == 0 &&
+            file.find('.') == std::string::npos)
+          steps.push_back(file);
+      }
+      std::sort(steps.begin(), steps.end());
+      for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(fs::path(dir_) / steps[i]);
+    }
+  }
+  world.barrier();
+  return final_dir.string();
+}
+
+std::string CheckpointManager::resolve(const std::string& requested) const {
+  fs::path base = requested.empty() || requested == "latest" ? fs::path(dir_) : fs::path(requested);
+  if (fs::exists(base / kMetadataFile)) return base.string();
+  for (const fs::path& candidate : {base, base / "checkpoints"}) {
+    if (fs::exists(candidate / "latest")) {
+      std::string name = read_file((candidate / "latest").string());
+      name.erase(name.find_last_not_of(" \n\r\t") + 1);
+      const auto dir = candidate / name;
+      if (!fs::exists(dir / kMetadataFile))
+        throw UserError(fmt::format("{}: 'latest' names {}, which has no {}", candidate.string(),
+                                    dir.string(), kMetadataFile));
+      return dir.string();
+    }
+  }
+  throw UserError(fmt::format(
+      "no checkpoint to resume from at '{}': expected a checkpoint directory (with {}) or a "
+      "directory holding a 'latest' file",
+      base.string(), kMetadataFile));
+}
+
+namespace {
+
+// checkpoint.json of `dir`, parsed; UserError naming the file when it is not JSON.
+nlohmann::json read_metadata(const fs::path& dir) {
+  const auto meta_path = (dir / kMetadataFile).string();
+  try {
+    return nlohmann::json::parse(read_file(meta_path));
+  } catch (const nlohmann::json::exception& e) {
+    throw UserError(fmt::format("{}: not valid JSON: {}", meta_path, e.what()));
+  }
+}
+
+}  // namespace
+
+std::string checkpoint_config_yaml(const std::string& checkpoint_dir) {
+  const auto meta = read_metadata(checkpoint_dir);
+  if (!meta.contains("config") || !meta["config"].is_string())
+    throw UserError(
+        fmt::format("{}/{}: no 'config' (resolved YAML)", checkpoint_dir, kMetadataFile));
+  return meta["config"].get<std::string>();
+}
+
+TrainingState CheckpointManager::load(const std::string& checkpoint_dir, DecoderLMImpl& model,
+                                      AdamW& optimizer) {
+  const fs::path dir(checkpoint_dir);
+  const auto meta_path = (dir / kMetadataFile).string();
+  const auto meta = read_metadata(dir);
+  if (meta.value("format", "") != "moeforge-checkpoint" || !meta.contains("files"))
+    throw UserError(fmt::format("{}: not a moeforge checkpoint (missing format/files)", meta_path));
+  if (meta.value("version", 0) != kFormatVersion)
+    throw UserError(
+        fmt::format("{}: checkpoint format version {} is not supported (this build "
+                    "reads version {})",
+                    meta_path, meta.value("version", 0), kFormatVersion));
+
+  // Verify every file before trusting any byte of it, and map tensor names to files.
+  std::map<std::string, std::shared_ptr<safetensors::File>> by_name;
+  for (const auto& [file, info] : meta["files"].items()) {
+    const auto path = (dir / file).string();
+    if (!fs::exists(path))
+      throw UserError(fmt::format("{}: file {} is missing", checkpoint_dir, file));
+    const auto expected = info.value("crc32", "");
+    const auto actual = file_crc32(path);
+    if (actual != expected)
+      throw UserError(
+          fmt::format("{}: checksum mismatch (crc32 {} but checkpoint.json records {}); "
+                      "the checkpoint is corrupt — resume from an earlier one",
+                      path, actual, expected));
+    auto opened = std::make_shared<safetensors::File>(safetensors::File::open(path));
+    for (const auto& tensor : opened->tensors()) by_name[tensor.name] = opened;
+  }
+  auto fetch = [&](const std::string& name, const at::Tensor& like) {
+    const auto it = by_name.find(name);
+    if (it == by_name.end())
+      throw UserError(
+          fmt::format("{}: tensor '{}' is missing (does the config match the "
+                      "checkpoint's model?)",
+                      checkpoint_dir, name));
+    auto tensor = it->second->load(name);
+    if (tensor.sizes() != like.sizes())
+      throw UserError(fmt::format(
+          "{}: tensor '{}' has shape {} but the model expects {} (does the "
+          "config match the checkpoint's model?)",
+          it->second->path(), name, fmt::join(tensor.sizes(), "x"), fmt::join(like.sizes(), "x")));
+    return tensor.to(like.scalar_type());
+  };
+
+  at::NoGradGuard no_grad;
+  const int64_t first = model.first_local_expert();
+  for (auto& slot : optimizer.slots())
+    for (const auto& [prefix, tensor] : slot_tensors(slot))
+      for (auto& [name, view] : checkpoint_views(prefix + slot.name, tensor, first))
+        view.copy_(fetch(name, view));
+  for (auto& item : model.named_buffers()) item.value().copy_(fetch(item.key(), item.value()));
+  if (by_name.count("rng.cpu")) set_cpu_rng_state(by_name["rng.cpu"]->load("rng.cpu"));
+
+  optimizer.set_steps_taken(meta["optimizer"].value("steps_taken", int64_t{0}));
+  TrainingState state;
+  state.step = meta.value("step", int64_t{0});
+  state.samples_consumed = meta.value("samples_consumed", int64_t{0});
+  return state;
+}
+
+}  // namespace moeforge

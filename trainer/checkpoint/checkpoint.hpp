@@ -1,0 +1,59 @@
+#pragma once
+// Checkpoints (docs/architecture.md, "Checkpoints").
+//
+// Layout of one checkpoint, `<out_dir>/checkpoints/step-00000100/`:
+//   model.safetensors        non-expert parameters and buffers (router expert_bias) — rank 0
+//   optimizer.safetensors    AdamW state of those (exp_avg.<name>, exp_avg_sq.<name>) + RNG
+//   experts-EEEEE-of-PPPPP.safetensors
+//                            one per EP rank of the first EP group: every global expert's
+//                            weights and AdamW state under *global* names
+//                            (layers.3.mlp.experts.17.w_gate, exp_avg.layers.3...)
+//   checkpoint.json          step, samples consumed, resolved config, layout, CRC-32 per file
+// It is written to `step-XXXXXXXX.tmp/` and renamed into place only when complete; then
+// `checkpoints/latest` (the directory name) is replaced atomically. Because tensors carry
+// global names, any ep_size / world size can load any checkpoint (resharding on load).
+#include <optional>
+#include <string>
+
+#include "parallel/process_groups.hpp"
+#include "trainer/model/model.hpp"
+#include "trainer/optim/optimizer.hpp"
+
+namespace moeforge {
+
+struct TrainingState {
+  int64_t step = 0;              // optimizer steps completed
+  int64_t samples_consumed = 0;  // training sequences consumed (global)
+};
+
+class CheckpointManager {
+ public:
+  // `checkpoints_dir` = <out_dir>/checkpoints. Groups are used for the collective save.
+  CheckpointManager(std::string checkpoints_dir, const parallel::ProcessGroups& groups);
+
+  // Collective over world. Writes step-<step>, updates latest, keeps the newest `keep`
+  // (0 = all). Returns the checkpoint directory.
+  std::string save(DecoderLMImpl& model, AdamW& optimizer, const TrainingState& state,
+                   const std::string& resolved_config_yaml, int64_t keep);
+
+  // `requested` empty or "latest" -> the directory named by checkpoints/latest; otherwise a
+  // checkpoint directory (or a run/checkpoints directory holding `latest`). UserError when
+  // there is none.
+  std::string resolve(const std::string& requested) const;
+
+  // Loads parameters, expert biases, optimizer state and RNG into this rank's shard. Verifies
+  // every file's checksum and every tensor's shape; UserError naming file/tensor otherwise.
+  TrainingState load(const std::string& checkpoint_dir, DecoderLMImpl& model, AdamW& optimizer);
+
+ private:
+  std::string dir_;
+  const parallel::ProcessGroups& groups_;
+};
+
+// The resolved config YAML stored in a checkpoint's checkpoint.json. UserError when absent.
+std::string checkpoint_config_yaml(const std::string& checkpoint_dir);
+
+// CRC-32 of a file's bytes, as 8 hex digits.
+std::string file_crc32(const std::string& path);
+
+}  // namespace moeforge

@@ -1,0 +1,373 @@
+#include "trainer/config/config.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "trainer/common/file_io.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/config/config_schema.hpp"
+
+namespace moeforge {
+namespace {
+
+// Where each key's value came from, for messages: "file.yaml:12" or "--set k=v".
+using Locations = std::map<std::string, std::string>;
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+const KeySpec* find_key(const std::string& path) {
+  for (const auto& key : config_schema())
+    if (key.path == path) return &key;
+  return nullptr;
+}
+
+bool is_section(const std::string& path) {
+  const auto& sections = config_sections();
+  return std::find(sections.begin(), sections.end(), path) != sections.end();
+}
+
+// "; did you mean 'moe.top_k'?" for the closest key or section, when close enough.
+std::string suggestion(const std::string& path) {
+  std::vector<std::string> candidates = config_sections();
+  for (const auto& key : config_schema()) candidates.push_back(key.path);
+  const auto dot = path.rfind('.');
+  const std::string leaf = dot == std::string::npos ? path : path.substr(dot + 1);
+  const std::string parent = dot == std::string::npos ? "" : path.substr(0, dot + 1);
+  std::string best;
+  size_t best_distance = std::string::npos;
+  for (const auto& candidate : candidates) {
+    size_t distance = edit_distance(path, candidate);
+    // A key of the same section with a similar last name (moe.topk -> moe.top_k).
+    if (!parent.empty() && candidate.rfind(parent, 0) == 0 &&
+        candidate.find('.', parent.size()) == std::string::npos)
+      distance = std::min(distance, edit_distance(leaf, candidate.substr(parent.size())));
+    // The same name in another section (topk at the top level -> moe.top_k).
+    const auto cdot = candidate.rfind('.');
+    if (cdot != std::string::npos)
+      distance = std::min(distance, edit_distance(leaf, candidate.substr(cdot + 1)) + 1);
+    if (distance < best_distance) {
+      best_distance = distance;
+      best = candidate;
+    }
+  }
+  const size_t limit = std::max<size_t>(2, leaf.size() / 3);
+  if (best.empty() || best_distance > limit) return "";
+  return fmt::format("; did you mean '{}'?", best);
+}
+
+std::string describe(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Map:
+      return "a map";
+    case YAML::NodeType::Sequence:
+      return "a list";
+    case YAML::NodeType::Null:
+      return "nothing";
+    default:
+      return fmt::format("'{}'", node.Scalar());
+  }
+}
+
+// Parses one leaf value into `config`; throws UserError "<where>: <key>: must be ..., got ...".
+void set_value(Config& config, const KeySpec& key, const YAML::Node& node,
+               const std::string& where) {
+  auto fail = [&](const std::string& got) {
+    return UserError(
+        fmt::format("{}: {}: must be {}, got {}", where, key.path, key.allowed_text(), got));
+  };
+  if (!node.IsScalar()) throw fail(describe(node));
+  const std::string text = node.Scalar();
+  switch (key.type) {
+    case KeyType::kInt: {
+      int64_t value = 0;
+      if (!YAML::convert<int64_t>::decode(node, value)) throw fail(describe(node));
+      if (static_cast<double>(value) < key.min || static_cast<double>(value) > key.max)
+        throw fail(std::to_string(value));
+      key.int_field(config) = value;
+      break;
+    }
+    case KeyType::kFloat: {
+      double value = 0;
+      if (!YAML::convert<double>::decode(node, value) || !std::isfinite(value))
+        throw fail(describe(node));
+      if (value < key.min || value > key.max) throw fail(text);
+      key.float_field(config) = value;
+      break;
+    }
+    case KeyType::kBool: {
+      bool value = false;
+      if (!YAML::convert<bool>::decode(node, value)) throw fail(describe(node));
+      key.bool_field(config) = value;
+      break;
+    }
+    case KeyType::kString: {
+      if (!key.choices.empty() &&
+          std::find(key.choices.begin(), key.choices.end(), text) == key.choices.end())
+        throw fail(describe(node));
+      key.set_text(config, text);
+      break;
+    }
+  }
+}
+
+std::string line_of(const std::string& source, const YAML::Mark& mark) {
+  return mark.line >= 0 ? fmt::format("{}:{}", source, mark.line + 1) : source;
+}
+
+void parse_map(Config& config, const YAML::Node& map, const std::string& prefix,
+               const std::string& source, Locations& locations) {
+  for (const auto& item : map) {
+    const std::string name = item.first.as<std::string>();
+    const std::string path = prefix.empty() ? name : prefix + "." + name;
+    const std::string where = line_of(source, item.first.Mark());
+    if (const KeySpec* key = find_key(path)) {
+      if (item.second.IsNull())
+        throw UserError(
+            fmt::format("{}: {}: has no value; must be {}", where, path, key->allowed_text()));
+      set_value(config, *key, item.second, where);
+      locations[path] = where;
+    } else if (is_section(path)) {
+      if (item.second.IsNull()) continue;  // an empty section keeps its defaults
+      if (!item.second.IsMap())
+        throw UserError(fmt::format("{}: {}: must be a section (a map of keys), got {}", where,
+                                    path, describe(item.second)));
+      locations[path] = where;
+      parse_map(config, item.second, path, source, locations);
+    } else {
+      throw UserError(fmt::format("{}: unknown key '{}'{}", where, path, suggestion(path)));
+    }
+  }
+}
+
+void apply_override(Config& config, const std::string& override_text, Locations& locations) {
+  const auto eq = override_text.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw UserError(
+        fmt::format("--set {}: expected key.path=value, e.g. --set moe.top_k=4", override_text));
+  const std::string path = override_text.substr(0, eq);
+  const std::string value = override_text.substr(eq + 1);
+  const std::string where = "--set " + override_text;
+  const KeySpec* key = find_key(path);
+  if (key == nullptr) {
+    if (is_section(path))
+      throw UserError(fmt::format("{}: '{}' is a section; set one of its keys, e.g. {}.<key>=...",
+                                  where, path, path));
+    throw UserError(fmt::format("{}: unknown key '{}'{}", where, path, suggestion(path)));
+  }
+  YAML::Node node;
+  try {
+    node = YAML::Load(value);
+  } catch (const YAML::Exception& e) {
+    throw UserError(fmt::format("{}: {}: cannot parse the value: {}", where, path, e.msg));
+  }
+  if (node.IsNull()) node = YAML::Node(value);  // "--set data.path=" means the empty string
+  set_value(config, *key, node, where);
+  locations[path] = where;
+}
+
+// Cross-field rules; the message points at the line of the first key named.
+void validate(const Config& c, const Locations& locations, const std::string& source) {
+  auto at = [&](const std::string& path) {
+    const auto it = locations.find(path);
+    return it != locations.end() ? it->second : source + " (default)";
+  };
+  auto rule = [&](bool ok, const std::string& path, const std::string& message) {
+    if (!ok) throw UserError(fmt::format("{}: {}: {}", at(path), path, message));
+  };
+  const auto& m = c.model;
+  rule(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+       fmt::format("{} is not divisible by model.num_heads = {}", m.hidden_size, m.num_heads));
+  rule(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+       fmt::format("{} does not divide model.num_heads = {} (grouped-query attention shares each "
+                   "kv head among num_heads / num_kv_heads query heads)",
+                   m.num_kv_heads, m.num_heads));
+  rule((m.hidden_size / m.num_heads) % 2 == 0, "model.hidden_size",
+       fmt::format("head size hidden_size / num_heads = {} must be even (RoPE rotates pairs)",
+                   m.hidden_size / m.num_heads));
+  rule(c.moe.top_k <= c.moe.num_experts, "moe.top_k",
+       fmt::format("{} is more than moe.num_experts = {}", c.moe.top_k, c.moe.num_experts));
+  const auto& r = c.moe.router;
+  const bool grouped = r.num_groups > 1;
+  rule(!grouped || c.moe.num_experts % r.num_groups == 0, "moe.router.num_groups",
+       fmt::format("{} does not divide moe.num_experts = {}", r.num_groups, c.moe.num_experts));
+  rule(!grouped || (r.topk_groups >= 1 && r.topk_groups <= r.num_groups), "moe.router.topk_groups",
+       fmt::format("{} must be in [1, moe.router.num_groups = {}]", r.topk_groups, r.num_groups));
+  rule(!grouped || c.moe.top_k <= r.topk_groups * (c.moe.num_experts / r.num_groups), "moe.top_k",
+       fmt::format("{} is more than the experts of the topk_groups chosen groups ({} × {})",
+                   c.moe.top_k, r.topk_groups,
+                   c.moe.num_experts / std::max<int64_t>(1, r.num_groups)));
+  const bool expert_choice = r.routing == moe::Routing::kExpertChoice;
+  rule(!expert_choice || !grouped, "moe.router.routing",
+       "expert_choice cannot be combined with group-limited routing (moe.router.num_groups > 1): "
+       "experts choose tokens, so there is no per-token group limit to apply");
+  rule(!expert_choice || r.num_null_experts == 0, "moe.router.routing",
+       "expert_choice cannot be combined with moe.router.num_null_experts: with expert choice "
+       "a token's number of experts already varies");
+  rule(!c.moe.capacity.pad || c.moe.capacity.factor > 0, "moe.capacity.pad",
+       "padding needs a capacity to pad to: set moe.capacity.factor > 0");
+  rule(c.moe.first_k_dense <= m.num_layers, "moe.first_k_dense",
+       fmt::format("{} is more than model.num_layers = {}", c.moe.first_k_dense, m.num_layers));
+  rule(c.moe.num_experts % c.parallel.ep_size == 0, "parallel.ep_size",
+       fmt::format("{} does not divide moe.num_experts = {}", c.parallel.ep_size,
+                   c.moe.num_experts));
+  rule(c.parallel.backend != BackendChoice::kNccl || c.train.device == DeviceKind::kCuda,
+       "parallel.backend",
+       "nccl carries CUDA tensors: set train.device: cuda, or use parallel.backend: mpi / auto");
+  rule(c.train.seq_len <= m.max_seq_len, "train.seq_len",
+       fmt::format("{} is longer than model.max_seq_len = {}", c.train.seq_len, m.max_seq_len));
+  rule(c.train.min_lr <= c.train.lr, "train.min_lr",
+       fmt::format("{} is above train.lr = {}", c.train.min_lr, c.train.lr));
+  rule(c.train.warmup_steps <= c.train.steps, "train.warmup_steps",
+       fmt::format("{} is more than train.steps = {}", c.train.warmup_steps, c.train.steps));
+  rule(c.data.source == DataSource::kBuiltin || !c.data.path.empty(), "data.source",
+       fmt::format("'{}' needs data.path (the file to read)", enum_text(c.data.source)));
+  rule(c.data.source == DataSource::kBin || m.vocab_size >= 256, "model.vocab_size",
+       fmt::format("{} is too small for byte-level data (data.source '{}' needs ≥ 256)",
+                   m.vocab_size, enum_text(c.data.source)));
+}
+
+Config parse(const YAML::Node& root, const std::string& source,
+             const std::vector<std::string>& overrides) {
+  Config config;
+  config.source_file = source;
+  Locations locations;
+  if (!root.IsNull() && !root.IsMap())
+    throw UserError(
+        fmt::format("{}: the top level must be a map of sections (model:, moe:, ...), "
+                    "got {}",
+                    line_of(source, root.Mark()), describe(root)));
+  if (root.IsMap()) parse_map(config, root, "", source, locations);  // empty file: defaults
+  for (const auto& text : overrides) apply_override(config, text, locations);
+  validate(config, locations, source);
+  return config;
+}
+
+Config parse_text(const std::string& text, const std::string& source,
+                  const std::vector<std::string>& overrides) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::ParserException& e) {
+    throw UserError(fmt::format("{}:{}: YAML syntax error: {}", source, e.mark.line + 1, e.msg));
+  }
+  return parse(root, source, overrides);
+}
+
+std::string format_value(const KeySpec& key, Config& config) {
+  switch (key.type) {
+    case KeyType::kInt:
+      return std::to_string(key.int_field(config));
+    case KeyType::kFloat:
+      return fmt::format("{}", key.float_field(config));
+    case KeyType::kBool:
+      return key.bool_field(config) ? "true" : "false";
+    case KeyType::kString:
+      return key.get_text(config);
+  }
+  return "";
+}
+
+}  // namespace
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  return parse_text(read_file(path, "config file"), path, overrides);
+}
+
+Config load_config_from_string(const std::string& yaml_text, const std::string& source_name,
+                               const std::vector<std::string>& overrides) {
+  return parse_text(yaml_text, source_name, overrides);
+}
+
+std::string to_yaml(const Config& config) {
+  Config copy = config;
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  std::vector<std::string> open;  // currently open sections, outermost first
+  for (const auto& key : config_schema()) {
+    std::vector<std::string> parts;
+    std::stringstream path(key.path);
+    for (std::string part; std::getline(path, part, '.');) parts.push_back(part);
+    const std::vector<std::string> sections(parts.begin(), parts.end() - 1);
+    // Close sections this key is not in, then open the ones it needs (schema is grouped).
+    size_t common = 0;
+    while (common < open.size() && common < sections.size() && open[common] == sections[common])
+      ++common;
+    while (open.size() > common) {
+      out << YAML::EndMap;
+      open.pop_back();
+    }
+    for (size_t i = common; i < sections.size(); ++i) {
+      out << YAML::Key << sections[i] << YAML::Value << YAML::BeginMap;
+      open.push_back(sections[i]);
+    }
+    out << YAML::Key << parts.back() << YAML::Value;
+    if (key.type == KeyType::kString)
+      out << YAML::DoubleQuoted << key.get_text(copy);
+    else
+      out << format_value(key, copy);
+  }
+  while (!open.empty()) {
+    out << YAML::EndMap;
+    open.pop_back();
+  }
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+std::string config_reference_markdown() {
+  Config defaults;
+  std::string text;
+  std::string section;
+  for (const auto& key : config_schema()) {
+    const auto top = key.path.substr(0, key.path.find('.'));
+    if (top != section) {
+      section = top;
+      text += fmt::format(
+          "\n### `{}`\n\n| key | default | allowed | meaning |\n|---|---|---|---|\n", section);
+    }
+    std::string value = format_value(key, defaults);
+    if (key.type == KeyType::kString && value.empty()) value = "\"\"";
+    // A bare '|' would end the table cell ("one of a | b").
+    std::string allowed = key.allowed_text();
+    for (size_t at = allowed.find('|'); at != std::string::npos; at = allowed.find('|', at + 2))
+      allowed.replace(at, 1, "\\|");
+    text += fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, allowed, key.doc);
+  }
+  return text;
+}
+
+void validate_for_world(const Config& config, int world_size) {
+  const int64_t ep = config.parallel.ep_size;
+  if (world_size % ep == 0) return;
+  std::vector<int64_t> valid;
+  for (int64_t d = 1; d <= world_size; ++d)
+    if (world_size % d == 0 && config.moe.num_experts % d == 0) valid.push_back(d);
+  throw UserError(
+      fmt::format("{}: parallel.ep_size = {} does not divide the world size {} "
+                  "(ranks launched); with {} ranks use one of {}",
+                  config.source_file, ep, world_size, world_size, fmt::join(valid, ", ")));
+}
+
+}  // namespace moeforge

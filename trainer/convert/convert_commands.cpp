@@ -1,0 +1,145 @@
+#include "trainer/convert/convert_commands.hpp"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include "parallel/process_groups.hpp"
+#include "trainer/checkpoint/checkpoint.hpp"
+#include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/convert/hf_checkpoint.hpp"
+#include "trainer/model/model_weights.hpp"
+#include "trainer/optim/optimizer.hpp"
+
+namespace fs = std::filesystem;
+
+namespace moeforge {
+namespace {
+
+struct LoadedModel {
+  Config config;
+  WeightMap weights;
+  std::string description;
+};
+
+const parallel::ProcessGroups& single_process() {
+  static const auto groups = parallel::make_single_process_groups();
+  return groups;
+}
+
+// A Hugging Face directory, or a moeforge run / checkpoints / checkpoint directory.
+LoadedModel load_any(const std::string& path, const Config& base) {
+  if (hf::is_hf_directory(path)) {
+    auto imported = hf::import_directory(path, base);
+    return {imported.config, std::move(imported.weights),
+            fmt::format("Hugging Face {} model {}", imported.model_type, path)};
+  }
+  CheckpointManager manager(path, single_process());
+  const auto dir = manager.resolve(path);
+  auto config =
+      load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json:config");
+  config.parallel.ep_size = 1;
+  DecoderLM model(config, *single_process().ep);
+  AdamW optimizer(named_parameter_list(*model), config.train);
+  manager.load(dir, *model, optimizer);
+  return {config, model_weights(*model), "moeforge checkpoint " + dir};
+}
+
+// RUN_DIR/config.yaml + RUN_DIR/checkpoints/step-00000000 (fresh optimizer state).
+void write_run(const std::string& out_dir, Config config, const WeightMap& weights) {
+  config.train.out_dir = out_dir;
+  // Through the loader once more: every rule of a hand-written config applies.
+  config = load_config_from_string(to_yaml(config), out_dir + "/config.yaml");
+  fs::create_directories(out_dir);
+  auto model = model_from_weights(config, weights, "converted weights");
+  AdamW optimizer(named_parameter_list(*model), config.train);
+  CheckpointManager manager((fs::path(out_dir) / "checkpoints").string(), single_process());
+  const std::string yaml = to_yaml(config);
+  const auto checkpoint = manager.save(*model, optimizer, TrainingState{}, yaml, 0);
+  write_file_atomically((fs::path(out_dir) / "config.yaml").string(), yaml);
+  std::cout << fmt::format(
+                   "wrote {} (config {}/config.yaml)\ncontinue training with:\n  moeforge train "
+                   "--config {}/config.yaml --init-from {}\n",
+                   checkpoint, out_dir, out_dir, out_dir)
+            << std::flush;
+}
+
+Config base_config(const ConvertArgs& args) {
+  return args.config_path.empty() ? load_config_from_string("{}", "defaults", args.overrides)
+                                  : load_config(args.config_path, args.overrides);
+}
+
+void require_arg(const std::string& value, const char* flag, const char* command) {
+  if (value.empty()) throw UserError(fmt::format("moeforge {}: {} is required", command, flag));
+}
+
+}  // namespace
+
+int import_command(const ConvertArgs& args) {
+  require(hf::is_hf_directory(args.from),
+          fmt::format("moeforge import: {} is not a Hugging Face model directory (no config.json)",
+                      args.from));
+  const auto model = load_any(args.from, base_config(args));
+  validate_for_world(model.config, 1);
+  write_run(args.out, model.config, model.weights);
+  return 0;
+}
+
+int upcycle_command(const ConvertArgs& args) {
+  require_arg(args.config_path, "--config", "upcycle");
+  const auto moe_config = load_config(args.config_path, args.overrides);
+  const auto dense = load_any(args.from, moe_config);
+  std::cout << "upcycling " << dense.description << " (" << args.upcycle.method << ")\n";
+  const auto weights = upcycle(dense.config, dense.weights, moe_config, args.upcycle);
+  write_run(args.out, moe_config, weights);
+  return 0;
+}
+
+int export_command(const ConvertArgs& args) {
+  require_arg(args.format, "--format", "export");
+  const auto model = load_any(args.from, Config{});
+  hf::ExportOptions options;
+  options.format = args.format;
+  options.dtype = args.dtype.empty() ? "float32" : args.dtype;
+  options.max_shard_bytes = static_cast<uint64_t>(args.shard_mb * 1024 * 1024);
+  options.drop_expert_bias = args.drop_expert_bias;
+  hf::export_directory(model.config, model.weights, options, args.out);
+  std::cout << fmt::format("exported {} as {} to {}\n", model.description, args.format, args.out);
+  return 0;
+}
+
+int forward_command(const ConvertArgs& args) {
+  require_arg(args.tokens, "--tokens", "forward");
+  const auto loaded = load_any(args.from, Config{});
+  const auto file = safetensors::File::open(args.tokens);
+  require(file.contains("tokens"),
+          fmt::format("{}: no tensor 'tokens' (expected I64 [batch, seq])", args.tokens));
+  const auto tokens = file.load("tokens");
+  require(tokens.scalar_type() == at::kLong && tokens.dim() == 2,
+          fmt::format("{}: 'tokens' must be I64 [batch, seq]", args.tokens));
+  require(
+      tokens.min().item<int64_t>() >= 0 &&
+          tokens.max().item<int64_t>() < loaded.config.model.vocab_size,
+      fmt::format("{}: token ids must be in [0, {})", args.tokens, loaded.config.model.vocab_size));
+  require(tokens.size(1) <= loaded.config.model.max_seq_len,
+          fmt::format("{}: {} tokens per sequence exceed model.max_seq_len {}", args.tokens,
+                      tokens.size(1), loaded.config.model.max_seq_len));
+  auto model = model_from_weights(loaded.config, loaded.weights, loaded.description);
+  const std::string dtype = args.dtype.empty() ? "float32" : args.dtype;
+  require(dtype == "float32" || dtype == "float64",
+          fmt::format("moeforge forward: --dtype '{}': allowed float32 | float64", dtype));
+  if (dtype == "float64") model->to(at::kDouble);
+  model->eval();
+  at::NoGradGuard no_grad;
+  const auto logits = model->forward(tokens).logits;
+  safetensors::save(args.out, {{"logits", logits}});
+  std::cout << fmt::format("logits [{}, {}, {}] ({}) -> {}\n", logits.size(0), logits.size(1),
+                           logits.size(2), dtype, args.out);
+  return 0;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,473 @@
+#include "trainer/convert/hf_checkpoint.hpp"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/file_io.hpp"
+#include "trainer/common/user_error.hpp"
+#include "trainer/model/model.hpp"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace moeforge::hf {
+namespace {
+
+const std::vector<std::string> kDenseTypes = {"llama", "mistral", "qwen2"};
+const std::vector<std::string> kMoeTypes = {"mixtral", "qwen2_moe"};
+
+bool contains(const std::vector<std::string>& list, const std::string& value) {
+  return std::find(list.begin(), list.end(), value) != list.end();
+}
+
+// config.json with typed, located errors.
+class HfConfig {
+ public:
+  explicit HfConfig(const std::string& path) : path_(path) {
+    const auto text = read_file(path);
+    try {
+      json_ = json::parse(text);
+    } catch (const json::exception& e) {
+      throw UserError(fmt::format("{}: not valid JSON: {}", path, e.what()));
+    }
+    if (!json_.is_object()) throw UserError(fmt::format("{}: not a JSON object", path));
+  }
+  bool has(const std::string& key) const { return json_.contains(key) && !json_[key].is_null(); }
+  const json& raw(const std::string& key) const { return json_.at(key); }
+
+  template <typename T>
+  T get(const std::string& key) const {
+    if (!has(key)) throw UserError(fmt::format("{}: required key '{}' is missing", path_, key));
+    return convert<T>(key, json_.at(key));
+  }
+  template <typename T>
+  T get(const std::string& key, T fallback) const {
+    return has(key) ? convert<T>(key, json_.at(key)) : fallback;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  template <typename T>
+  T convert(const std::string& key, const json& value) const {
+    try {
+      return value.get<T>();
+    } catch (const json::exception&) {
+      throw UserError(
+          fmt::format("{}: key '{}' has the wrong type ({})", path_, key, value.dump()));
+    }
+  }
+  std::string path_;
+  json json_;
+};
+
+// (moeforge checkpoint name, Hugging Face name) for every tensor of `config`'s model in
+// `family` (llama | mixtral | qwen2_moe naming; mistral and qwen2 use llama names).
+std::vector<std::pair<std::string, std::string>> name_pairs(const Config& config,
+                                                            const std::string& family) {
+  const auto& m = config.model;
+  std::vector<std::pair<std::string, std::string>> pairs = {
+      {"embed.weight", "model.embed_tokens.weight"}};
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    const std::string ours = fmt::format("layers.{}.", i),
+                      theirs = fmt::format("model.layers.{}.", i);
+    pairs.push_back({ours + "attn_norm.weight", theirs + "input_layernorm.weight"});
+    pairs.push_back({ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight"});
+    for (const char* p : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+      pairs.push_back({ours + "attn." + p + ".weight", theirs + "self_attn." + p + ".weight"});
+      if (m.qkv_bias && std::string(p) != "o_proj")
+        pairs.push_back({ours + "attn." + p + ".bias", theirs + "self_attn." + p + ".bias"});
+    }
+    if (!is_moe_block(config.moe, i)) {
+      for (const auto& [w, hf] :
+           {std::pair{"w_gate", "gate_proj"}, {"w_up", "up_proj"}, {"w_down", "down_proj"}})
+        pairs.push_back({ours + "mlp." + w, theirs + "mlp." + hf + ".weight"});
+      continue;
+    }
+    const bool mixtral = family == "mixtral";
+    const std::string moe = theirs + (mixtral ? "block_sparse_moe." : "mlp.");
+    pairs.push_back({ours + "mlp.router.weight", moe + "gate.weight"});
+    for (int64_t e = 0; e < config.moe.num_experts; ++e) {
+      const std::string expert = fmt::format("{}mlp.experts.{}.", ours, e);
+      const std::string hf_expert = fmt::format("{}experts.{}.", moe, e);
+      if (mixtral) {
+        pairs.push_back({expert + "w_gate", hf_expert + "w1.weight"});
+        pairs.push_back({expert + "w_up", hf_expert + "w3.weight"});
+        pairs.push_back({expert + "w_down", hf_expert + "w2.weight"});
+      } else {
+        pairs.push_back({expert + "w_gate", hf_expert + "gate_proj.weight"});
+        pairs.push_back({expert + "w_up", hf_expert + "up_proj.weight"});
+        pairs.push_back({expert + "w_down", hf_expert + "down_proj.weight"});
+      }
+    }
+    if (config.moe.num_shared_experts > 0) {
+      for (const auto& [w, hf] :
+           {std::pair{"w_gate", "gate_proj"}, {"w_up", "up_proj"}, {"w_down", "down_proj"}})
+        pairs.push_back(
+            {ours + "mlp.shared_experts." + w, moe + "shared_expert." + hf + ".weight"});
+    }
+  }
+  pairs.push_back({"norm.weight", "model.norm.weight"});
+  if (!m.tie_embeddings) pairs.push_back({"lm_head.weight", "lm_head.weight"});
+  return pairs;
+}
+
+std::string family_of(const std::string& model_type) {
+  if (model_type == "mixtral" || model_type == "qwen2_moe") return model_type;
+  return "llama";
+}
+
+// Finds (first_k_dense, layer_freq) whose MoE-block pattern equals `is_moe`; false if none.
+bool layer_pattern(const std::vector<bool>& is_moe, int64_t* first_k_dense, int64_t* layer_freq) {
+  const auto layers = static_cast<int64_t>(is_moe.size());
+  for (int64_t first = 0; first <= layers; ++first)
+    for (int64_t freq = 1; freq <= std::max<int64_t>(1, layers); ++freq) {
+      MoeConfig probe;
+      probe.first_k_dense = first;
+      probe.layer_freq = freq;
+      bool same = true;
+      for (int64_t i = 0; i < layers && same; ++i) same = is_moe_block(probe, i) == is_moe[i];
+      if (same) {
+        *first_k_dense = first;
+        *layer_freq = freq;
+        return true;
+      }
+    }
+  return false;
+}
+
+double rope_theta_of(const HfConfig& c) {
+  if (c.has("rope_theta")) return c.get<double>("rope_theta");
+  if (c.has("rope_parameters")) {  // transformers v5 layout
+    const auto& rope = c.raw("rope_parameters");
+    if (rope.is_object() && rope.contains("rope_theta")) return rope["rope_theta"].get<double>();
+  }
+  return 10000.0;
+}
+
+void check_supported(const HfConfig& c, const std::string& model_type) {
+  const auto fail = [&](const std::string& why) {
+    throw UserError(fmt::format("{}: {} (model_type '{}')", c.path(), why, model_type));
+  };
+  if (c.get<std::string>("hidden_act", "silu") != "silu")
+    fail(fmt::format("hidden_act '{}' is not supported; moeforge's FFNs are SwiGLU (silu)",
+                     c.get<std::string>("hidden_act")));
+  if (c.has("rope_scaling")) fail("rope_scaling is not supported (plain RoPE only)");
+  if (c.get<bool>("mlp_bias", false)) fail("mlp_bias is not supported (FFNs have no biases)");
+  if (c.has("rope_parameters")) {
+    const auto& rope = c.raw("rope_parameters");
+    if (rope.is_object() && rope.value("rope_type", std::string("default")) != "default")
+      fail("rope_parameters.rope_type other than 'default' is not supported (plain RoPE only)");
+  }
+  const auto hidden = c.get<int64_t>("hidden_size"), heads = c.get<int64_t>("num_attention_heads");
+  if (c.has("head_dim") && c.get<int64_t>("head_dim") != hidden / heads)
+    fail(fmt::format("head_dim {} differs from hidden_size / num_attention_heads = {}",
+                     c.get<int64_t>("head_dim"), hidden / heads));
+}
+
+}  // namespace
+
+bool is_hf_directory(const std::string& dir) {
+  return fs::exists(fs::path(dir) / "config.json");
+}
+
+ImportedModel import_directory(const std::string& dir, const Config& base) {
+  const HfConfig c((fs::path(dir) / "config.json").string());
+  ImportedModel out;
+  out.model_type = c.get<std::string>("model_type");
+  if (!contains(kDenseTypes, out.model_type) && !contains(kMoeTypes, out.model_type))
+    throw UserError(fmt::format("{}: model_type '{}' is not supported; allowed: {}, {}", c.path(),
+                                out.model_type, fmt::join(kDenseTypes, ", "),
+                                fmt::join(kMoeTypes, ", ")));
+  check_supported(c, out.model_type);
+  Config config = base;
+  auto& m = config.model;
+  m.vocab_size = c.get<int64_t>("vocab_size");
+  m.hidden_size = c.get<int64_t>("hidden_size");
+  m.num_layers = c.get<int64_t>("num_hidden_layers");
+  m.num_heads = c.get<int64_t>("num_attention_heads");
+  m.num_kv_heads = c.get<int64_t>("num_key_value_heads", m.num_heads);
+  m.ffn_size = c.get<int64_t>("intermediate_size");
+  m.max_seq_len = c.get<int64_t>("max_position_embeddings");
+  // Full attention equals sliding-window attention up to the window: cap sequences there.
+  if (c.get<bool>("use_sliding_window",
+                  out.model_type == "mistral" || out.model_type == "mixtral") &&
+      c.has("sliding_window"))
+    m.max_seq_len = std::min(m.max_seq_len, c.get<int64_t>("sliding_window"));
+  m.rope_theta = rope_theta_of(c);
+  m.rms_norm_eps = c.get<double>("rms_norm_eps");
+  m.tie_embeddings = c.get<bool>("tie_word_embeddings", false);
+  m.init_std = c.get<double>("initializer_range", m.init_std);
+  const bool qwen = out.model_type == "qwen2" || out.model_type == "qwen2_moe";
+  const bool attention_bias = c.get<bool>("attention_bias", false);
+  m.qkv_bias = qwen || attention_bias;
+  config.train.seq_len = std::min(config.train.seq_len, m.max_seq_len);
+
+  auto& moe = config.moe;
+  if (out.model_type == "mixtral") {
+    moe.num_experts = c.get<int64_t>("num_local_experts");
+    moe.top_k = c.get<int64_t>("num_experts_per_tok");
+    moe.expert_ffn_size = m.ffn_size;
+    moe.num_shared_experts = 0;
+    moe.first_k_dense = 0;
+    moe.layer_freq = 1;
+    moe.router.normalize_gates = true;
+  } else if (out.model_type == "qwen2_moe") {
+    moe.num_experts = c.get<int64_t>("num_experts");
+    moe.top_k = c.get<int64_t>("num_experts_per_tok");
+    moe.expert_ffn_size = c.get<int64_t>("moe_intermediate_size");
+    const auto shared = c.get<int64_t>("shared_expert_intermediate_size", 0);
+    moe.num_shared_experts = shared > 0 ? 1 : 0;
+    moe.shared_expert_ffn_size = shared;
+    moe.router.normalize_gates = c.get<bool>("norm_topk_prob", false);
+    const auto step = c.get<int64_t>("decoder_sparse_step", 1);
+    const auto only_mlp = c.get<std::vector<int64_t>>("mlp_only_layers", {});
+    std::vector<bool> is_moe;
+    for (int64_t i = 0; i < m.num_layers; ++i)
+      is_moe.push_back(moe.num_experts > 0 && (i + 1) % step == 0 &&
+                       std::find(only_mlp.begin(), only_mlp.end(), i) == only_mlp.end());
+    if (!layer_pattern(is_moe, &moe.first_k_dense, &moe.layer_freq))
+      throw UserError(fmt::format(
+          "{}: decoder_sparse_step {} with mlp_only_layers [{}] gives a MoE-layer pattern that "
+          "moe.first_k_dense / moe.layer_freq cannot express",
+          c.path(), step, fmt::join(only_mlp, ", ")));
+  } else {
+    moe.first_k_dense = m.num_layers;  // every block dense
+    moe.num_shared_experts = 0;
+  }
+  if (out.model_type != "llama" && out.model_type != "mistral" && out.model_type != "qwen2") {
+    moe.router.score = moe::ScoreFunction::kSoftmax;
+    moe.router.scaling_factor = 1.0;
+    moe.router.num_null_experts = 0;
+    moe.router.num_groups = 0;
+    moe.router.routing = moe::Routing::kTokenChoice;
+  }
+  out.config = config;
+
+  const auto reader = safetensors::ShardedReader::open(dir);
+  const auto pairs = name_pairs(config, family_of(out.model_type));
+  std::set<std::string> used;
+  const auto load = [&](const std::string& hf_name) {
+    if (!reader.contains(hf_name))
+      throw UserError(
+          fmt::format("{}: tensor '{}' is missing (config.json describes a {} model "
+                      "that needs it)",
+                      dir, hf_name, out.model_type));
+    used.insert(hf_name);
+    return reader.load(hf_name, at::kFloat);
+  };
+  for (const auto& [ours, theirs] : pairs) out.weights[ours] = load(theirs);
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    const std::string theirs = fmt::format("model.layers.{}.", i);
+    // Llama's attention_bias also biases o_proj; moeforge has none there, so it must be 0.
+    const auto o_bias = theirs + "self_attn.o_proj.bias";
+    if (reader.contains(o_bias)) {
+      if (load(o_bias).abs().max().item<double>() != 0.0)
+        throw UserError(
+            fmt::format("{}: tensor '{}' is non-zero; moeforge's o_proj has no bias", dir, o_bias));
+    }
+    if (!is_moe_block(moe, i)) continue;
+    out.weights[fmt::format("layers.{}.mlp.router.expert_bias", i)] =
+        at::zeros({moe.num_experts}, at::kFloat);
+    if (out.model_type == "qwen2_moe" && moe.num_shared_experts > 0) {
+      // Qwen2-MoE gates its shared expert with sigmoid(x·g). Only g = 0 (a constant 1/2) is
+      // representable: fold the 1/2 into the shared expert's down projection.
+      const auto gate_name = theirs + "mlp.shared_expert_gate.weight";
+      if (load(gate_name).abs().max().item<double>() != 0.0)
+        throw UserError(fmt::format(
+            "{}: tensor '{}' is non-zero: a token-dependent shared-expert gate has no moeforge "
+            "equivalent (shared experts are ungated)",
+            dir, gate_name));
+      out.weights[fmt::format("layers.{}.mlp.shared_experts.w_down", i)].mul_(0.5);
+    }
+  }
+  std::vector<std::string> unused;
+  for (const auto& name : reader.names())
+    if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
+      unused.push_back(name);
+  if (!unused.empty())
+    throw UserError(
+        fmt::format("{}: {} tensor(s) are not part of a {} model as config.json "
+                    "describes it, e.g. '{}'",
+                    dir, unused.size(), out.model_type, unused.front()));
+  return out;
+}
+
+namespace {
+
+// Why `config` cannot be written as `format`; empty when it can.
+std::vector<std::string> export_problems(const Config& config, const WeightMap& weights,
+                                         const ExportOptions& options) {
+  std::vector<std::string> problems;
+  const auto& moe = config.moe;
+  const auto& r = moe.router;
+  std::vector<int64_t> moe_blocks;
+  for (int64_t i = 0; i < config.model.num_layers; ++i)
+    if (is_moe_block(moe, i)) moe_blocks.push_back(i);
+  const bool dense = moe_blocks.empty();
+  if (options.format == "hf-llama") {
+    if (!dense) problems.push_back("hf-llama is a dense format but the model has MoE blocks");
+    return problems;
+  }
+  if (dense) problems.push_back(options.format + " needs MoE blocks; use hf-llama for this model");
+  if (r.score != moe::ScoreFunction::kSoftmax)
+    problems.push_back(std::string("router score must be softmax (is ") + enum_text(r.score) + ")");
+  if (r.routing != moe::Routing::kTokenChoice)
+    problems.push_back("expert_choice routing has no HF format");
+  if (r.num_groups > 1) problems.push_back("group-limited routing has no HF equivalent here");
+  if (r.num_null_experts > 0) problems.push_back("null experts have no HF equivalent");
+  if (r.scaling_factor != 1.0) problems.push_back("router scaling_factor must be 1");
+  if (options.format == "hf-mixtral") {
+    if (!r.normalize_gates) problems.push_back("Mixtral always renormalises the top-k gates");
+    if (moe.num_shared_experts > 0) problems.push_back("Mixtral has no shared experts");
+    if (moe_blocks.size() != static_cast<size_t>(config.model.num_layers))
+      problems.push_back("Mixtral makes every block MoE (moe.first_k_dense 0, layer_freq 1)");
+    if (config.model.qkv_bias) problems.push_back("Mixtral attention has no q/k/v bias");
+  }
+  if (!options.drop_expert_bias) {
+    for (const int64_t i : moe_blocks) {
+      const auto it = weights.find(fmt::format("layers.{}.mlp.router.expert_bias", i));
+      if (it != weights.end() && it->second.abs().max().item<double>() != 0.0) {
+        problems.push_back(fmt::format(
+            "layer {} has a non-zero aux-loss-free expert bias, which {} cannot store: routing "
+            "would change (pass --drop-expert-bias to export anyway)",
+            i, options.format));
+        break;
+      }
+    }
+  }
+  return problems;
+}
+
+json hf_config_json(const Config& config, const ExportOptions& options) {
+  const auto& m = config.model;
+  json j = {{"vocab_size", m.vocab_size},
+            {"hidden_size", m.hidden_size},
+            {"intermediate_size", m.ffn_size},
+            {"num_hidden_layers", m.num_layers},
+            {"num_attention_heads", m.num_heads},
+            {"num_key_value_heads", m.num_kv_heads},
+            {"head_dim", m.hidden_size / m.num_heads},
+            {"max_position_embeddings", m.max_seq_len},
+            {"rope_theta", m.rope_theta},
+            {"rms_norm_eps", m.rms_norm_eps},
+            {"tie_word_embeddings", m.tie_embeddings},
+            {"initializer_range", m.init_std},
+            {"hidden_act", "silu"},
+            {"torch_dtype", options.dtype},
+            {"use_cache", true},
+            {"bos_token_id", nullptr},
+            {"eos_token_id", nullptr}};
+  const auto& moe = config.moe;
+  if (options.format == "hf-llama") {
+    j["architectures"] = {"LlamaForCausalLM"};
+    j["model_type"] = "llama";
+    j["attention_bias"] = m.qkv_bias;  // then o_proj gets an explicit zero bias
+    j["mlp_bias"] = false;
+  } else if (options.format == "hf-mixtral") {
+    j["architectures"] = {"MixtralForCausalLM"};
+    j["model_type"] = "mixtral";
+    j["intermediate_size"] = moe.expert_ffn_size;
+    j["num_local_experts"] = moe.num_experts;
+    j["num_experts_per_tok"] = moe.top_k;
+    j["router_aux_loss_coef"] = moe.balancing.aux_loss.coeff;
+    j["output_router_logits"] = false;
+    j["sliding_window"] = nullptr;
+  } else {
+    j["architectures"] = {"Qwen2MoeForCausalLM"};
+    j["model_type"] = "qwen2_moe";
+    j["moe_intermediate_size"] = moe.expert_ffn_size;
+    const int64_t shared_size = moe::shared_expert_size(moe);
+    // No shared expert: a 1-wide one with zero down projection adds exactly 0.
+    j["shared_expert_intermediate_size"] =
+        moe.num_shared_experts > 0 ? moe.num_shared_experts * shared_size : 1;
+    j["num_experts"] = moe.num_experts;
+    j["num_experts_per_tok"] = moe.top_k;
+    j["norm_topk_prob"] = moe.router.normalize_gates;
+    j["decoder_sparse_step"] = 1;
+    std::vector<int64_t> dense_blocks;
+    for (int64_t i = 0; i < m.num_layers; ++i)
+      if (!is_moe_block(moe, i)) dense_blocks.push_back(i);
+    j["mlp_only_layers"] = dense_blocks;
+    j["router_aux_loss_coef"] = moe.balancing.aux_loss.coeff;
+    j["output_router_logits"] = false;
+    j["use_sliding_window"] = false;
+    j["sliding_window"] = nullptr;
+    j["qkv_bias"] = true;
+  }
+  return j;
+}
+
+}  // namespace
+
+void export_directory(const Config& config, const WeightMap& weights, const ExportOptions& options,
+                      const std::string& out_dir) {
+  const std::vector<std::string> formats = {"hf-llama", "hf-mixtral", "hf-qwen2-moe"};
+  if (!contains(formats, options.format))
+    throw UserError(
+        fmt::format("--format '{}': allowed {}", options.format, fmt::join(formats, " | ")));
+  const std::map<std::string, at::ScalarType> dtypes = {
+      {"float32", at::kFloat}, {"bfloat16", at::kBFloat16}, {"float16", at::kHalf}};
+  if (!dtypes.count(options.dtype))
+    throw UserError(
+        fmt::format("--dtype '{}': allowed float32 | bfloat16 | float16", options.dtype));
+  const auto problems = export_problems(config, weights, options);
+  if (!problems.empty())
+    throw UserError(
+        fmt::format("cannot export as {}: {}", options.format, fmt::join(problems, "; ")));
+
+  const std::string family = options.format == "hf-mixtral"     ? "mixtral"
+                             : options.format == "hf-qwen2-moe" ? "qwen2_moe"
+                                                                : "llama";
+  const auto dtype = dtypes.at(options.dtype);
+  safetensors::NamedTensors tensors;
+  const auto add = [&](const std::string& name, const at::Tensor& t) {
+    tensors.emplace_back(name, t.to(dtype).contiguous());
+  };
+  const auto& m = config.model;
+  for (const auto& [ours, theirs] : name_pairs(config, family)) {
+    const auto it = weights.find(ours);
+    if (it == weights.end()) throw UserError(fmt::format("export: weights lack '{}'", ours));
+    auto tensor = it->second;
+    // Qwen2-MoE's shared expert is multiplied by sigmoid(0) = 1/2: store twice the weights.
+    if (family == "qwen2_moe" && ours.find(".mlp.shared_experts.w_down") != std::string::npos)
+      tensor = tensor * 2.0;
+    add(theirs, tensor);
+  }
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    const std::string theirs = fmt::format("model.layers.{}.", i);
+    if (family == "llama" && m.qkv_bias)
+      add(theirs + "self_attn.o_proj.bias", at::zeros({m.hidden_size}, at::kFloat));
+    if (family == "qwen2_moe") {
+      if (!m.qkv_bias) {
+        const int64_t head = m.hidden_size / m.num_heads;
+        add(theirs + "self_attn.q_proj.bias", at::zeros({m.num_heads * head}, at::kFloat));
+        add(theirs + "self_attn.k_proj.bias", at::zeros({m.num_kv_heads * head}, at::kFloat));
+        add(theirs + "self_attn.v_proj.bias", at::zeros({m.num_kv_heads * head}, at::kFloat));
+      }
+      if (is_moe_block(config.moe, i)) {
+        add(theirs + "mlp.shared_expert_gate.weight", at::zeros({1, m.hidden_size}, at::kFloat));
+        if (config.moe.num_shared_experts == 0) {
+          add(theirs + "mlp.shared_expert.gate_proj.weight", at::zeros({1, m.hidden_size}));
+          add(theirs + "mlp.shared_expert.up_proj.weight", at::zeros({1, m.hidden_size}));
+          add(theirs + "mlp.shared_expert.down_proj.weight", at::zeros({m.hidden_size, 1}));
+        }
+      }
+    }
+  }
+  fs::create_directories(out_dir);
+  write_file_atomically((fs::path(out_dir) / "config.json").string(),
+                        hf_config_json(config, options).dump(2) + "\n");
+  safetensors::save_sharded(out_dir, tensors, options.max_shard_bytes, {{"format", "pt"}});
+}
+
+}  // namespace moeforge::hf

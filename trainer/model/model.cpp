@@ -1,0 +1,216 @@
+#include "trainer/model/model.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <string>
+
+#include "trainer/common/hashing.hpp"
+
+namespace moeforge {
+
+RMSNormImpl::RMSNormImpl(int64_t size, double eps) : eps_(eps) {
+  weight = register_parameter("weight", at::ones({size}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  // At least fp32 (bf16/f16 inputs are upcast); float64 stays float64 (reference runs).
+  const auto type = at::promote_types(x.scalar_type(), at::kFloat);
+  const auto xf = x.to(type);
+  const auto normed = xf * at::rsqrt(xf.square().mean(-1, true) + eps_);
+  return (normed * weight.to(type)).to(x.scalar_type());
+}
+
+at::Tensor apply_rope(const at::Tensor& x, double theta) {
+  const int64_t seq = x.size(2);
+  const int64_t dim = x.size(3);
+  const auto inv_freq =
+      1.0 / at::pow(theta, at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim));
+  const auto angles = at::outer(at::arange(seq, at::kDouble), inv_freq);  // [S, D/2]
+  const auto emb = at::cat({angles, angles}, -1);                         // [S, D]
+  const auto cos = emb.cos().to(x.options());  // computed in float64 on the host, then moved
+  const auto sin = emb.sin().to(x.options());
+  const auto first = x.narrow(-1, 0, dim / 2);
+  const auto second = x.narrow(-1, dim / 2, dim / 2);
+  const auto rotated = at::cat({-second, first}, -1);
+  return x * cos + rotated * sin;
+}
+
+AttentionImpl::AttentionImpl(const ModelConfig& c)
+    : num_heads_(c.num_heads),
+      num_kv_heads_(c.num_kv_heads),
+      head_dim_(c.hidden_size / c.num_heads),
+      rope_theta_(c.rope_theta) {
+  using torch::nn::LinearOptions;
+  q_proj = register_module(
+      "q_proj",
+      torch::nn::Linear(LinearOptions(c.hidden_size, num_heads_ * head_dim_).bias(c.qkv_bias)));
+  k_proj = register_module(
+      "k_proj",
+      torch::nn::Linear(LinearOptions(c.hidden_size, num_kv_heads_ * head_dim_).bias(c.qkv_bias)));
+  v_proj = register_module(
+      "v_proj",
+      torch::nn::Linear(LinearOptions(c.hidden_size, num_kv_heads_ * head_dim_).bias(c.qkv_bias)));
+  o_proj = register_module(
+      "o_proj",
+      torch::nn::Linear(LinearOptions(num_heads_ * head_dim_, c.hidden_size).bias(false)));
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x) {
+  const int64_t batch = x.size(0), seq = x.size(1);
+  // [B, S, heads·D] -> [B, heads, S, D]
+  auto q = q_proj->forward(x).view({batch, seq, num_heads_, head_dim_}).transpose(1, 2);
+  auto k = k_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
+  auto v = v_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
+  q = apply_rope(q, rope_theta_);
+  k = apply_rope(k, rope_theta_);
+  if (num_kv_heads_ != num_heads_) {  // grouped-query attention: share each kv head
+    k = k.repeat_interleave(num_heads_ / num_kv_heads_, 1);
+    v = v.repeat_interleave(num_heads_ / num_kv_heads_, 1);
+  }
+  auto attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  return o_proj->forward(attended.transpose(1, 2).reshape({batch, seq, num_heads_ * head_dim_}));
+}
+
+DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index,
+                                   parallel::Communicator& ep) {
+  const auto& m = config.model;
+  attn_norm = register_module("attn_norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
+  attn = register_module("attn", Attention(m));
+  mlp_norm = register_module("mlp_norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
+  if (is_moe_block(config.moe, index)) {
+    moe_mlp = register_module("mlp", moe::MoeLayer(m.hidden_size, config.moe, ep));
+  } else {
+    dense_mlp = register_module("mlp", moe::FeedForward(m.hidden_size, m.ffn_size));
+  }
+}
+
+at::Tensor DecoderBlockImpl::forward(const at::Tensor& x, const moe::RoutingInputs& routing,
+                                     LmOutput& out) {
+  auto h = x + attn->forward(attn_norm->forward(x));
+  const auto normed = mlp_norm->forward(h);
+  if (dense_mlp) return h + dense_mlp->forward(normed);
+  const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);
+  auto moe_out = moe_mlp->forward(normed.reshape({batch * seq, hidden}), seq, routing);  // [T, H]
+  out.aux_loss = out.aux_loss + moe_out.aux_loss;
+  out.z_loss = out.z_loss + moe_out.z_loss;
+  out.routing.push_back(std::move(moe_out.counters));
+  return h + moe_out.y.view({batch, seq, hidden});
+}
+
+DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) {
+  const auto& m = config.model;
+  embed = register_module("embed", torch::nn::Embedding(m.vocab_size, m.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < m.num_layers; ++i) layers->push_back(DecoderBlock(config, i, ep));
+  norm = register_module("norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
+  if (!m.tie_embeddings) {
+    lm_head = register_module(
+        "lm_head",
+        torch::nn::Linear(torch::nn::LinearOptions(m.hidden_size, m.vocab_size).bias(false)));
+  }
+}
+
+LmOutput DecoderLMImpl::forward(const at::Tensor& tokens,
+                                const std::vector<moe::RoutingInputs>& routing) {
+  LmOutput out;
+  const auto scalar = tokens.options().dtype(at::kFloat);
+  out.aux_loss = at::zeros({}, scalar);
+  out.z_loss = at::zeros({}, scalar);
+  auto h = embed->forward(tokens);  // [B, S, H]
+  const moe::RoutingInputs defaults;
+  for (const auto& layer : *layers) {
+    const size_t moe_index = out.routing.size();  // MoE blocks seen so far
+    const auto& inputs = moe_index < routing.size() ? routing[moe_index] : defaults;
+    h = layer->as<DecoderBlockImpl>()->forward(h, inputs, out);
+  }
+  h = norm->forward(h);
+  out.logits = lm_head ? lm_head->forward(h) : at::matmul(h, embed->weight.t());
+  out.logits = out.logits.to(at::promote_types(out.logits.scalar_type(), at::kFloat));
+  return out;
+}
+
+std::vector<moe::MoeLayer> DecoderLMImpl::moe_layers() const {
+  std::vector<moe::MoeLayer> result;
+  for (const auto& layer : *layers) {
+    const auto* block = layer->as<DecoderBlockImpl>();
+    if (block->moe_mlp) result.push_back(block->moe_mlp);
+  }
+  return result;
+}
+
+int64_t DecoderLMImpl::first_local_expert() const {
+  const auto layers = moe_layers();
+  return layers.empty() ? 0 : layers.front()->first_local_expert();
+}
+
+std::vector<std::pair<std::string, at::Tensor>> named_parameter_list(DecoderLMImpl& model) {
+  std::vector<std::pair<std::string, at::Tensor>> result;
+  for (const auto& item : model.named_parameters()) result.emplace_back(item.key(), item.value());
+  return result;
+}
+
+ParameterRole parameter_role(const std::string& name) {
+  if (name.find("norm.") != std::string::npos) return ParameterRole::kNorm;
+  if (name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0)
+    return ParameterRole::kBias;
+  if (name.rfind("embed.", 0) == 0) return ParameterRole::kEmbedding;
+  return ParameterRole::kMatrix;
+}
+
+bool is_expert_parameter(const std::string& name) {
+  return name.find(".mlp.experts.") != std::string::npos;
+}
+
+namespace {
+
+uint64_t name_seed(uint64_t seed, const std::string& name) {
+  return splitmix64(seed ^ splitmix64(fnv1a(name)));
+}
+
+void fill_normal(at::Tensor t, double std, uint64_t seed) {
+  auto generator = at::detail::createCPUGenerator(seed);
+  t.normal_(0.0, std, generator);
+}
+
+}  // namespace
+
+void initialize_parameters(DecoderLMImpl& model, const Config& config, uint64_t seed) {
+  at::NoGradGuard no_grad;
+  const double std = config.model.init_std;
+  const double out_std = std / std::sqrt(2.0 * static_cast<double>(config.model.num_layers));
+  for (auto& item : model.named_parameters()) {
+    const std::string& name = item.key();
+    auto& param = item.value();
+    const bool output_proj =
+        name.find("o_proj") != std::string::npos || name.find("w_down") != std::string::npos;
+    const double scale = output_proj ? out_std : std;
+    const auto role = parameter_role(name);
+    if (role == ParameterRole::kNorm) {
+      param.fill_(1.0);
+    } else if (role == ParameterRole::kBias) {
+      param.zero_();
+    } else if (is_expert_parameter(name)) {
+      // layers.L.mlp.experts.w_x [El, ...]: one generator per *global* expert.
+      const auto prefix_end = name.rfind('.');
+      const std::string prefix = name.substr(0, prefix_end);  // layers.L.mlp.experts
+      const std::string leaf = name.substr(prefix_end + 1);   // w_x
+      // Every MoE layer on this rank holds the same global expert range.
+      const int64_t first_global = model.first_local_expert();
+      for (int64_t e = 0; e < param.size(0); ++e) {
+        fill_normal(param[e], scale,
+                    name_seed(seed, prefix + "." + std::to_string(first_global + e) + "." + leaf));
+      }
+    } else {
+      fill_normal(param, scale, name_seed(seed, name));
+    }
+  }
+}
+
+at::Tensor language_model_loss(const at::Tensor& logits, const at::Tensor& targets) {
+  const int64_t vocab = logits.size(-1);
+  return at::cross_entropy_loss(logits.reshape({-1, vocab}), targets.reshape({-1}));
+}
+
+}  // namespace moeforge

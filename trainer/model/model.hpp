@@ -1,0 +1,109 @@
+#pragma once
+// Decoder-only language model in the Llama / Qwen2 family, so dense Hugging Face checkpoints
+// map onto it one to one:
+//   embed → N × [RMSNorm → causal GQA attention with RoPE (+ optional qkv bias) → residual,
+//                RMSNorm → FFN (dense SwiGLU or MoE) → residual] → RMSNorm → LM head (tied or not)
+// Parameter names (named_parameters) are the checkpoint names, e.g. `layers.3.attn.q_proj.weight`;
+// expert parameters are stored stacked per rank (`layers.3.mlp.experts.w_gate`, [E/ep, F, H])
+// and appear in checkpoints per global expert (`layers.3.mlp.experts.17.w_gate`).
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+
+#include <vector>
+
+#include "moe/moe_layer.hpp"
+#include "trainer/config/config.hpp"
+
+namespace moeforge {
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t size, double eps);
+  at::Tensor forward(const at::Tensor& x);  // normalised in fp32, cast back
+  at::Tensor weight;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// Rotary embedding (Hugging Face rotate_half convention): q·cos + rotate_half(q)·sin.
+// x: [B, heads, S, D]; positions 0..S-1.
+at::Tensor apply_rope(const at::Tensor& x, double theta);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x);  // [B, S, H] -> [B, S, H], causal
+
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+ private:
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double rope_theta_;
+};
+TORCH_MODULE(Attention);
+
+struct LmOutput;
+
+class DecoderBlockImpl : public torch::nn::Module {
+ public:
+  DecoderBlockImpl(const Config& config, int64_t index, parallel::Communicator& ep);
+  // x [B, S, H]; a MoE block routes with `routing` and adds its aux/z losses and routing
+  // counters to `out`.
+  at::Tensor forward(const at::Tensor& x, const moe::RoutingInputs& routing, LmOutput& out);
+
+  RMSNorm attn_norm{nullptr}, mlp_norm{nullptr};
+  Attention attn{nullptr};
+  moe::FeedForward dense_mlp{nullptr};  // registered as "mlp" when the block is dense
+  moe::MoeLayer moe_mlp{nullptr};       // registered as "mlp" when the block is MoE
+};
+TORCH_MODULE(DecoderBlock);
+
+struct LmOutput {
+  at::Tensor logits;                          // [B, S, V] fp32
+  at::Tensor aux_loss;                        // Σ over MoE blocks (un-weighted)
+  at::Tensor z_loss;                          // Σ over MoE blocks (un-weighted)
+  std::vector<moe::RoutingCounters> routing;  // one per MoE block, in block order
+};
+
+class DecoderLMImpl : public torch::nn::Module {
+ public:
+  // `ep`: expert-parallel group; experts are sharded over it. Not owned; must outlive the model.
+  DecoderLMImpl(const Config& config, parallel::Communicator& ep);
+  // tokens [B, S] int64; `routing`: one entry per MoE block (empty = defaults for all).
+  LmOutput forward(const at::Tensor& tokens, const std::vector<moe::RoutingInputs>& routing = {});
+
+  std::vector<moe::MoeLayer> moe_layers() const;
+  // Global id of this rank's first expert (every MoE layer holds the same range); 0 if none.
+  int64_t first_local_expert() const;
+
+  torch::nn::Embedding embed{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tied to embed
+};
+TORCH_MODULE(DecoderLM);
+
+// (name, parameter) pairs in registration order: what AdamW and checkpoints take.
+std::vector<std::pair<std::string, at::Tensor>> named_parameter_list(DecoderLMImpl& model);
+
+// What a parameter is, from its name: initialisation (norms 1, biases 0) and weight decay
+// (matrices only) follow it.
+enum class ParameterRole { kNorm, kBias, kEmbedding, kMatrix };
+ParameterRole parameter_role(const std::string& name);
+
+// True for parameters sharded over the EP group (their gradients sync over EDP, not world).
+bool is_expert_parameter(const std::string& name);
+
+// Deterministic initialisation independent of ep_size and construction order: every tensor
+// (and every global expert's slice) is drawn from a generator seeded by (seed, global name).
+// Norm weights = 1, biases = 0, output projections (o_proj, w_down) scaled by 1/sqrt(2·layers).
+void initialize_parameters(DecoderLMImpl& model, const Config& config, uint64_t seed);
+
+// Cross-entropy of next-token prediction: logits [B, S, V], targets [B, S].
+at::Tensor language_model_loss(const at::Tensor& logits, const at::Tensor& targets);
+
+}  // namespace moeforge

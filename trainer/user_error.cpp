@@ -1,9 +1,0 @@
-#include "trainer/user_error.hpp"
-
-namespace moeforge {
-
-void require(bool condition, const std::string& message) {
-  if (!condition) throw UserError(message);
-}
-
-}  // namespace moeforge
