@@ -78,6 +78,49 @@ double step(moe::MoeLayer& layer, const at::Tensor& x, const at::Tensor& weight)
   return max_over_ranks(seconds);
 }
 
+// The four exchanges of one step (dispatch and combine, forward and backward) should take as long
+// as the compute alone: the link whose bandwidth makes it so, from the routing actually made.
+struct LinkPlan {
+  parallel::LinkModel link;
+  double exchange_bytes;
+};
+
+LinkPlan link_matching_compute(moe::MoeLayer& layer, const Setup& s, const at::Tensor& x,
+                               double t_compute, int rank, int world) {
+  // [E] this rank's rows per expert, from one more (collective) forward.
+  const auto load = moe::read_stats(layer->forward(x, 128).counters).load;
+  const int64_t local = s.experts / world;
+  int64_t remote_rows = 0;
+  for (int64_t e = 0; e < s.experts; ++e)
+    if (e / local != rank) remote_rows += load[e].item<int64_t>();
+  const double exchange_bytes = max_over_ranks(static_cast<double>(remote_rows)) * s.hidden * 4;
+  const double latency_us = 20.0;
+  const double bandwidth_gbps = 4 * exchange_bytes / (t_compute - 4 * latency_us * 1e-6) / 1e9;
+  return {parallel::LinkModel{bandwidth_gbps, latency_us}, exchange_bytes};
+}
+
+void print_report(const Setup& s, int world, int rounds, const LinkPlan& plan, double t_compute,
+                  double t_comm, double t_off, const std::vector<int64_t>& degrees,
+                  const std::vector<double>& t_on) {
+  fmt::print(
+      "MoE layer step (forward + backward), ep_size {}, {} tokens/rank, H {}, E {} "
+      "top-{}, expert FFN {}, 1 shared expert; {} rounds, medians of the slowest "
+      "rank\n",
+      world, s.tokens, s.hidden, s.experts, s.top_k, s.ffn, rounds);
+  fmt::print("simulated link: {:.3f} GB/s, {} us latency ({:.2f} MiB per exchange)\n",
+             plan.link.bandwidth_gbps, plan.link.latency_us, plan.exchange_bytes / (1 << 20));
+  fmt::print("  T_compute (link off)          {:8.1f} ms\n", t_compute * 1e3);
+  fmt::print("  T_comm (exchanges alone)      {:8.1f} ms\n", t_comm * 1e3);
+  fmt::print("  T_off (blocking collectives)  {:8.1f} ms\n", t_off * 1e3);
+  const double lower = std::min(t_compute, t_comm), upper = std::max(t_compute, t_comm);
+  for (size_t i = 0; i < degrees.size(); ++i) {
+    fmt::print(
+        "  T_on overlap_degree {}         {:8.1f} ms   hidden fraction {:.2f}   "
+        "T_on / max(compute, comm) {:.2f}\n",
+        degrees[i], t_on[i] * 1e3, (t_off - t_on[i]) / lower, t_on[i] / upper);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -107,18 +150,9 @@ int main(int argc, char** argv) {
     std::vector<double> compute_times;
     for (int r = 0; r < rounds; ++r) compute_times.push_back(step(compute_layer, x, weight));
     const double t_compute = median(compute_times);
-    // Rows this rank sends to the other rank in one exchange, from the routing actually made.
-    // [E] this rank's rows per expert, from one more (collective) forward.
-    const auto load = moe::read_stats(compute_layer->forward(x, 128).counters).load;
-    const int64_t local = s.experts / world;
-    int64_t remote_rows = 0;
-    for (int64_t e = 0; e < s.experts; ++e)
-      if (e / local != rank) remote_rows += load[e].item<int64_t>();
-    const double exchange_bytes = max_over_ranks(static_cast<double>(remote_rows)) * s.hidden * 4;
-    // Four exchanges per step: dispatch and combine, forward and backward.
-    const double latency_us = 20.0;
-    const double bandwidth_gbps = 4 * exchange_bytes / (t_compute - 4 * latency_us * 1e-6) / 1e9;
-    const parallel::LinkModel link{bandwidth_gbps, latency_us};
+    const auto plan = link_matching_compute(compute_layer, s, x, t_compute, rank, world);
+    const auto& link = plan.link;
+    const double exchange_bytes = plan.exchange_bytes;
 
     // 2. communication alone: the same four exchanges, blocking, under the link.
     const auto linked_blocking = parallel::with_communication_options(plain, false, link);
@@ -154,28 +188,11 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < degrees.size(); ++i)
         on_times[i].push_back(step(on_layers[i], x, weight));
     }
-    const double t_compute_all = median(compute_times), t_comm = median(comm_times);
-    const double t_off = median(off_times);
-    if (rank == 0) {
-      fmt::print(
-          "MoE layer step (forward + backward), ep_size {}, {} tokens/rank, H {}, E {} "
-          "top-{}, expert FFN {}, 1 shared expert; {} rounds, medians of the slowest "
-          "rank\n",
-          world, s.tokens, s.hidden, s.experts, s.top_k, s.ffn, rounds);
-      fmt::print("simulated link: {:.3f} GB/s, {} us latency ({:.2f} MiB per exchange)\n",
-                 bandwidth_gbps, latency_us, exchange_bytes / (1 << 20));
-      fmt::print("  T_compute (link off)          {:8.1f} ms\n", t_compute_all * 1e3);
-      fmt::print("  T_comm (exchanges alone)      {:8.1f} ms\n", t_comm * 1e3);
-      fmt::print("  T_off (blocking collectives)  {:8.1f} ms\n", t_off * 1e3);
-      const double lower = std::min(t_compute_all, t_comm), upper = std::max(t_compute_all, t_comm);
-      for (size_t i = 0; i < degrees.size(); ++i) {
-        const double t_on = median(on_times[i]);
-        fmt::print(
-            "  T_on overlap_degree {}         {:8.1f} ms   hidden fraction {:.2f}   "
-            "T_on / max(compute, comm) {:.2f}\n",
-            degrees[i], t_on * 1e3, (t_off - t_on) / lower, t_on / upper);
-      }
-    }
+    std::vector<double> t_on;
+    for (const auto& times : on_times) t_on.push_back(median(times));
+    if (rank == 0)
+      print_report(s, world, rounds, plan, median(compute_times), median(comm_times),
+                   median(off_times), degrees, t_on);
   }
   MPI_Finalize();
   return 0;

@@ -7,8 +7,9 @@
 //    call says "in place"; returned tensors are freshly allocated and owned by the caller.
 //  - Row-wise calls treat dim 0 as rows; a row is the contiguous slice input[i].
 //  - Not thread-safe: one thread at a time uses a given communicator.
-//  - Errors (unsupported dtype, bad split sizes) throw std::runtime_error; a failed peer makes
-//    MPI abort the whole job rather than hang.
+//  - Errors (unsupported dtype, bad split sizes) throw std::exception subclasses
+//    (std::runtime_error, or c10::Error from tensor checks); a failed peer makes MPI abort the
+//    whole job rather than hang.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -103,13 +104,6 @@ at::Tensor block_exchange_output(const at::Tensor& input, const std::vector<RowB
 // as all_to_all_blocks says); every backend does its self-exchange this way.
 void copy_self_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
                       const std::vector<RowBlock>& recv, int self, at::Tensor& output);
-
-// Exchanges one int64 per peer: element p of `send` goes to member p; returns what each member
-// sent to this one (element p from member p). Used to agree on all-to-all-v split sizes.
-std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send);
-
-// Sum of an int64 vector over the group (for load counts / telemetry).
-std::vector<int64_t> all_reduce_counts(Communicator& comm, const std::vector<int64_t>& values);
 
 // Mean of a double over the group.
 double all_reduce_mean(Communicator& comm, double value);

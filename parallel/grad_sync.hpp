@@ -39,7 +39,6 @@ class GradientSynchronizer {
   // Parameters without a gradient get a zero gradient first (so all ranks send equal buckets).
   void synchronize();
 
-  int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
   // Buckets launched during the last armed backward (before synchronize()).
   int64_t launched_during_backward() const { return launched_during_backward_; }
 

@@ -186,6 +186,35 @@ TEST(Cli, OneFailingRankStopsTheWholeJob) {
   fs::remove_all(out);
 }
 
+// A bad start point is found before any rank works: one message naming the path and what was
+// asked, exit code 2 (bad input), no MPI_ABORT banner — for --resume and --init-from, with a
+// missing path and with a truncated checkpoint.
+TEST(Cli, BadResumeOrInitPathIsOneMessageBeforeWork) {
+  const auto out = scratch("start");
+  const auto tiny = " train --config " + kTiny + " --set train.out_dir=" + out +
+                    " --set train.steps=2 --set train.warmup_steps=1";
+  const auto expect_one_error = [](const Result& r, const std::string& needle) {
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_EQ(count(r.output, needle), 1u) << r.output;
+    EXPECT_EQ(count(r.output, "moeforge: error"), 1u) << r.output;
+    EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("step     1/"), std::string::npos) << "trained anyway";
+  };
+  expect_one_error(run_shell(mpirun(2) + tiny + " --resume /nonexistent/run"),
+                   "no checkpoint to resume from at '/nonexistent/run'");
+  expect_one_error(run_shell(mpirun(2) + tiny + " --init-from /nonexistent/run"),
+                   "no checkpoint to initialise from at '/nonexistent/run'");
+  // A real checkpoint, then one of its files cut short.
+  ASSERT_EQ(run_shell(mpirun(2) + tiny).exit_code, 0);
+  const auto checkpoint = fs::path(out) / "checkpoints" / "step-00000002";
+  const auto model_file = checkpoint / "model.safetensors";
+  fs::resize_file(model_file, fs::file_size(model_file) / 2);
+  expect_one_error(run_shell(mpirun(2) + tiny + " --resume"), "is truncated or was changed");
+  expect_one_error(run_shell(mpirun(2) + tiny + " --init-from " + checkpoint.string()),
+                   "is truncated or was changed");
+  fs::remove_all(out);
+}
+
 TEST(Cli, EpSizeMustDivideWorld) {
   const auto r = run_shell(mpirun(2) + " train --config " + kTiny + " --set parallel.ep_size=4");
   EXPECT_NE(r.exit_code, 0);

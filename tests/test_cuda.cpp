@@ -200,7 +200,9 @@ TEST(Cuda, NcclWorldOfOne) {
                                              parallel::Backend::kNccl, at::Device(at::kCUDA, 0));
   auto& comm = *groups.world;
   EXPECT_EQ(comm.backend(), "nccl");
-  EXPECT_EQ(parallel::exchange_counts(comm, {7}), std::vector<int64_t>{7});
+  // The MoE layer's counts exchange: int64 counts through all_to_all_v (host tensor, staged).
+  const auto counts = at::tensor(std::vector<int64_t>{7, 3}, at::kLong).view({1, 2});
+  EXPECT_TRUE(at::equal(comm.all_to_all_v(counts, {1}, {1}), counts));
   const auto on_gpu = at::TensorOptions(at::kCUDA).dtype(at::kFloat);
   const auto rows = at::randn({6, 4}, on_gpu);
   EXPECT_TRUE(at::equal(comm.all_to_all_v(rows, {6}, {6}), rows));

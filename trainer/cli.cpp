@@ -11,9 +11,11 @@
 
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
+#include "trainer/checkpoint/checkpoint.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/config/config.hpp"
 #include "trainer/convert/convert_commands.hpp"
+#include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
 
@@ -58,14 +60,40 @@ int agree_on_local_failures(const LocalCheck& check, int rank) {
   return code;
 }
 
+// Everything a run needs that can be checked on each rank alone: the config, the data, and
+// the checkpoint or directory to start from (resolved here, so a bad path is one message).
+struct PreparedRun {
+  Config config;
+  std::optional<TokenDataset> data;
+  RunOptions options;
+};
+
+PreparedRun prepare_run(const TrainArgs& args, int world_size) {
+  PreparedRun run{load_config(args.config_path, args.overrides), std::nullopt, {}};
+  validate_for_world(run.config, world_size);
+  run.data =
+      TokenDataset::open(run.config.data, run.config.model.vocab_size, run.config.train.seq_len);
+  const auto checkpoints =
+      (std::filesystem::path(run.config.train.out_dir) / "checkpoints").string();
+  if (args.resume) {
+    run.options.resume = resolve_checkpoint(checkpoints, *args.resume, "resume from");
+    check_checkpoint(*run.options.resume);
+  }
+  if (args.init_from) {
+    run.options.init_from = *args.init_from;
+    if (!hf::is_hf_directory(*args.init_from)) {
+      run.options.init_from = resolve_checkpoint(checkpoints, *args.init_from, "initialise from");
+      check_checkpoint(*run.options.init_from);
+    }
+  }
+  return run;
+}
+
 int train_command(const TrainArgs& args, int rank, int world_size) {
   LocalCheck check;
-  std::optional<Config> config;
-  std::optional<TokenDataset> data;
+  std::optional<PreparedRun> run;
   try {
-    config = load_config(args.config_path, args.overrides);
-    validate_for_world(*config, world_size);
-    data = TokenDataset::open(config->data, config->model.vocab_size, config->train.seq_len);
+    run = prepare_run(args, world_size);
   } catch (const UserError& e) {
     check = {2, fmt::format("moeforge: error: {}", e.what())};
   } catch (const std::exception& e) {
@@ -73,21 +101,21 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
   }
   if (const int code = agree_on_local_failures(check, rank); code != 0) return code;
 
-  // From here on ranks meet in collectives: a failure aborts the job.
+  // From here on ranks meet in collectives: a failure aborts the job (exit 2 for bad input
+  // found only now, e.g. a checkpoint tensor of the wrong shape; 1 otherwise).
   try {
-    if (config->train.threads_per_rank > 0) at::set_num_threads(config->train.threads_per_rank);
+    const auto& config = run->config;
+    if (config.train.threads_per_rank > 0) at::set_num_threads(config.train.threads_per_rank);
     parallel::MpiCommunicator world(MPI_COMM_WORLD);
-    const auto groups = parallel::make_process_groups(world, config->parallel.ep_size);
-    RunOptions options;
-    options.resume = args.resume;
-    options.init_from = args.init_from;
-    Trainer trainer(*config, groups, std::move(*data), options);
+    const auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
+    Trainer trainer(config, groups, std::move(*run->data), run->options);
     const auto summary = trainer.run();
     if (rank == 0) print_summary(summary);
   } catch (const std::exception& e) {
+    const bool user_error = dynamic_cast<const UserError*>(&e) != nullptr;
     std::cerr << fmt::format("moeforge: error on rank {}: {}", rank, e.what()) << std::endl;
-    if (world_size > 1) MPI_Abort(MPI_COMM_WORLD, 1);
-    return 1;
+    if (world_size > 1) MPI_Abort(MPI_COMM_WORLD, user_error ? 2 : 1);
+    return user_error ? 2 : 1;
   }
   return 0;
 }
@@ -113,58 +141,39 @@ int run_convert_command(int (*command)(const ConvertArgs&), const ConvertArgs& a
   }
 }
 
-}  // namespace
+// The `train` subcommand and the options whose presence matters (--resume, --init-from).
+struct TrainCommand {
+  CLI::App* command;
+  CLI::Option* resume;
+  CLI::Option* init_from;
+  std::string resume_path, init_path;
+};
 
-int run_cli(int argc, char** argv) {
-  // SERIALIZED: collectives are issued by one thread at a time (docs/architecture.md).
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
-  int rank = 0, world_size = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
-
-  CLI::App app{"moeforge: Mixture-of-Experts training on LibTorch"};
-  app.require_subcommand(1);
-  TrainArgs train_args;
-  auto* train = app.add_subcommand("train", "Train a model described by a YAML config");
-  train->add_option("--config", train_args.config_path, "Experiment YAML file")->required();
-  train->add_option("--set", train_args.overrides, "Override a key: --set moe.top_k=4 (repeatable)")
+void add_train_command(CLI::App& app, TrainArgs& args, TrainCommand& train) {
+  train.command = app.add_subcommand("train", "Train a model described by a YAML config");
+  train.command->add_option("--config", args.config_path, "Experiment YAML file")->required();
+  train.command
+      ->add_option("--set", args.overrides, "Override a key: --set moe.top_k=4 (repeatable)")
       ->type_name("KEY=VALUE");
-  std::string resume_path;
-  auto* resume =
-      train
-          ->add_option("--resume", resume_path,
+  train.resume =
+      train.command
+          ->add_option("--resume", train.resume_path,
                        "Resume from the latest checkpoint of train.out_dir, or from PATH")
           ->expected(0, 1)
           ->type_name("[PATH]");
-  std::string init_from;
-  auto* init = train->add_option(
-      "--init-from", init_from,
+  train.init_from = train.command->add_option(
+      "--init-from", train.init_path,
       "Start from these weights (a moeforge run/checkpoint directory, e.g. one written by "
       "upcycle, or a Hugging Face directory) with a fresh optimizer at step 0");
-  init->excludes(resume);
-  auto* doc =
-      app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
+  train.init_from->excludes(train.resume);
+}
 
-  ConvertArgs convert;
-  auto* import_cmd = app.add_subcommand(
-      "import", "Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE directory -> run dir");
-  auto* upcycle_cmd = app.add_subcommand(
-      "upcycle", "Dense model (HF or moeforge) -> MoE run dir (sparse upcycling)");
-  auto* export_cmd = app.add_subcommand("export", "moeforge checkpoint -> Hugging Face directory");
-  auto* forward_cmd =
-      app.add_subcommand("forward", "Logits of a model for the token ids in a safetensors file");
-  for (auto* cmd : {import_cmd, upcycle_cmd, export_cmd, forward_cmd}) {
-    cmd->add_option("--from", convert.from, "Source directory")->required();
-    cmd->add_option("--out", convert.out, "Output directory (forward: output file)")->required();
-  }
-  for (auto* cmd : {import_cmd, upcycle_cmd}) {
-    cmd->add_option("--config", convert.config_path,
-                    cmd == upcycle_cmd ? "The MoE model's YAML config"
-                                       : "YAML for the non-model sections (train, data, ...)");
-    cmd->add_option("--set", convert.overrides, "Override a config key (repeatable)")
-        ->type_name("KEY=VALUE");
-  }
+struct ConvertCommands {
+  CLI::App *import_cmd, *upcycle_cmd, *export_cmd, *forward_cmd;
+  bool no_shared_from_dense = false;
+};
+
+void add_upcycle_options(CLI::App* upcycle_cmd, ConvertArgs& convert, bool& no_shared) {
   upcycle_cmd->add_option("--method", convert.upcycle.method, "copy | noise | drop | granular")
       ->capture_default_str();
   upcycle_cmd
@@ -179,46 +188,92 @@ int run_cli(int argc, char** argv) {
       ->capture_default_str();
   upcycle_cmd->add_option("--seed", convert.upcycle.seed, "Seed of noise / drop / router init")
       ->capture_default_str();
-  bool no_shared_from_dense = false;
-  upcycle_cmd->add_flag("--no-shared-from-dense", no_shared_from_dense,
+  upcycle_cmd->add_flag("--no-shared-from-dense", no_shared,
                         "Random shared expert instead of the dense FFN");
-  export_cmd->add_option("--format", convert.format, "hf-mixtral | hf-qwen2-moe | hf-llama")
+}
+
+void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& cmds) {
+  cmds.import_cmd = app.add_subcommand(
+      "import", "Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE directory -> run dir");
+  cmds.upcycle_cmd = app.add_subcommand(
+      "upcycle", "Dense model (HF or moeforge) -> MoE run dir (sparse upcycling)");
+  cmds.export_cmd = app.add_subcommand("export", "moeforge checkpoint -> Hugging Face directory");
+  cmds.forward_cmd =
+      app.add_subcommand("forward", "Logits of a model for the token ids in a safetensors file");
+  for (auto* cmd : {cmds.import_cmd, cmds.upcycle_cmd, cmds.export_cmd, cmds.forward_cmd}) {
+    cmd->add_option("--from", convert.from, "Source directory")->required();
+    cmd->add_option("--out", convert.out, "Output directory (forward: output file)")->required();
+  }
+  for (auto* cmd : {cmds.import_cmd, cmds.upcycle_cmd}) {
+    cmd->add_option("--config", convert.config_path,
+                    cmd == cmds.upcycle_cmd ? "The MoE model's YAML config"
+                                            : "YAML for the non-model sections (train, data, ...)");
+    cmd->add_option("--set", convert.overrides, "Override a config key (repeatable)")
+        ->type_name("KEY=VALUE");
+  }
+  add_upcycle_options(cmds.upcycle_cmd, convert, cmds.no_shared_from_dense);
+  cmds.export_cmd->add_option("--format", convert.format, "hf-mixtral | hf-qwen2-moe | hf-llama")
       ->required();
-  export_cmd->add_option("--dtype", convert.dtype,
-                         "float32 | bfloat16 | float16 (default float32)");
-  export_cmd->add_option("--shard-mb", convert.shard_mb, "Largest shard (MiB)")
+  cmds.export_cmd->add_option("--dtype", convert.dtype,
+                              "float32 | bfloat16 | float16 (default float32)");
+  cmds.export_cmd->add_option("--shard-mb", convert.shard_mb, "Largest shard (MiB)")
       ->capture_default_str();
-  export_cmd->add_flag("--drop-expert-bias", convert.drop_expert_bias,
-                       "Export even if a non-zero expert bias is lost (routing changes)");
-  forward_cmd->add_option("--tokens", convert.tokens, "safetensors file with I64 'tokens' [B, S]")
+  cmds.export_cmd->add_flag("--drop-expert-bias", convert.drop_expert_bias,
+                            "Export even if a non-zero expert bias is lost (routing changes)");
+  cmds.forward_cmd
+      ->add_option("--tokens", convert.tokens, "safetensors file with I64 'tokens' [B, S]")
       ->required();
-  forward_cmd->add_option("--dtype", convert.dtype, "float32 | float64 (default float32)");
+  cmds.forward_cmd->add_option("--dtype", convert.dtype, "float32 | float64 (default float32)");
+}
+
+// The parsed subcommand, run; every rank returns the same exit code.
+int dispatch(const CLI::App* doc, const TrainCommand& train, TrainArgs& train_args,
+             const ConvertCommands& cmds, ConvertArgs& convert, int rank, int world_size) {
+  if (doc->parsed()) {
+    if (rank == 0) std::cout << config_reference_markdown();
+    return 0;
+  }
+  if (train.command->parsed()) {
+    if (train.resume->count() > 0) train_args.resume = train.resume_path;
+    if (train.init_from->count() > 0) train_args.init_from = train.init_path;
+    return train_command(train_args, rank, world_size);
+  }
+  convert.upcycle.shared_from_dense = !cmds.no_shared_from_dense;
+  return run_convert_command(cmds.import_cmd->parsed()    ? import_command
+                             : cmds.upcycle_cmd->parsed() ? upcycle_command
+                             : cmds.export_cmd->parsed()  ? export_command
+                                                          : forward_command,
+                             convert, rank, world_size);
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  // SERIALIZED: collectives are issued by one thread at a time (docs/architecture.md).
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
+  int rank = 0, world_size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+
+  CLI::App app{"moeforge: Mixture-of-Experts training on LibTorch"};
+  app.require_subcommand(1);
+  TrainArgs train_args;
+  TrainCommand train;
+  add_train_command(app, train_args, train);
+  auto* doc =
+      app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
+  ConvertArgs convert;
+  ConvertCommands cmds;
+  add_convert_commands(app, convert, cmds);
 
   int code = 0;
   try {
     app.parse(argc, argv);
+    code = dispatch(doc, train, train_args, cmds, convert, rank, world_size);
   } catch (const CLI::ParseError& e) {
     // Every rank parses the same arguments; rank 0 speaks for all.
-    if (rank == 0)
-      code = app.exit(e);
-    else
-      code = e.get_exit_code();
-    MPI_Finalize();
-    return code;
-  }
-  if (doc->parsed()) {
-    if (rank == 0) std::cout << config_reference_markdown();
-  } else if (train->parsed()) {
-    if (resume->count() > 0) train_args.resume = resume_path;
-    if (init->count() > 0) train_args.init_from = init_from;
-    code = train_command(train_args, rank, world_size);
-  } else {
-    convert.upcycle.shared_from_dense = !no_shared_from_dense;
-    code = run_convert_command(import_cmd->parsed()    ? import_command
-                               : upcycle_cmd->parsed() ? upcycle_command
-                               : export_cmd->parsed()  ? export_command
-                                                       : forward_command,
-                               convert, rank, world_size);
+    code = rank == 0 ? app.exit(e) : e.get_exit_code();
   }
   MPI_Finalize();
   return code;

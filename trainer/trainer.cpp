@@ -51,18 +51,14 @@ std::vector<at::Tensor> select_parameters(DecoderLMImpl& model, bool experts) {
   return result;
 }
 
-// Test hook: MOEFORGE_FAIL_AT="rank:step" makes that rank throw at that step, to prove that one
-// failing rank stops the whole job.
-void maybe_inject_failure(int rank, int64_t step) {
+// Test hook (documented in docs/architecture.md, "Errors"): MOEFORGE_FAIL_AT="rank:step" makes
+// that rank throw at that step, to prove that one failing rank stops the whole job. Read once.
+std::optional<std::pair<int, int64_t>> injected_failure() {
   const char* spec = std::getenv("MOEFORGE_FAIL_AT");
-  if (spec == nullptr) return;
-  int fail_rank = -1;
-  long long fail_step = -1;
-  if (std::sscanf(spec, "%d:%lld", &fail_rank, &fail_step) == 2 && fail_rank == rank &&
-      fail_step == step) {
-    throw std::runtime_error(
-        fmt::format("injected failure on rank {} at step {} (MOEFORGE_FAIL_AT)", rank, step));
-  }
+  int rank = -1;
+  long long step = -1;
+  if (spec == nullptr || std::sscanf(spec, "%d:%lld", &rank, &step) != 2) return std::nullopt;
+  return std::pair<int, int64_t>{rank, step};
 }
 
 // Turns on bf16 autocast on `device` for its lifetime when `enabled` (train.precision: bf16).
@@ -121,6 +117,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
     : config_(config),
       device_(resolve_device(config)),
       bf16_(config.train.precision == Precision::kBf16),
+      fail_at_(injected_failure()),
       groups_(prepare_groups(config, groups, device_)),
       data_(std::move(data)),
       options_(std::move(options)) {
@@ -215,7 +212,10 @@ void Trainer::initialize_from(const std::string& path) {
     const auto imported = hf::import_directory(path, config_);
     load_model_weights(*model_, imported.weights, path);
   } else {
-    checkpoints_->load(checkpoints_->resolve(path), *model_, *optimizer_);
+    checkpoints_->load(
+        resolve_checkpoint((fs::path(config_.train.out_dir) / "checkpoints").string(), path,
+                           "initialise from"),
+        *model_, *optimizer_);
     optimizer_ = std::make_unique<AdamW>(named_parameter_list(*model_), config_.train);  // fresh
   }
   if (is_root_ && options_.print)
@@ -289,6 +289,7 @@ void Trainer::accumulate_routing(const std::vector<moe::RoutingCounters>& routin
     totals.load[i] += counters.load;
     const auto counts = counters.slot_counts.to(at::kDouble);  // selected, null, kept rows
     const auto selected = counts[0], null_slots = counts[1], rows = counts[2];
+    // In RoutingValue order: dropped, real slots, null slots, entropy, micro-batch MaxVio.
     totals.routing[i] += at::stack(
         {selected - null_slots - rows, selected - null_slots, null_slots, counters.entropy / accum,
          moe::max_violation_tensor(counters.load.narrow(0, 0, num_experts)) / accum});
@@ -344,11 +345,12 @@ StepMetrics Trainer::train_step() {
   const auto& t = config_.train;
   const auto start = Clock::now();
   const int world = groups_.world->size();
-  maybe_inject_failure(groups_.world->rank(), state_.step + 1);
+  if (fail_at_ && fail_at_->first == groups_.world->rank() && fail_at_->second == state_.step + 1)
+    throw std::runtime_error(
+        fmt::format("injected failure on rank {} at step {} (MOEFORGE_FAIL_AT)", fail_at_->first,
+                    fail_at_->second));
   const double lr = learning_rate(t, state_.step);
 
-  auto layers = model_->moe_layers();
-  const int64_t num_experts = config_.moe.num_experts;
   const auto totals = forward_backward(state_.samples_consumed);
   double grad_norm = 0.0;
   {
@@ -357,12 +359,7 @@ StepMetrics Trainer::train_step() {
     optimizer_->step(lr);
   }
 
-  // One all-reduce for every reported number: [loss, aux, z, per layer: kRoutingValues].
-  std::vector<at::Tensor> parts = {totals.losses};
-  parts.insert(parts.end(), totals.routing.begin(), totals.routing.end());
-  auto packed_tensor = at::cat(parts).cpu();
-  groups_.world->all_reduce(packed_tensor);
-  const double* reduced = packed_tensor.data_ptr<double>();
+  const auto sums = sum_over_world(totals);
   auto global_load = sum_loads(*groups_.world, totals.load);
   update_expert_biases(global_load);
 
@@ -372,38 +369,57 @@ StepMetrics Trainer::train_step() {
   StepMetrics m;
   m.step = state_.step;
   m.total_steps = t.steps;
-  m.loss = reduced[0] / world;
-  m.aux_loss = reduced[1] / world;
-  m.z_loss = reduced[2] / world;
+  m.loss = sums.loss / world;
+  m.aux_loss = sums.aux / world;
+  m.z_loss = sums.z / world;
   m.lr = lr;
   m.grad_norm = grad_norm;
   m.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   m.tokens_per_s =
       static_cast<double>(world * t.grad_accum * t.micro_batch_size * t.seq_len) / m.step_seconds;
-  for (size_t i = 0; i < layers.size(); ++i) {
-    MoeLayerMetrics layer;
-    int64_t block = 0;
-    for (int64_t b = 0, seen = 0; b < config_.model.num_layers; ++b) {
-      if (is_moe_block(config_.moe, b) && seen++ == static_cast<int64_t>(i)) block = b;
-    }
-    layer.layer = block;
-    const auto load = global_load[i].cpu();
-    const auto* counts = load.data_ptr<int64_t>();
-    layer.expert_load.assign(counts, counts + num_experts);  // real experts (not null ones)
-    layer.max_vio = moe::max_violation(load.narrow(0, 0, num_experts));
-    const double* r = reduced + 3 + kRoutingValues * i;  // dropped, real, null, entropy, vio
-    layer.dropped_frac = r[1] > 0 ? r[0] / r[1] : 0.0;
-    layer.null_frac = r[1] + r[2] > 0 ? r[2] / (r[1] + r[2]) : 0.0;
-    layer.router_entropy = r[3] / world;
-    layer.max_vio_micro = r[4] / world;
-    const auto bias_abs = layers[i]->router->expert_bias.abs();
-    layer.bias_abs_max = bias_abs.max().item<double>();
-    layer.bias_abs_mean = bias_abs.mean().item<double>();
-    m.max_vio = std::max(m.max_vio, layer.max_vio);
-    m.max_vio_micro = std::max(m.max_vio_micro, layer.max_vio_micro);
-    m.layers.push_back(std::move(layer));
+  for (size_t i = 0; i < sums.layers.size(); ++i) {
+    m.layers.push_back(layer_metrics(i, sums.layers[i], global_load[i]));
+    m.max_vio = std::max(m.max_vio, m.layers.back().max_vio);
+    m.max_vio_micro = std::max(m.max_vio_micro, m.layers.back().max_vio_micro);
   }
   return m;
+}
+
+Trainer::WorldSums Trainer::sum_over_world(const MicroBatchTotals& totals) const {
+  std::vector<at::Tensor> parts = {totals.losses};  // [loss, aux, z], then kRoutingValues a layer
+  parts.insert(parts.end(), totals.routing.begin(), totals.routing.end());
+  auto packed = at::cat(parts).cpu();
+  groups_.world->all_reduce(packed);
+  const double* values = packed.data_ptr<double>();
+  WorldSums sums{values[0], values[1], values[2], {}};
+  for (size_t i = 0; i < totals.routing.size(); ++i) {
+    std::array<double, kRoutingValues> layer{};
+    std::copy_n(values + 3 + kRoutingValues * i, kRoutingValues, layer.begin());
+    sums.layers.push_back(layer);
+  }
+  return sums;
+}
+
+MoeLayerMetrics Trainer::layer_metrics(size_t index, const std::array<double, kRoutingValues>& sums,
+                                       const at::Tensor& global_load) const {
+  const int64_t num_experts = config_.moe.num_experts;
+  const double world = groups_.world->size();
+  MoeLayerMetrics layer;
+  for (int64_t b = 0, seen = 0; b < config_.model.num_layers; ++b)
+    if (is_moe_block(config_.moe, b) && seen++ == static_cast<int64_t>(index)) layer.layer = b;
+  const auto load = global_load.cpu();
+  const auto* counts = load.data_ptr<int64_t>();
+  layer.expert_load.assign(counts, counts + num_experts);  // real experts (not null ones)
+  layer.max_vio = moe::max_violation(load.narrow(0, 0, num_experts));
+  const double real = sums[kRealSlots], null_slots = sums[kNullSlots];
+  layer.dropped_frac = real > 0 ? sums[kDropped] / real : 0.0;
+  layer.null_frac = real + null_slots > 0 ? null_slots / (real + null_slots) : 0.0;
+  layer.router_entropy = sums[kEntropy] / world;
+  layer.max_vio_micro = sums[kMicroMaxVio] / world;
+  const auto bias_abs = model_->moe_layers()[index]->router->expert_bias.abs();
+  layer.bias_abs_max = bias_abs.max().item<double>();
+  layer.bias_abs_mean = bias_abs.mean().item<double>();
+  return layer;
 }
 
 double Trainer::evaluate() {

@@ -5,6 +5,7 @@
 //   AdamW step, expert-bias update, metrics, periodic eval and checkpoint.
 // Parallelism is applied from outside (process groups); the loop only sequences.
 // Collective: every rank of the world runs it together.
+#include <array>
 #include <memory>
 #include <optional>
 #include <string>
@@ -75,9 +76,23 @@ class Trainer {
     std::vector<at::Tensor> load;     // per MoE layer [P] int64
     std::vector<at::Tensor> routing;  // per MoE layer [kRoutingValues] float64 (see below)
   };
-  // Per-layer routing values summed over micro-batches: dropped slots, real slots, null slots,
-  // entropy / accum, micro-batch MaxVio / accum.
-  static constexpr int64_t kRoutingValues = 5;
+  // Positions in MicroBatchTotals::routing: per-layer sums over micro-batches.
+  enum RoutingValue : int64_t {
+    kDropped,      // slots dropped by the capacity limit
+    kRealSlots,    // selected slots of real experts
+    kNullSlots,    // selected slots of null experts
+    kEntropy,      // router entropy / grad_accum
+    kMicroMaxVio,  // micro-batch MaxVio / grad_accum
+    kRoutingValues
+  };
+  // The step's numbers summed over the world (one all-reduce), by name.
+  struct WorldSums {
+    double loss = 0.0, aux = 0.0, z = 0.0;  // sums of the ranks' means
+    std::vector<std::array<double, kRoutingValues>> layers;
+  };
+  WorldSums sum_over_world(const MicroBatchTotals& totals) const;
+  MoeLayerMetrics layer_metrics(size_t index, const std::array<double, kRoutingValues>& sums,
+                                const at::Tensor& global_load) const;
   MicroBatchTotals forward_backward(int64_t samples_consumed);
   // Adds every MoE layer's counters of the micro-batch just run to `totals`.
   void accumulate_routing(const std::vector<moe::RoutingCounters>& routing,
@@ -99,7 +114,8 @@ class Trainer {
 
   Config config_;
   c10::Device device_;
-  bool bf16_ = false;               // train.precision: bf16 (autocast around every forward)
+  bool bf16_ = false;  // train.precision: bf16 (autocast around every forward)
+  std::optional<std::pair<int, int64_t>> fail_at_;  // test hook MOEFORGE_FAIL_AT (rank, step)
   parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;

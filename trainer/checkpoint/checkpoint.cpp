@@ -72,6 +72,76 @@ CheckpointManager::CheckpointManager(std::string checkpoints_dir,
                                      const parallel::ProcessGroups& groups)
     : dir_(std::move(checkpoints_dir)), groups_(groups) {}
 
+namespace {
+
+// Rank 0's files: non-expert parameters and buffers, their AdamW state, the CPU RNG.
+void write_shared_files(const fs::path& dir, DecoderLMImpl& model, AdamW& optimizer) {
+  NamedTensors weights, state_tensors;
+  for (const auto& item : model.named_parameters())
+    if (!is_expert_parameter(item.key())) weights.emplace_back(item.key(), item.value());
+  for (const auto& item : model.named_buffers()) weights.emplace_back(item.key(), item.value());
+  for (const auto& slot : optimizer.slots()) {
+    if (is_expert_parameter(slot.name)) continue;
+    state_tensors.emplace_back("exp_avg." + slot.name, slot.exp_avg);
+    state_tensors.emplace_back("exp_avg_sq." + slot.name, slot.exp_avg_sq);
+  }
+  state_tensors.emplace_back("rng.cpu", cpu_rng_state());
+  safetensors::save((dir / kModelFile).string(), weights);
+  safetensors::save((dir / kOptimizerFile).string(), state_tensors);
+}
+
+// This EP rank's experts and their AdamW state under global names.
+void write_expert_file(const fs::path& path, DecoderLMImpl& model, AdamW& optimizer) {
+  NamedTensors experts;
+  const int64_t first = model.first_local_expert();
+  for (const auto& slot : optimizer.slots()) {
+    if (!is_expert_parameter(slot.name)) continue;
+    for (const auto& [prefix, tensor] : slot_tensors(slot))
+      for (auto& named : checkpoint_views(prefix + slot.name, tensor, first))
+        experts.push_back(std::move(named));
+  }
+  safetensors::save(path.string(), experts);
+}
+
+nlohmann::json checkpoint_metadata(const fs::path& dir, const TrainingState& state,
+                                   const AdamW& optimizer, const parallel::ProcessGroups& groups,
+                                   const std::string& resolved_config_yaml) {
+  nlohmann::json meta;
+  meta["format"] = "moeforge-checkpoint";
+  meta["version"] = kFormatVersion;
+  meta["step"] = state.step;
+  meta["samples_consumed"] = state.samples_consumed;
+  meta["optimizer"] = {{"type", "adamw"},
+                       {"steps_taken", optimizer.steps_taken()},
+                       {"state", {"exp_avg", "exp_avg_sq"}}};
+  meta["layout"] = {{"world_size", groups.world->size()},
+                    {"ep_size", groups.ep_size},
+                    {"expert_files", groups.ep_size}};
+  meta["config"] = resolved_config_yaml;
+  nlohmann::json files = nlohmann::json::object();
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    files[entry.path().filename().string()] = {
+        {"crc32", file_crc32(entry.path().string())},
+        {"bytes", static_cast<int64_t>(fs::file_size(entry.path()))}};
+  }
+  meta["files"] = files;
+  return meta;
+}
+
+// Removes all but the newest `keep` complete step directories of `dir`.
+void prune_checkpoints(const fs::path& dir, int64_t keep) {
+  std::vector<std::string> steps;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const auto file = entry.path().filename().string();
+    if (entry.is_directory() && file.rfind("step-", 0) == 0 && file.find('.') == std::string::npos)
+      steps.push_back(file);
+  }
+  std::sort(steps.begin(), steps.end());
+  for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(dir / steps[i]);
+}
+
+}  // namespace
+
 std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
                                     const TrainingState& state,
                                     const std::string& resolved_config_yaml, int64_t keep) {
@@ -85,80 +155,36 @@ std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
     fs::create_directories(tmp_dir);
   }
   world.barrier();
-
-  at::NoGradGuard no_grad;
-  const int64_t first = model.first_local_expert();
-  // Rank 0 writes the non-expert part; the first EP group writes the experts.
-  if (world.rank() == 0) {
-    NamedTensors weights, state_tensors;
-    for (const auto& item : model.named_parameters()) {
-      if (!is_expert_parameter(item.key())) weights.emplace_back(item.key(), item.value());
-    }
-    for (const auto& item : model.named_buffers()) weights.emplace_back(item.key(), item.value());
-    for (const auto& slot : optimizer.slots()) {
-      if (is_expert_parameter(slot.name)) continue;
-      state_tensors.emplace_back("exp_avg." + slot.name, slot.exp_avg);
-      state_tensors.emplace_back("exp_avg_sq." + slot.name, slot.exp_avg_sq);
-    }
-    state_tensors.emplace_back("rng.cpu", cpu_rng_state());
-    safetensors::save((tmp_dir / kModelFile).string(), weights);
-    safetensors::save((tmp_dir / kOptimizerFile).string(), state_tensors);
-  }
-  if (groups_.dp_rank() == 0) {
-    NamedTensors experts;
-    for (const auto& slot : optimizer.slots()) {
-      if (!is_expert_parameter(slot.name)) continue;
-      for (const auto& [prefix, tensor] : slot_tensors(slot))
-        for (auto& named : checkpoint_views(prefix + slot.name, tensor, first))
-          experts.push_back(std::move(named));
-    }
-    safetensors::save((tmp_dir / expert_file_name(groups_.ep_rank(), groups_.ep_size)).string(),
-                      experts);
+  {
+    at::NoGradGuard no_grad;
+    // Rank 0 writes the non-expert part; the first EP group writes the experts.
+    if (world.rank() == 0) write_shared_files(tmp_dir, model, optimizer);
+    if (groups_.dp_rank() == 0)
+      write_expert_file(tmp_dir / expert_file_name(groups_.ep_rank(), groups_.ep_size), model,
+                        optimizer);
   }
   world.barrier();
-
   if (world.rank() == 0) {
-    nlohmann::json meta;
-    meta["format"] = "moeforge-checkpoint";
-    meta["version"] = kFormatVersion;
-    meta["step"] = state.step;
-    meta["samples_consumed"] = state.samples_consumed;
-    meta["optimizer"] = {{"type", "adamw"},
-                         {"steps_taken", optimizer.steps_taken()},
-                         {"state", {"exp_avg", "exp_avg_sq"}}};
-    meta["layout"] = {{"world_size", world.size()},
-                      {"ep_size", groups_.ep_size},
-                      {"expert_files", groups_.ep_size}};
-    meta["config"] = resolved_config_yaml;
-    nlohmann::json files = nlohmann::json::object();
-    for (const auto& entry : fs::directory_iterator(tmp_dir)) {
-      const auto file = entry.path().filename().string();
-      files[file] = {{"crc32", file_crc32(entry.path().string())},
-                     {"bytes", static_cast<int64_t>(fs::file_size(entry.path()))}};
-    }
-    meta["files"] = files;
+    const auto meta = checkpoint_metadata(tmp_dir, state, optimizer, groups_, resolved_config_yaml);
     write_file_atomically((tmp_dir / kMetadataFile).string(), meta.dump(2));
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
     fs::rename(tmp_dir, final_dir);
+    fsync_directory(dir_);
     write_file_atomically((fs::path(dir_) / "latest").string(), name + "\n");
-    if (keep > 0) {
-      std::vector<std::string> steps;
-      for (const auto& entry : fs::directory_iterator(dir_)) {
-        const auto file = entry.path().filename().string();
-        if (entry.is_directory() && file.rfind("step-", 0) == 0 &&
-            file.find('.') == std::string::npos)
-          steps.push_back(file);
-      }
-      std::sort(steps.begin(), steps.end());
-      for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(fs::path(dir_) / steps[i]);
-    }
+    if (keep > 0) prune_checkpoints(dir_, keep);
   }
   world.barrier();
   return final_dir.string();
 }
 
 std::string CheckpointManager::resolve(const std::string& requested) const {
-  fs::path base = requested.empty() || requested == "latest" ? fs::path(dir_) : fs::path(requested);
+  return resolve_checkpoint(dir_, requested, "resume from");
+}
+
+std::string resolve_checkpoint(const std::string& checkpoints_dir, const std::string& requested,
+                               const std::string& purpose) {
+  fs::path base =
+      requested.empty() || requested == "latest" ? fs::path(checkpoints_dir) : fs::path(requested);
   if (fs::exists(base / kMetadataFile)) return base.string();
   for (const fs::path& candidate : {base, base / "checkpoints"}) {
     if (fs::exists(candidate / "latest")) {
@@ -172,9 +198,9 @@ std::string CheckpointManager::resolve(const std::string& requested) const {
     }
   }
   throw UserError(fmt::format(
-      "no checkpoint to resume from at '{}': expected a checkpoint directory (with {}) or a "
-      "directory holding a 'latest' file",
-      base.string(), kMetadataFile));
+      "no checkpoint to {} at '{}': expected a checkpoint directory (with {}) or a directory "
+      "holding a 'latest' file",
+      purpose, base.string(), kMetadataFile));
 }
 
 namespace {
@@ -199,8 +225,11 @@ std::string checkpoint_config_yaml(const std::string& checkpoint_dir) {
   return meta["config"].get<std::string>();
 }
 
-TrainingState CheckpointManager::load(const std::string& checkpoint_dir, DecoderLMImpl& model,
-                                      AdamW& optimizer) {
+namespace {
+
+// checkpoint.json of a checkpoint after the checks that need no tensor data: format, version,
+// every recorded file present with its recorded size.
+nlohmann::json check_checkpoint_metadata(const std::string& checkpoint_dir) {
   const fs::path dir(checkpoint_dir);
   const auto meta_path = (dir / kMetadataFile).string();
   const auto meta = read_metadata(dir);
@@ -211,13 +240,35 @@ TrainingState CheckpointManager::load(const std::string& checkpoint_dir, Decoder
         fmt::format("{}: checkpoint format version {} is not supported (this build "
                     "reads version {})",
                     meta_path, meta.value("version", 0), kFormatVersion));
+  for (const auto& [file, info] : meta["files"].items()) {
+    const auto path = dir / file;
+    if (!fs::exists(path))
+      throw UserError(fmt::format("{}: file {} is missing", checkpoint_dir, file));
+    const auto bytes = static_cast<int64_t>(fs::file_size(path));
+    if (info.contains("bytes") && info["bytes"].get<int64_t>() != bytes)
+      throw UserError(fmt::format(
+          "{}: {} bytes but checkpoint.json records {}; the checkpoint is truncated or was "
+          "changed — resume from an earlier one",
+          path.string(), bytes, info["bytes"].get<int64_t>()));
+  }
+  return meta;
+}
+
+}  // namespace
+
+void check_checkpoint(const std::string& checkpoint_dir) {
+  check_checkpoint_metadata(checkpoint_dir);
+}
+
+TrainingState CheckpointManager::load(const std::string& checkpoint_dir, DecoderLMImpl& model,
+                                      AdamW& optimizer) {
+  const fs::path dir(checkpoint_dir);
+  const auto meta = check_checkpoint_metadata(checkpoint_dir);
 
   // Verify every file before trusting any byte of it, and map tensor names to files.
   std::map<std::string, std::shared_ptr<safetensors::File>> by_name;
   for (const auto& [file, info] : meta["files"].items()) {
     const auto path = (dir / file).string();
-    if (!fs::exists(path))
-      throw UserError(fmt::format("{}: file {} is missing", checkpoint_dir, file));
     const auto expected = info.value("crc32", "");
     const auto actual = file_crc32(path);
     if (actual != expected)

@@ -50,6 +50,16 @@ class CheckpointManager {
   const parallel::ProcessGroups& groups_;
 };
 
+// `requested` empty or "latest" -> the directory named by <checkpoints_dir>/latest; otherwise a
+// checkpoint directory, or a run / checkpoints directory holding `latest`. UserError naming
+// `purpose` ("resume from", "initialise from") when there is none.
+std::string resolve_checkpoint(const std::string& checkpoints_dir, const std::string& requested,
+                               const std::string& purpose);
+
+// The checks that need no tensor data (format, version, every file present with its recorded
+// size), cheap enough to run on every rank before any work: UserError naming the file.
+void check_checkpoint(const std::string& checkpoint_dir);
+
 // The resolved config YAML stored in a checkpoint's checkpoint.json. UserError when absent.
 std::string checkpoint_config_yaml(const std::string& checkpoint_dir);
 

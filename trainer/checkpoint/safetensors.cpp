@@ -83,9 +83,11 @@ void save(const std::string& path, const NamedTensors& tensors,
   out.commit();
 }
 
-std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
-                                     const std::string& source, uint64_t* data_start,
-                                     std::map<std::string, std::string>* metadata) {
+namespace {
+
+// The JSON header of a file of `file_size` bytes; sets *data_start to the data section.
+nlohmann::json read_header_json(const uint8_t* data, uint64_t file_size, const std::string& source,
+                                uint64_t* data_start) {
   if (file_size < 8)
     throw UserError(
         fmt::format("{}: {} bytes is too short for a safetensors file (needs an 8-byte "
@@ -104,62 +106,87 @@ std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
   }
   if (!header.is_object()) throw UserError(fmt::format("{}: header is not a JSON object", source));
   *data_start = 8 + header_bytes;
+  return header;
+}
+
+void read_metadata_entry(const nlohmann::json& entry, const std::string& source,
+                         std::map<std::string, std::string>* metadata) {
+  if (!entry.is_object())
+    throw UserError(fmt::format("{}: __metadata__ must be a map of strings", source));
+  for (const auto& [key, value] : entry.items()) {
+    if (!value.is_string())
+      throw UserError(fmt::format("{}: __metadata__ '{}' is not a string", source, key));
+    if (metadata) (*metadata)[key] = value.get<std::string>();
+  }
+}
+
+// Shape of a header entry; the element count goes to *numel. `fail` makes the error.
+template <class Fail>
+std::vector<int64_t> read_shape(const nlohmann::json& entry, uint64_t* numel, const Fail& fail) {
+  if (!entry.contains("shape") || !entry["shape"].is_array()) throw fail("missing shape");
+  std::vector<int64_t> shape;
+  *numel = 1;
+  for (const auto& dim : entry["shape"]) {
+    if (!dim.is_number_integer() || dim.get<int64_t>() < 0)
+      throw fail(fmt::format("shape {} must hold non-negative integers", entry["shape"].dump()));
+    const auto d = dim.get<uint64_t>();
+    if (d != 0 && *numel > (1ull << 62) / d) throw fail("shape is absurdly large");
+    *numel *= d;
+    shape.push_back(static_cast<int64_t>(d));
+  }
+  return shape;
+}
+
+// One tensor's header entry, checked against the data section of `data_bytes` bytes.
+TensorInfo read_tensor_entry(const std::string& name, const nlohmann::json& entry,
+                             const std::string& source, uint64_t data_bytes) {
+  const auto fail = [&source, &name](const std::string& what) {
+    return UserError(fmt::format("{}: tensor '{}': {}", source, name, what));
+  };
+  if (!entry.is_object()) throw fail("entry is not an object");
+  if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw fail("missing dtype");
+  TensorInfo info;
+  info.name = name;
+  const auto dtype = entry["dtype"].get<std::string>();
+  if (!parse_dtype(dtype, &info.dtype))
+    throw fail(
+        fmt::format("unsupported dtype '{}' (F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)", dtype));
+  uint64_t numel = 1;
+  info.shape = read_shape(entry, &numel, fail);
+  const auto& offsets = entry.contains("data_offsets") ? entry["data_offsets"] : nlohmann::json();
+  if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+      !offsets[1].is_number_unsigned())
+    throw fail("data_offsets must be two non-negative integers");
+  info.begin = offsets[0].get<uint64_t>();
+  info.end = offsets[1].get<uint64_t>();
+  if (info.begin > info.end)
+    throw fail(fmt::format("data_offsets [{}, {}] are reversed", info.begin, info.end));
+  if (info.end > data_bytes)
+    throw fail(
+        fmt::format("data_offsets [{}, {}] run past the data section ({} bytes; the file "
+                    "may be truncated)",
+                    info.begin, info.end, data_bytes));
+  const uint64_t expected = numel * c10::elementSize(info.dtype);
+  if (info.end - info.begin != expected)
+    throw fail(fmt::format("data_offsets [{}, {}] hold {} bytes but {} shape [{}] needs {}",
+                           info.begin, info.end, info.end - info.begin, dtype,
+                           fmt::join(info.shape, ", "), expected));
+  return info;
+}
+
+}  // namespace
+
+std::vector<TensorInfo> parse_header(const uint8_t* data, uint64_t file_size,
+                                     const std::string& source, uint64_t* data_start,
+                                     std::map<std::string, std::string>* metadata) {
+  const auto header = read_header_json(data, file_size, source, data_start);
   const uint64_t data_bytes = file_size - *data_start;
   std::vector<TensorInfo> tensors;
   for (const auto& item : header.items()) {
-    // Plain references, not a structured binding: lambdas below capture them (clang 14).
-    const std::string& name = item.key();
-    const auto& entry = item.value();
-    if (name == "__metadata__") {
-      if (!entry.is_object())
-        throw UserError(fmt::format("{}: __metadata__ must be a map of strings", source));
-      for (const auto& [key, value] : entry.items()) {
-        if (!value.is_string())
-          throw UserError(fmt::format("{}: __metadata__ '{}' is not a string", source, key));
-        if (metadata) (*metadata)[key] = value.get<std::string>();
-      }
-      continue;
-    }
-    auto fail = [&](const std::string& what) {
-      return UserError(fmt::format("{}: tensor '{}': {}", source, name, what));
-    };
-    if (!entry.is_object()) throw fail("entry is not an object");
-    if (!entry.contains("dtype") || !entry["dtype"].is_string()) throw fail("missing dtype");
-    TensorInfo info;
-    info.name = name;
-    const auto dtype = entry["dtype"].get<std::string>();
-    if (!parse_dtype(dtype, &info.dtype))
-      throw fail(
-          fmt::format("unsupported dtype '{}' (F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)", dtype));
-    if (!entry.contains("shape") || !entry["shape"].is_array()) throw fail("missing shape");
-    uint64_t numel = 1;
-    for (const auto& dim : entry["shape"]) {
-      if (!dim.is_number_integer() || dim.get<int64_t>() < 0)
-        throw fail(fmt::format("shape {} must hold non-negative integers", entry["shape"].dump()));
-      const auto d = dim.get<uint64_t>();
-      if (d != 0 && numel > (1ull << 62) / d) throw fail("shape is absurdly large");
-      numel *= d;
-      info.shape.push_back(static_cast<int64_t>(d));
-    }
-    const auto& offsets = entry.contains("data_offsets") ? entry["data_offsets"] : nlohmann::json();
-    if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
-        !offsets[1].is_number_unsigned())
-      throw fail("data_offsets must be two non-negative integers");
-    info.begin = offsets[0].get<uint64_t>();
-    info.end = offsets[1].get<uint64_t>();
-    if (info.begin > info.end)
-      throw fail(fmt::format("data_offsets [{}, {}] are reversed", info.begin, info.end));
-    if (info.end > data_bytes)
-      throw fail(
-          fmt::format("data_offsets [{}, {}] run past the data section ({} bytes; the file "
-                      "may be truncated)",
-                      info.begin, info.end, data_bytes));
-    const uint64_t expected = numel * c10::elementSize(info.dtype);
-    if (info.end - info.begin != expected)
-      throw fail(fmt::format("data_offsets [{}, {}] hold {} bytes but {} shape [{}] needs {}",
-                             info.begin, info.end, info.end - info.begin, dtype,
-                             fmt::join(info.shape, ", "), expected));
-    tensors.push_back(std::move(info));
+    if (item.key() == "__metadata__")
+      read_metadata_entry(item.value(), source, metadata);
+    else
+      tensors.push_back(read_tensor_entry(item.key(), item.value(), source, data_bytes));
   }
   std::sort(tensors.begin(), tensors.end(),
             [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });

@@ -180,16 +180,10 @@ bool is_hf_directory(const std::string& dir) {
   return fs::exists(fs::path(dir) / "config.json");
 }
 
-ImportedModel import_directory(const std::string& dir, const Config& base) {
-  const HfConfig c((fs::path(dir) / "config.json").string());
-  ImportedModel out;
-  out.model_type = c.get<std::string>("model_type");
-  if (!contains(kDenseTypes, out.model_type) && !contains(kMoeTypes, out.model_type))
-    throw UserError(fmt::format("{}: model_type '{}' is not supported; allowed: {}, {}", c.path(),
-                                out.model_type, fmt::join(kDenseTypes, ", "),
-                                fmt::join(kMoeTypes, ", ")));
-  check_supported(c, out.model_type);
-  Config config = base;
+namespace {
+
+// The model section of a moeforge config from an HF config.json (dense part).
+void read_model_shape(const HfConfig& c, const std::string& type, Config& config) {
   auto& m = config.model;
   m.vocab_size = c.get<int64_t>("vocab_size");
   m.hidden_size = c.get<int64_t>("hidden_size");
@@ -199,29 +193,45 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
   m.ffn_size = c.get<int64_t>("intermediate_size");
   m.max_seq_len = c.get<int64_t>("max_position_embeddings");
   // Full attention equals sliding-window attention up to the window: cap sequences there.
-  if (c.get<bool>("use_sliding_window",
-                  out.model_type == "mistral" || out.model_type == "mixtral") &&
+  if (c.get<bool>("use_sliding_window", type == "mistral" || type == "mixtral") &&
       c.has("sliding_window"))
     m.max_seq_len = std::min(m.max_seq_len, c.get<int64_t>("sliding_window"));
   m.rope_theta = rope_theta_of(c);
   m.rms_norm_eps = c.get<double>("rms_norm_eps");
   m.tie_embeddings = c.get<bool>("tie_word_embeddings", false);
   m.init_std = c.get<double>("initializer_range", m.init_std);
-  const bool qwen = out.model_type == "qwen2" || out.model_type == "qwen2_moe";
-  const bool attention_bias = c.get<bool>("attention_bias", false);
-  m.qkv_bias = qwen || attention_bias;
+  const bool qwen = type == "qwen2" || type == "qwen2_moe";
+  m.qkv_bias = qwen || c.get<bool>("attention_bias", false);
   config.train.seq_len = std::min(config.train.seq_len, m.max_seq_len);
+}
 
+// Qwen2-MoE's MoE layers: every decoder_sparse_step-th block except mlp_only_layers.
+void read_qwen2_moe_layout(const HfConfig& c, int64_t num_layers, MoeConfig& moe) {
+  const auto step = c.get<int64_t>("decoder_sparse_step", 1);
+  const auto only_mlp = c.get<std::vector<int64_t>>("mlp_only_layers", {});
+  std::vector<bool> is_moe;
+  for (int64_t i = 0; i < num_layers; ++i)
+    is_moe.push_back(moe.num_experts > 0 && (i + 1) % step == 0 &&
+                     std::find(only_mlp.begin(), only_mlp.end(), i) == only_mlp.end());
+  if (!layer_pattern(is_moe, &moe.first_k_dense, &moe.layer_freq))
+    throw UserError(fmt::format(
+        "{}: decoder_sparse_step {} with mlp_only_layers [{}] gives a MoE-layer pattern that "
+        "moe.first_k_dense / moe.layer_freq cannot express",
+        c.path(), step, fmt::join(only_mlp, ", ")));
+}
+
+// The moe section: the HF MoE families' routing, or every block dense.
+void read_moe_layout(const HfConfig& c, const std::string& type, Config& config) {
   auto& moe = config.moe;
-  if (out.model_type == "mixtral") {
+  if (type == "mixtral") {
     moe.num_experts = c.get<int64_t>("num_local_experts");
     moe.top_k = c.get<int64_t>("num_experts_per_tok");
-    moe.expert_ffn_size = m.ffn_size;
+    moe.expert_ffn_size = config.model.ffn_size;
     moe.num_shared_experts = 0;
     moe.first_k_dense = 0;
     moe.layer_freq = 1;
     moe.router.normalize_gates = true;
-  } else if (out.model_type == "qwen2_moe") {
+  } else if (type == "qwen2_moe") {
     moe.num_experts = c.get<int64_t>("num_experts");
     moe.top_k = c.get<int64_t>("num_experts_per_tok");
     moe.expert_ffn_size = c.get<int64_t>("moe_intermediate_size");
@@ -229,76 +239,99 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
     moe.num_shared_experts = shared > 0 ? 1 : 0;
     moe.shared_expert_ffn_size = shared;
     moe.router.normalize_gates = c.get<bool>("norm_topk_prob", false);
-    const auto step = c.get<int64_t>("decoder_sparse_step", 1);
-    const auto only_mlp = c.get<std::vector<int64_t>>("mlp_only_layers", {});
-    std::vector<bool> is_moe;
-    for (int64_t i = 0; i < m.num_layers; ++i)
-      is_moe.push_back(moe.num_experts > 0 && (i + 1) % step == 0 &&
-                       std::find(only_mlp.begin(), only_mlp.end(), i) == only_mlp.end());
-    if (!layer_pattern(is_moe, &moe.first_k_dense, &moe.layer_freq))
-      throw UserError(fmt::format(
-          "{}: decoder_sparse_step {} with mlp_only_layers [{}] gives a MoE-layer pattern that "
-          "moe.first_k_dense / moe.layer_freq cannot express",
-          c.path(), step, fmt::join(only_mlp, ", ")));
+    read_qwen2_moe_layout(c, config.model.num_layers, moe);
   } else {
-    moe.first_k_dense = m.num_layers;  // every block dense
+    moe.first_k_dense = config.model.num_layers;  // every block dense
     moe.num_shared_experts = 0;
   }
-  if (out.model_type != "llama" && out.model_type != "mistral" && out.model_type != "qwen2") {
+  if (contains(kMoeTypes, type)) {  // HF MoE routing: plain softmax top-k
     moe.router.score = moe::ScoreFunction::kSoftmax;
     moe.router.scaling_factor = 1.0;
     moe.router.num_null_experts = 0;
     moe.router.num_groups = 0;
     moe.router.routing = moe::Routing::kTokenChoice;
   }
-  out.config = config;
+}
 
-  const auto reader = safetensors::ShardedReader::open(dir);
-  const auto pairs = name_pairs(config, family_of(out.model_type));
-  std::set<std::string> used;
-  const auto load = [&](const std::string& hf_name) {
-    if (!reader.contains(hf_name))
+// Reads tensors of an HF checkpoint, remembering which were used.
+class TrackedReader {
+ public:
+  TrackedReader(const std::string& dir, const std::string& type)
+      : reader_(safetensors::ShardedReader::open(dir)), dir_(dir), type_(type) {}
+  bool contains(const std::string& name) const { return reader_.contains(name); }
+  at::Tensor load(const std::string& name) {
+    if (!reader_.contains(name))
       throw UserError(
-          fmt::format("{}: tensor '{}' is missing (config.json describes a {} model "
-                      "that needs it)",
-                      dir, hf_name, out.model_type));
-    used.insert(hf_name);
-    return reader.load(hf_name, at::kFloat);
-  };
-  for (const auto& [ours, theirs] : pairs) out.weights[ours] = load(theirs);
-  for (int64_t i = 0; i < m.num_layers; ++i) {
-    const std::string theirs = fmt::format("model.layers.{}.", i);
-    // Llama's attention_bias also biases o_proj; moeforge has none there, so it must be 0.
-    const auto o_bias = theirs + "self_attn.o_proj.bias";
-    if (reader.contains(o_bias)) {
-      if (load(o_bias).abs().max().item<double>() != 0.0)
-        throw UserError(
-            fmt::format("{}: tensor '{}' is non-zero; moeforge's o_proj has no bias", dir, o_bias));
-    }
-    if (!is_moe_block(moe, i)) continue;
-    out.weights[fmt::format("layers.{}.mlp.router.expert_bias", i)] =
-        at::zeros({moe.num_experts}, at::kFloat);
-    if (out.model_type == "qwen2_moe" && moe.num_shared_experts > 0) {
-      // Qwen2-MoE gates its shared expert with sigmoid(x·g). Only g = 0 (a constant 1/2) is
-      // representable: fold the 1/2 into the shared expert's down projection.
-      const auto gate_name = theirs + "mlp.shared_expert_gate.weight";
-      if (load(gate_name).abs().max().item<double>() != 0.0)
-        throw UserError(fmt::format(
-            "{}: tensor '{}' is non-zero: a token-dependent shared-expert gate has no moeforge "
-            "equivalent (shared experts are ungated)",
-            dir, gate_name));
-      out.weights[fmt::format("layers.{}.mlp.shared_experts.w_down", i)].mul_(0.5);
-    }
+          fmt::format("{}: tensor '{}' is missing (config.json describes a {} model that needs it)",
+                      dir_, name, type_));
+    used_.insert(name);
+    return reader_.load(name, at::kFloat);
   }
-  std::vector<std::string> unused;
-  for (const auto& name : reader.names())
-    if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
-      unused.push_back(name);
-  if (!unused.empty())
-    throw UserError(
-        fmt::format("{}: {} tensor(s) are not part of a {} model as config.json "
-                    "describes it, e.g. '{}'",
-                    dir, unused.size(), out.model_type, unused.front()));
+  // UserError when a tensor was never used (a checkpoint of another shape or family).
+  void check_all_used() const {
+    std::vector<std::string> unused;
+    for (const auto& name : reader_.names())
+      if (!used_.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
+        unused.push_back(name);
+    if (!unused.empty())
+      throw UserError(fmt::format(
+          "{}: {} tensor(s) are not part of a {} model as config.json describes it, e.g. '{}'",
+          dir_, unused.size(), type_, unused.front()));
+  }
+  // UserError naming `why` when tensor `name` is present and not all zero.
+  void require_zero(const std::string& name, const std::string& why) {
+    if (load(name).abs().max().item<double>() != 0.0)
+      throw UserError(fmt::format("{}: tensor '{}' is non-zero: {}", dir_, name, why));
+  }
+
+ private:
+  safetensors::ShardedReader reader_;
+  std::string dir_, type_;
+  std::set<std::string> used_;
+};
+
+// Block i's tensors that are not plain name pairs: the zero o_proj bias Llama may carry, the
+// router's expert bias, Qwen2-MoE's constant shared-expert gate.
+void read_block_extras(TrackedReader& reader, const Config& config, const std::string& type,
+                       int64_t i, WeightMap& weights) {
+  const std::string theirs = fmt::format("model.layers.{}.", i);
+  // Llama's attention_bias also biases o_proj; moeforge has none there, so it must be 0.
+  if (reader.contains(theirs + "self_attn.o_proj.bias"))
+    reader.require_zero(theirs + "self_attn.o_proj.bias", "moeforge's o_proj has no bias");
+  const auto& moe = config.moe;
+  if (!is_moe_block(moe, i)) return;
+  weights[fmt::format("layers.{}.mlp.router.expert_bias", i)] =
+      at::zeros({moe.num_experts}, at::kFloat);
+  if (type == "qwen2_moe" && moe.num_shared_experts > 0) {
+    // Qwen2-MoE gates its shared expert with sigmoid(x·g). Only g = 0 (a constant 1/2) is
+    // representable: fold the 1/2 into the shared expert's down projection.
+    reader.require_zero(theirs + "mlp.shared_expert_gate.weight",
+                        "a token-dependent shared-expert gate has no moeforge equivalent "
+                        "(shared experts are ungated)");
+    weights[fmt::format("layers.{}.mlp.shared_experts.w_down", i)].mul_(0.5);
+  }
+}
+
+}  // namespace
+
+ImportedModel import_directory(const std::string& dir, const Config& base) {
+  const HfConfig c((fs::path(dir) / "config.json").string());
+  ImportedModel out;
+  out.model_type = c.get<std::string>("model_type");
+  if (!contains(kDenseTypes, out.model_type) && !contains(kMoeTypes, out.model_type))
+    throw UserError(fmt::format("{}: model_type '{}' is not supported; allowed: {}, {}", c.path(),
+                                out.model_type, fmt::join(kDenseTypes, ", "),
+                                fmt::join(kMoeTypes, ", ")));
+  check_supported(c, out.model_type);
+  out.config = base;
+  read_model_shape(c, out.model_type, out.config);
+  read_moe_layout(c, out.model_type, out.config);
+  TrackedReader reader(dir, out.model_type);
+  for (const auto& [ours, theirs] : name_pairs(out.config, family_of(out.model_type)))
+    out.weights[ours] = reader.load(theirs);
+  for (int64_t i = 0; i < out.config.model.num_layers; ++i)
+    read_block_extras(reader, out.config, out.model_type, i, out.weights);
+  reader.check_all_used();
   return out;
 }
 
