@@ -210,9 +210,11 @@ TEST(Cli, BadResumeOrInitPathIsOneMessageBeforeWork) {
   const auto model_file = checkpoint / "model.safetensors";
   fs::resize_file(model_file, fs::file_size(model_file) / 2);
   expect_one_error(run_shell(mpirun(2) + tiny + " --resume"), "is truncated or was changed");
-  expect_one_error(run_shell(mpirun(2) + tiny + " --init-from " + checkpoint.string()),
+  const auto elsewhere = " train --config " + kTiny + " --set train.out_dir=" + out + "-b";
+  expect_one_error(run_shell(mpirun(2) + elsewhere + " --init-from " + checkpoint.string()),
                    "is truncated or was changed");
   fs::remove_all(out);
+  fs::remove_all(out + "-b");
 }
 
 TEST(Cli, EpSizeMustDivideWorld) {

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <mpi.h>
 
 #include <CLI/CLI.hpp>
@@ -12,6 +13,7 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "trainer/checkpoint/checkpoint.hpp"
+#include "trainer/checkpoint/run_directory.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/config/config.hpp"
 #include "trainer/convert/convert_commands.hpp"
@@ -27,6 +29,7 @@ struct TrainArgs {
   std::vector<std::string> overrides;
   std::optional<std::string> resume;
   std::optional<std::string> init_from;
+  bool overwrite = false;
 };
 
 // Everything checked before any collective: on failure, a message and an exit code.
@@ -66,26 +69,54 @@ struct PreparedRun {
   Config config;
   std::optional<TokenDataset> data;
   RunOptions options;
+  std::optional<RunLock> lock;  // rank 0: the run directory's lock, held for the whole run
 };
 
-PreparedRun prepare_run(const TrainArgs& args, int world_size) {
-  PreparedRun run{load_config(args.config_path, args.overrides), std::nullopt, {}};
-  validate_for_world(run.config, world_size);
-  run.data =
-      TokenDataset::open(run.config.data, run.config.model.vocab_size, run.config.train.seq_len);
-  const auto checkpoints =
-      (std::filesystem::path(run.config.train.out_dir) / "checkpoints").string();
+// A checkpoint to start from must hold exactly the run's parameters: UserError listing every
+// difference of the keys that shape them.
+void check_checkpoint_matches(const std::string& dir, const Config& config, const char* use) {
+  check_checkpoint(dir);
+  const auto stored =
+      load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json");
+  const auto differences = parameter_shape_differences(stored, config);
+  if (!differences.empty())
+    throw UserError(fmt::format(
+        "{}: cannot {} this checkpoint: its model differs from the config's ({}). Use the "
+        "checkpoint's values, or start a new run",
+        dir, use, fmt::join(differences, "; ")));
+}
+
+void prepare_start_point(const TrainArgs& args, PreparedRun& run) {
+  const auto& config = run.config;
+  const auto checkpoints = (std::filesystem::path(config.train.out_dir) / "checkpoints").string();
   if (args.resume) {
     run.options.resume = resolve_checkpoint(checkpoints, *args.resume, "resume from");
-    check_checkpoint(*run.options.resume);
+    check_checkpoint_matches(*run.options.resume, config, "resume from");
+    const auto step = checkpoint_info(*run.options.resume).step;
+    if (step >= config.train.steps)
+      throw UserError(fmt::format(
+          "{}: the checkpoint is at step {} and train.steps is {}: nothing left to train; "
+          "raise train.steps to continue the run",
+          *run.options.resume, step, config.train.steps));
+  } else {
+    check_fresh_run_directory(config.train.out_dir, args.overwrite);
   }
   if (args.init_from) {
     run.options.init_from = *args.init_from;
     if (!hf::is_hf_directory(*args.init_from)) {
       run.options.init_from = resolve_checkpoint(checkpoints, *args.init_from, "initialise from");
-      check_checkpoint(*run.options.init_from);
+      check_checkpoint_matches(*run.options.init_from, config, "initialise from");
     }
   }
+}
+
+PreparedRun prepare_run(const TrainArgs& args, int rank, int world_size) {
+  PreparedRun run{load_config(args.config_path, args.overrides), std::nullopt, {}, std::nullopt};
+  validate_for_world(run.config, world_size);
+  run.data =
+      TokenDataset::open(run.config.data, run.config.model.vocab_size, run.config.train.seq_len);
+  if (rank == 0) run.lock.emplace(RunLock::acquire(run.config.train.out_dir));
+  prepare_start_point(args, run);
   return run;
 }
 
@@ -93,7 +124,7 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
   LocalCheck check;
   std::optional<PreparedRun> run;
   try {
-    run = prepare_run(args, world_size);
+    run.emplace(prepare_run(args, rank, world_size));
   } catch (const UserError& e) {
     check = {2, fmt::format("moeforge: error: {}", e.what())};
   } catch (const std::exception& e) {
@@ -106,6 +137,8 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
   try {
     const auto& config = run->config;
     if (config.train.threads_per_rank > 0) at::set_num_threads(config.train.threads_per_rank);
+    if (rank == 0 && !run->options.resume)  // every rank agreed: now replace an old run
+      run->options.run_id = start_fresh_run(config.train.out_dir, args.overwrite);
     parallel::MpiCommunicator world(MPI_COMM_WORLD);
     const auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
     Trainer trainer(config, groups, std::move(*run->data), run->options);
@@ -166,6 +199,9 @@ void add_train_command(CLI::App& app, TrainArgs& args, TrainCommand& train) {
       "Start from these weights (a moeforge run/checkpoint directory, e.g. one written by "
       "upcycle, or a Hugging Face directory) with a fresh optimizer at step 0");
   train.init_from->excludes(train.resume);
+  train.command->add_flag("--overwrite", args.overwrite,
+                          "Start a fresh run even if train.out_dir holds one (deletes its "
+                          "checkpoints and metrics)");
 }
 
 struct ConvertCommands {

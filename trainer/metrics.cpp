@@ -2,17 +2,48 @@
 
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
+#include "trainer/common/file_io.hpp"
 #include "trainer/common/user_error.hpp"
 
 namespace moeforge {
 
-MetricsLog::MetricsLog(const std::string& path, bool append, bool console) : console_(console) {
+namespace {
+
+// The rows of an existing metrics file up to `last_step`, in order.
+std::string rows_through(const std::string& path, int64_t last_step) {
+  if (!std::filesystem::exists(path)) return "";
+  std::istringstream in(read_file(path));
+  std::string kept;
+  for (std::string line; std::getline(in, line);) {
+    const auto row = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (row.is_object() && row.value("step", int64_t{0}) <= last_step) kept += line + "\n";
+  }
+  return kept;
+}
+
+}  // namespace
+
+MetricsLog::MetricsLog(const std::string& path, std::optional<int64_t> resumed_at_step,
+                       bool console)
+    : path_(path), console_(console) {
   if (path.empty()) return;
-  file_.open(path, append ? std::ios::app : std::ios::trunc);
-  require(file_.is_open(), fmt::format("cannot write metrics file {}", path));
+  if (resumed_at_step) write_file_atomically(path, rows_through(path, *resumed_at_step));
+  file_.open(path, resumed_at_step ? std::ios::app : std::ios::trunc);
+  require(file_.is_open(), fmt::format("{}: cannot open the metrics file for writing", path));
+}
+
+void MetricsLog::write_row(const std::string& json) {
+  file_ << json << '\n';
+  file_.flush();
+  require(static_cast<bool>(file_),
+          fmt::format("{}: writing metrics failed (is the disk full?); training stopped so that "
+                      "no step goes unrecorded",
+                      path_));
 }
 
 std::string MetricsLog::console_line(const StepMetrics& m) {
@@ -49,16 +80,14 @@ void MetricsLog::log(const StepMetrics& m) {
                       {"bias_abs_mean", layer.bias_abs_mean}});
   }
   j["moe_layers"] = layers;
-  file_ << j.dump() << '\n';
-  file_.flush();
+  write_row(j.dump());
 }
 
 void MetricsLog::log(const EvalMetrics& m) {
   if (console_)
     std::cout << fmt::format("eval  step {:>5} | val loss {:.4f}", m.step, m.val_loss) << std::endl;
   if (!file_.is_open()) return;
-  file_ << nlohmann::json{{"step", m.step}, {"val_loss", m.val_loss}}.dump() << '\n';
-  file_.flush();
+  write_row(nlohmann::json{{"step", m.step}, {"val_loss", m.val_loss}}.dump());
 }
 
 }  // namespace moeforge

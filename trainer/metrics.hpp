@@ -5,6 +5,7 @@
 // `moe_layers`: [{layer, expert_load: [...], max_vio, max_vio_micro, router_entropy,
 // dropped_frac, null_frac, bias_abs_max, bias_abs_mean}].
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,15 +45,19 @@ struct EvalMetrics {
 
 class MetricsLog {
  public:
-  // `path` empty = no file. Appends when `append` (resume), truncates otherwise.
-  // `console`: also print lines to stdout.
-  MetricsLog(const std::string& path, bool append, bool console);
+  // `path` empty = no file. A fresh run (`resumed_at_step` unset) starts the file anew; a run
+  // resumed at step S keeps the rows of steps ≤ S (rows a crashed run wrote after its last
+  // checkpoint are dropped, so every step appears once) and appends. Every write is checked:
+  // UserError naming the file when it fails (a full disk). `console`: also print to stdout.
+  MetricsLog(const std::string& path, std::optional<int64_t> resumed_at_step, bool console);
   void log(const StepMetrics& metrics);
   void log(const EvalMetrics& metrics);
 
   static std::string console_line(const StepMetrics& metrics);
 
  private:
+  void write_row(const std::string& json);
+  std::string path_;
   std::ofstream file_;
   bool console_;
 };

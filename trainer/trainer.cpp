@@ -152,8 +152,10 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   checkpoints_ = std::make_unique<CheckpointManager>(
       (fs::path(config_.train.out_dir) / "checkpoints").string(), groups_);
   if (options_.init_from) initialize_from(*options_.init_from);
+  checkpoints_->set_run_id(options_.run_id);
   if (options_.resume) {
     const auto dir = checkpoints_->resolve(*options_.resume);
+    checkpoints_->set_run_id(checkpoint_info(dir).run_id);  // a resumed run stays the same run
     state_ = checkpoints_->load(dir, *model_, *optimizer_);
     if (is_root_ && options_.print)
       std::cout << fmt::format("resumed from {} (step {}, {} samples consumed)", dir, state_.step,
@@ -452,8 +454,9 @@ RunSummary Trainer::run() {
     fs::create_directories(t.out_dir);
     write_file_atomically((fs::path(t.out_dir) / "config.resolved.yaml").string(), resolved);
   }
+  if (write && is_root_) checkpoints_->remove_incomplete();
   MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",
-                 options_.resume.has_value(), print);
+                 options_.resume ? std::optional<int64_t>(state_.step) : std::nullopt, print);
   groups_.world->barrier();
   if (print) {
     std::cout << fmt::format(

@@ -27,8 +27,9 @@ struct RunOptions {
   std::optional<std::string> init_from;  // weights only (checkpoint or HF dir), fresh optimizer
   bool write_outputs = true;             // metrics.jsonl, config.resolved.yaml, checkpoints
   bool print = true;                     // console lines (rank 0 only in any case)
-  int64_t stop_at_step = 0;              // > 0: stop (and checkpoint) there; the LR schedule still
-                                         // follows train.steps, so a later --resume continues it
+  std::string run_id;        // fresh runs: the id start_fresh_run wrote (checkpoints record it)
+  int64_t stop_at_step = 0;  // > 0: stop (and checkpoint) there; the LR schedule still
+                             // follows train.steps, so a later --resume continues it
 };
 
 struct RunSummary {

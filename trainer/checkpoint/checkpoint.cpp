@@ -13,6 +13,8 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
 
 #include "trainer/checkpoint/safetensors.hpp"
 #include "trainer/common/file_io.hpp"
@@ -105,7 +107,8 @@ void write_expert_file(const fs::path& path, DecoderLMImpl& model, AdamW& optimi
 
 nlohmann::json checkpoint_metadata(const fs::path& dir, const TrainingState& state,
                                    const AdamW& optimizer, const parallel::ProcessGroups& groups,
-                                   const std::string& resolved_config_yaml) {
+                                   const std::string& resolved_config_yaml,
+                                   const std::string& run_id) {
   nlohmann::json meta;
   meta["format"] = "moeforge-checkpoint";
   meta["version"] = kFormatVersion;
@@ -118,6 +121,7 @@ nlohmann::json checkpoint_metadata(const fs::path& dir, const TrainingState& sta
                     {"ep_size", groups.ep_size},
                     {"expert_files", groups.ep_size}};
   meta["config"] = resolved_config_yaml;
+  meta["run_id"] = run_id;
   nlohmann::json files = nlohmann::json::object();
   for (const auto& entry : fs::directory_iterator(dir)) {
     files[entry.path().filename().string()] = {
@@ -128,12 +132,22 @@ nlohmann::json checkpoint_metadata(const fs::path& dir, const TrainingState& sta
   return meta;
 }
 
-// Removes all but the newest `keep` complete step directories of `dir`.
-void prune_checkpoints(const fs::path& dir, int64_t keep) {
+// The run id recorded in a checkpoint directory ("" when absent or unreadable).
+std::string recorded_run_id(const fs::path& checkpoint) {
+  const auto path = checkpoint / kMetadataFile;
+  if (!fs::exists(path)) return "";
+  const auto meta = nlohmann::json::parse(read_file(path.string()), nullptr, false);
+  return meta.is_object() ? meta.value("run_id", std::string()) : "";
+}
+
+// Removes all but the newest `keep` complete checkpoints of run `run_id` in `dir`; checkpoints
+// of other runs (an earlier run, an import) are never touched.
+void prune_checkpoints(const fs::path& dir, int64_t keep, const std::string& run_id) {
   std::vector<std::string> steps;
   for (const auto& entry : fs::directory_iterator(dir)) {
     const auto file = entry.path().filename().string();
-    if (entry.is_directory() && file.rfind("step-", 0) == 0 && file.find('.') == std::string::npos)
+    if (entry.is_directory() && file.rfind("step-", 0) == 0 &&
+        file.find('.') == std::string::npos && recorded_run_id(entry.path()) == run_id)
       steps.push_back(file);
   }
   std::sort(steps.begin(), steps.end());
@@ -165,16 +179,26 @@ std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
   }
   world.barrier();
   if (world.rank() == 0) {
-    const auto meta = checkpoint_metadata(tmp_dir, state, optimizer, groups_, resolved_config_yaml);
+    const auto meta =
+        checkpoint_metadata(tmp_dir, state, optimizer, groups_, resolved_config_yaml, run_id_);
     write_file_atomically((tmp_dir / kMetadataFile).string(), meta.dump(2));
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
     fs::rename(tmp_dir, final_dir);
     fsync_directory(dir_);
     write_file_atomically((fs::path(dir_) / "latest").string(), name + "\n");
-    if (keep > 0) prune_checkpoints(dir_, keep);
+    if (keep > 0) prune_checkpoints(dir_, keep, run_id_);
   }
   world.barrier();
   return final_dir.string();
+}
+
+void CheckpointManager::remove_incomplete() const {
+  if (!fs::exists(dir_)) return;
+  for (const auto& entry : fs::directory_iterator(dir_)) {
+    const auto name = entry.path().filename().string();
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0)
+      fs::remove_all(entry.path());  // a save that never completed
+  }
 }
 
 std::string CheckpointManager::resolve(const std::string& requested) const {
@@ -240,6 +264,16 @@ nlohmann::json check_checkpoint_metadata(const std::string& checkpoint_dir) {
         fmt::format("{}: checkpoint format version {} is not supported (this build "
                     "reads version {})",
                     meta_path, meta.value("version", 0), kFormatVersion));
+  // The step must be the one the directory is named for (an edited step would skip training).
+  const auto name = dir.filename().string();
+  static const std::regex step_dir(R"(step-(\d{8}))");
+  std::smatch digits;
+  if (std::regex_match(name, digits, step_dir) &&
+      meta.value("step", int64_t{-1}) != std::stoll(digits[1]))
+    throw UserError(
+        fmt::format("{}: records step {} but the directory is {}; the checkpoint was "
+                    "edited or mislabelled",
+                    meta_path, meta.value("step", int64_t{-1}), name));
   for (const auto& [file, info] : meta["files"].items()) {
     const auto path = dir / file;
     if (!fs::exists(path))
@@ -260,13 +294,18 @@ void check_checkpoint(const std::string& checkpoint_dir) {
   check_checkpoint_metadata(checkpoint_dir);
 }
 
-TrainingState CheckpointManager::load(const std::string& checkpoint_dir, DecoderLMImpl& model,
-                                      AdamW& optimizer) {
-  const fs::path dir(checkpoint_dir);
+CheckpointInfo checkpoint_info(const std::string& checkpoint_dir) {
   const auto meta = check_checkpoint_metadata(checkpoint_dir);
+  return {meta.value("step", int64_t{0}), meta.value("run_id", std::string())};
+}
 
-  // Verify every file before trusting any byte of it, and map tensor names to files.
-  std::map<std::string, std::shared_ptr<safetensors::File>> by_name;
+namespace {
+
+using FilesByTensor = std::map<std::string, std::shared_ptr<safetensors::File>>;
+
+// Every file of the checkpoint, checksummed before any byte of it is trusted, by tensor name.
+FilesByTensor open_verified_files(const fs::path& dir, const nlohmann::json& meta) {
+  FilesByTensor by_name;
   for (const auto& [file, info] : meta["files"].items()) {
     const auto path = (dir / file).string();
     const auto expected = info.value("crc32", "");
@@ -279,6 +318,43 @@ TrainingState CheckpointManager::load(const std::string& checkpoint_dir, Decoder
     auto opened = std::make_shared<safetensors::File>(safetensors::File::open(path));
     for (const auto& tensor : opened->tensors()) by_name[tensor.name] = opened;
   }
+  return by_name;
+}
+
+// Global expert index of an expert tensor name (…experts.17.w_gate), or -1.
+int64_t global_expert_of(const std::string& name) {
+  static const std::regex pattern(R"(\.experts\.(\d+)\.)");
+  std::smatch match;
+  return std::regex_search(name, match, pattern) ? std::stoll(match[1]) : -1;
+}
+
+// Every tensor of the checkpoint must have been used by this rank, or be another EP rank's
+// expert: a checkpoint with more blocks or experts than the model is refused, not cut down.
+void check_all_consumed(const std::string& checkpoint_dir, const FilesByTensor& by_name,
+                        const std::set<std::string>& used, int64_t num_experts) {
+  std::vector<std::string> unused;
+  for (const auto& [name, file] : by_name) {
+    if (used.count(name) || name == "rng.cpu") continue;
+    const int64_t expert = global_expert_of(name);
+    if (expert >= 0 && expert < num_experts) continue;  // held by another EP rank
+    unused.push_back(name);
+  }
+  if (!unused.empty())
+    throw UserError(fmt::format(
+        "{}: {} tensor(s) of the checkpoint have no place in this model, e.g. '{}': the "
+        "checkpoint's model is larger than the config's (compare model.* and moe.* with the "
+        "checkpoint's config)",
+        checkpoint_dir, unused.size(), unused.front()));
+}
+
+}  // namespace
+
+TrainingState CheckpointManager::load(const std::string& checkpoint_dir, DecoderLMImpl& model,
+                                      AdamW& optimizer) {
+  const fs::path dir(checkpoint_dir);
+  const auto meta = check_checkpoint_metadata(checkpoint_dir);
+  const auto by_name = open_verified_files(dir, meta);
+  std::set<std::string> used;
   auto fetch = [&](const std::string& name, const at::Tensor& like) {
     const auto it = by_name.find(name);
     if (it == by_name.end())
@@ -292,6 +368,7 @@ TrainingState CheckpointManager::load(const std::string& checkpoint_dir, Decoder
           "{}: tensor '{}' has shape {} but the model expects {} (does the "
           "config match the checkpoint's model?)",
           it->second->path(), name, fmt::join(tensor.sizes(), "x"), fmt::join(like.sizes(), "x")));
+    used.insert(name);
     return tensor.to(like.scalar_type());
   };
 
@@ -302,7 +379,10 @@ TrainingState CheckpointManager::load(const std::string& checkpoint_dir, Decoder
       for (auto& [name, view] : checkpoint_views(prefix + slot.name, tensor, first))
         view.copy_(fetch(name, view));
   for (auto& item : model.named_buffers()) item.value().copy_(fetch(item.key(), item.value()));
-  if (by_name.count("rng.cpu")) set_cpu_rng_state(by_name["rng.cpu"]->load("rng.cpu"));
+  const auto layers = model.moe_layers();
+  check_all_consumed(checkpoint_dir, by_name, used,
+                     layers.empty() ? 0 : layers.front()->num_experts());
+  if (by_name.count("rng.cpu")) set_cpu_rng_state(by_name.at("rng.cpu")->load("rng.cpu"));
 
   optimizer.set_steps_taken(meta["optimizer"].value("steps_taken", int64_t{0}));
   TrainingState state;

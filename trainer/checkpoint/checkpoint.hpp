@@ -36,6 +36,11 @@ class CheckpointManager {
   std::string save(DecoderLMImpl& model, AdamW& optimizer, const TrainingState& state,
                    const std::string& resolved_config_yaml, int64_t keep);
 
+  // The run whose checkpoints this manager writes and prunes (docs: run_directory.hpp).
+  void set_run_id(std::string run_id) { run_id_ = std::move(run_id); }
+  // Removes the `.tmp` directories of saves that never completed (rank 0, at start).
+  void remove_incomplete() const;
+
   // `requested` empty or "latest" -> the directory named by checkpoints/latest; otherwise a
   // checkpoint directory (or a run/checkpoints directory holding `latest`). UserError when
   // there is none.
@@ -47,6 +52,7 @@ class CheckpointManager {
 
  private:
   std::string dir_;
+  std::string run_id_;
   const parallel::ProcessGroups& groups_;
 };
 
@@ -59,6 +65,13 @@ std::string resolve_checkpoint(const std::string& checkpoints_dir, const std::st
 // The checks that need no tensor data (format, version, every file present with its recorded
 // size), cheap enough to run on every rank before any work: UserError naming the file.
 void check_checkpoint(const std::string& checkpoint_dir);
+
+// What checkpoint.json says about a checkpoint (after check_checkpoint's checks).
+struct CheckpointInfo {
+  int64_t step = 0;
+  std::string run_id;  // "" for checkpoints written before run ids existed
+};
+CheckpointInfo checkpoint_info(const std::string& checkpoint_dir);
 
 // The resolved config YAML stored in a checkpoint's checkpoint.json. UserError when absent.
 std::string checkpoint_config_yaml(const std::string& checkpoint_dir);

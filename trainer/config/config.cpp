@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include "trainer/common/file_io.hpp"
@@ -292,7 +293,14 @@ std::string format_value(const KeySpec& key, Config& config) {
 }  // namespace
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  return parse_text(read_file(path, "config file"), path, overrides);
+  const auto text = read_file(path, "config file");
+  // An empty file would silently train every default; a config must say what it trains.
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw UserError(
+        fmt::format("{}: the config file is empty; describe at least the model and train sections "
+                    "(configs/tiny.yaml is a complete example)",
+                    path));
+  return parse_text(text, path, overrides);
 }
 
 Config load_config_from_string(const std::string& yaml_text, const std::string& source_name,
@@ -356,6 +364,23 @@ std::string config_reference_markdown() {
     text += fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, allowed, key.doc);
   }
   return text;
+}
+
+std::vector<std::string> parameter_shape_differences(const Config& stored, const Config& run) {
+  static const std::set<std::string> shape_keys = {
+      "model.vocab_size",    "model.hidden_size",      "model.num_layers",
+      "model.num_heads",     "model.num_kv_heads",     "model.ffn_size",
+      "model.qkv_bias",      "model.tie_embeddings",   "moe.num_experts",
+      "moe.expert_ffn_size", "moe.num_shared_experts", "moe.shared_expert_ffn_size",
+      "moe.first_k_dense",   "moe.layer_freq",         "moe.router.num_null_experts"};
+  Config a = stored, b = run;
+  std::vector<std::string> differences;
+  for (const auto& key : config_schema()) {
+    if (!shape_keys.count(key.path)) continue;
+    const auto was = format_value(key, a), now = format_value(key, b);
+    if (was != now) differences.push_back(fmt::format("{}: {} there, {} here", key.path, was, now));
+  }
+  return differences;
 }
 
 void validate_for_world(const Config& config, int world_size) {

@@ -174,6 +174,11 @@ std::string to_yaml(const Config& config);
 // Markdown reference of every key (default, allowed values, meaning): configs/README.md's table.
 std::string config_reference_markdown();
 
+// The keys that decide a model's parameters (their names and shapes), where `stored` (e.g. a
+// checkpoint's config) and `run` differ: "model.num_layers: 2 in the checkpoint, 1 here".
+// Empty when a checkpoint of `stored` loads into a model of `run` exactly.
+std::vector<std::string> parameter_shape_differences(const Config& stored, const Config& run);
+
 // Checks that need the world size (ep_size divides world and num_experts). Throws UserError.
 void validate_for_world(const Config& config, int world_size);
 

@@ -39,7 +39,7 @@ LoadedModel load_any(const std::string& path, const Config& base) {
             fmt::format("Hugging Face {} model {}", imported.model_type, path)};
   }
   CheckpointManager manager(path, single_process());
-  const auto dir = manager.resolve(path);
+  const auto dir = resolve_checkpoint(path, path, "read a model from");
   auto config =
       load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json:config");
   config.parallel.ep_size = 1;
