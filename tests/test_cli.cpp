@@ -10,6 +10,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -221,6 +222,117 @@ TEST(Cli, EpSizeMustDivideWorld) {
   const auto r = run_shell(mpirun(2) + " train --config " + kTiny + " --set parallel.ep_size=4");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("ep_size"), std::string::npos) << r.output;
+}
+
+}  // namespace
+
+namespace {
+
+std::string tiny_run(const std::string& out, int steps) {
+  return " train --config " + kTiny + " --set train.out_dir=" + out +
+         " --set train.steps=" + std::to_string(steps) + " --set train.warmup_steps=1" +
+         " --set checkpoint.every=2 --set train.eval_every=0";
+}
+
+// Issue 20, item 1: resuming with a different model is refused with every difference named,
+// and the good checkpoints stay; an edited step and a finished run are refused too.
+TEST(Reliability, MismatchedResumeIsRefusedAndKeepsCheckpoints) {
+  const auto out = scratch("mismatch");
+  ASSERT_EQ(run_shell(mpirun(2) + tiny_run(out, 4)).exit_code, 0);
+  const auto checkpoints = fs::path(out) / "checkpoints";
+  for (const std::string change :
+       {"model.num_layers=1", "moe.num_shared_experts=0", "model.tie_embeddings=true"}) {
+    const auto r = run_shell(mpirun(2) + tiny_run(out, 8) + " --resume --set " + change);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    const auto key = change.substr(0, change.find('='));
+    EXPECT_EQ(count(r.output, key + ":"), 1u) << r.output;
+    EXPECT_TRUE(fs::exists(checkpoints / "step-00000004")) << "good checkpoint lost";
+    EXPECT_TRUE(fs::exists(checkpoints / "step-00000002")) << "good checkpoint lost";
+  }
+  auto r = run_shell(mpirun(1) + tiny_run(out, 4) + " --resume");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("nothing left to train"), std::string::npos) << r.output;
+  // An edited step (999 instead of 4) would skip training: refused.
+  const auto meta_path = checkpoints / "step-00000004" / "checkpoint.json";
+  auto meta = nlohmann::json::parse(std::ifstream(meta_path));
+  meta["step"] = 999;
+  std::ofstream(meta_path) << meta.dump();
+  r = run_shell(mpirun(1) + tiny_run(out, 2000) + " --resume");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("records step 999"), std::string::npos) << r.output;
+  fs::remove_all(out);
+}
+
+// Items 2 and 7: a fresh run into a directory holding a run is refused without --overwrite;
+// with it the old run's checkpoints go and the new ones stay; a crash after the last checkpoint
+// and a resume record every step exactly once.
+TEST(Reliability, RunDirectoryOwnershipAndMetricsOnResume) {
+  const auto out = scratch("owner");
+  ASSERT_EQ(run_shell(mpirun(2) + tiny_run(out, 4)).exit_code, 0);
+  auto r = run_shell(mpirun(2) + tiny_run(out, 4));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count(r.output, "already holds a run"), 1u) << r.output;
+  r = run_shell(mpirun(2) + tiny_run(out, 6) + " --overwrite --set checkpoint.keep=1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto checkpoints = fs::path(out) / "checkpoints";
+  EXPECT_TRUE(fs::exists(checkpoints / "step-00000006"));
+  EXPECT_FALSE(fs::exists(checkpoints / "step-00000004")) << "pruning kept an old checkpoint";
+  std::ifstream latest(checkpoints / "latest");
+  std::string name;
+  latest >> name;
+  EXPECT_EQ(name, "step-00000006");
+  // A crash at step 5 of 8 (checkpoints every 2): metrics hold steps 1-4 (and 5 if it was
+  // logged), resume from step 4 continues to 8; afterwards each step is there exactly once.
+  const auto crash = scratch("crash");
+  r = run_shell("MOEFORGE_FAIL_AT=0:6 " + mpirun(2) + tiny_run(crash, 8));
+  EXPECT_NE(r.exit_code, 0);
+  r = run_shell(mpirun(2) + tiny_run(crash, 8) + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::map<int64_t, int> seen;
+  for (const auto& row : read_jsonl(fs::path(crash) / "metrics.jsonl"))
+    if (row.contains("loss")) ++seen[row["step"].get<int64_t>()];
+  ASSERT_EQ(seen.size(), 8u);
+  for (const auto& [step, times] : seen) EXPECT_EQ(times, 1) << "step " << step;
+  fs::remove_all(out);
+  fs::remove_all(crash);
+}
+
+// Item 3: a second run on the same directory is refused, naming the holder; the first finishes.
+TEST(Reliability, ConcurrentRunsOnOneDirectory) {
+  const auto out = scratch("lock");
+  const auto first_log = out + "-first.log";
+  fs::create_directories(out);
+  const std::string first =
+      mpirun(2) + tiny_run(out, 30) + " > " + first_log + " 2>&1 & echo $! > " + out + "-pid";
+  ASSERT_EQ(run_shell(first).exit_code, 0);
+  for (int i = 0; i < 100 && !fs::exists(fs::path(out) / "run.json"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const auto second = run_shell(mpirun(2) + tiny_run(out, 30) + " --overwrite");
+  EXPECT_EQ(second.exit_code, 2) << second.output;
+  EXPECT_EQ(count(second.output, "is in use by another run (host"), 1u) << second.output;
+  run_shell("while kill -0 $(cat " + out + "-pid) 2>/dev/null; do sleep 0.2; done");
+  std::ifstream log(first_log);
+  const std::string first_output((std::istreambuf_iterator<char>(log)), {});
+  EXPECT_NE(first_output.find("== summary =="), std::string::npos) << first_output;
+  EXPECT_TRUE(fs::exists(fs::path(out) / "checkpoints" / "step-00000030"));
+  fs::remove_all(out);
+  fs::remove(first_log);
+  fs::remove(out + "-pid");
+}
+
+// Item 7: a directory or an empty file as --config is refused (it trained defaults before).
+TEST(Reliability, DirectoryOrEmptyConfigIsRefused) {
+  const auto out = scratch("emptyconfig");
+  fs::create_directories(out);
+  auto r = run_shell(mpirun(1) + " train --config " + out);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("is a directory"), std::string::npos) << r.output;
+  const auto empty = fs::path(out) / "empty.yaml";
+  std::ofstream(empty) << "\n";
+  r = run_shell(mpirun(1) + " train --config " + empty.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("the config file is empty"), std::string::npos) << r.output;
+  fs::remove_all(out);
 }
 
 }  // namespace
