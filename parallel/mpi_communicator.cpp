@@ -1,10 +1,14 @@
 #include "parallel/mpi_communicator.hpp"
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <chrono>
+#include <iostream>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -76,35 +80,6 @@ std::vector<int> to_int_counts(const std::vector<int64_t>& rows, const char* wha
   return counts;
 }
 
-// Waits for `requests` without occupying a core: a few busy tests (short exchanges finish
-// there), then sleeps with backoff. A blocking MPI wait busy-polls in OpenMPI, which on a
-// shared or oversubscribed node steals the core the compute thread (or a peer rank) needs.
-void polite_wait(std::vector<MPI_Request>& requests, const char* what) {
-  if (requests.empty()) return;
-  // Yielding polls for the first 100 µs (most exchanges end there; yield hands the core to
-  // whoever needs it), then sleeps of 20-100 µs.
-  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
-  auto sleep = std::chrono::microseconds(20);
-  for (;;) {
-    int done = 0;
-    check_mpi(MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
-                          MPI_STATUSES_IGNORE),
-              what);
-    if (done) return;
-    if (std::chrono::steady_clock::now() < spin_until) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(sleep);
-      sleep = std::min(sleep * 2, std::chrono::microseconds(100));
-    }
-  }
-}
-
-void polite_wait(MPI_Request request, const char* what) {
-  std::vector<MPI_Request> requests = {request};
-  polite_wait(requests, what);
-}
-
 std::vector<int> displacements(const std::vector<int>& counts) {
   std::vector<int> displs(counts.size(), 0);
   for (size_t i = 1; i < counts.size(); ++i) displs[i] = displs[i - 1] + counts[i - 1];
@@ -116,6 +91,73 @@ std::vector<int> displacements(const std::vector<int>& counts) {
 MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
   check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
   check_mpi(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  // World ranks of the members, for messages about a peer that stopped answering.
+  MPI_Group group, world_group;
+  check_mpi(MPI_Comm_group(comm_, &group), "MPI_Comm_group");
+  check_mpi(MPI_Comm_group(MPI_COMM_WORLD, &world_group), "MPI_Comm_group");
+  std::vector<int> members(size_);
+  std::iota(members.begin(), members.end(), 0);
+  world_ranks_.resize(size_);
+  check_mpi(
+      MPI_Group_translate_ranks(group, size_, members.data(), world_group, world_ranks_.data()),
+      "MPI_Group_translate_ranks");
+  MPI_Group_free(&group);
+  MPI_Group_free(&world_group);
+}
+
+void MpiCommunicator::wait(std::vector<MPI_Request>& requests, const char* what,
+                           const std::vector<int>& peers) const {
+  if (requests.empty()) return;
+  // Yielding polls for the first 100 µs (most exchanges end there; yield hands the core to
+  // whoever needs it), then sleeps of 20-100 µs. A blocking MPI wait busy-polls in OpenMPI,
+  // which on a shared or oversubscribed node steals the core the compute thread (or a peer
+  // rank) needs. The deadline check costs one clock read per poll: the watchdog is free.
+  const auto start = std::chrono::steady_clock::now();
+  const auto spin_until = start + std::chrono::microseconds(100);
+  auto sleep = std::chrono::microseconds(20);
+  for (;;) {
+    int done = 0;
+    check_mpi(
+        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE),
+        what);
+    if (done) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (timeout_s_ > 0 && std::chrono::duration<double>(now - start).count() > timeout_s_)
+      abort_on_timeout(requests, what, peers);
+    if (now < spin_until) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, std::chrono::microseconds(100));
+    }
+  }
+}
+
+void MpiCommunicator::wait(MPI_Request request, const char* what) const {
+  std::vector<MPI_Request> requests = {request};
+  wait(requests, what);
+}
+
+void MpiCommunicator::abort_on_timeout(std::vector<MPI_Request>& requests, const char* what,
+                                       const std::vector<int>& peers) const {
+  std::set<int> silent;  // point-to-point: the peers whose messages did not complete
+  for (size_t i = 0; i < requests.size() && i < peers.size(); ++i) {
+    int complete = 0;
+    MPI_Test(&requests[i], &complete, MPI_STATUS_IGNORE);
+    if (!complete) silent.insert(world_ranks_[peers[i]]);
+  }
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  const std::string who = silent.empty()
+                              ? fmt::format("a member of ranks [{}]", fmt::join(world_ranks_, ", "))
+                              : fmt::format("rank(s) [{}]", fmt::join(silent, ", "));
+  std::cerr << fmt::format(
+                   "moeforge: error on rank {}: {} made no progress for {:g} s "
+                   "(parallel.timeout_s): {} stopped, died or is stuck; aborting the job",
+                   world_rank, what, timeout_s_, who)
+            << std::endl;
+  MPI_Abort(MPI_COMM_WORLD, 3);
+  std::abort();  // MPI_Abort does not return; this keeps [[noreturn]] honest if it did
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -133,7 +175,7 @@ void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
                            reduction_type(tensor.scalar_type()), mpi_op(op), comm_, &request),
             "MPI_Iallreduce");
-  polite_wait(request, "MPI_Iallreduce");
+  wait(request, "MPI_Iallreduce");
 }
 
 at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
@@ -170,7 +212,7 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
                            output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(),
                            comm_, &request),
             "MPI_Ialltoallv");
-  polite_wait(request, "MPI_Ialltoallv");
+  wait(request, "MPI_Ialltoallv");
   return output;
 }
 
@@ -206,7 +248,11 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
   };
   post(recv, output.data_ptr(), /*sending=*/false);  // receives first: no unexpected messages
   post(send, source.data_ptr(), /*sending=*/true);
-  polite_wait(requests, "MPI_Testall");
+  std::vector<int> peers;  // of each request, in posting order
+  for (const auto* blocks : {&recv, &send})
+    for (const auto& block : *blocks)
+      if (block.peer != rank_ && block.rows > 0) peers.push_back(block.peer);
+  wait(requests, "the block all-to-all (MPI_Isend/MPI_Irecv)", peers);
   return output;
 }
 
@@ -218,7 +264,7 @@ void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
   RowType row(bytes);
   MPI_Request request;
   check_mpi(MPI_Ibcast(tensor.data_ptr(), 1, row.get(), root, comm_, &request), "MPI_Ibcast");
-  polite_wait(request, "MPI_Ibcast");
+  wait(request, "MPI_Ibcast");
 }
 
 at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
@@ -237,20 +283,22 @@ at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
   check_mpi(MPI_Iallgather(source.data_ptr(), 1, row.get(), output.data_ptr(), 1, row.get(), comm_,
                            &request),
             "MPI_Iallgather");
-  polite_wait(request, "MPI_Iallgather");
+  wait(request, "MPI_Iallgather");
   return output;
 }
 
 void MpiCommunicator::barrier() {
   MPI_Request request;
   check_mpi(MPI_Ibarrier(comm_, &request), "MPI_Ibarrier");
-  polite_wait(request, "MPI_Ibarrier");
+  wait(request, "MPI_Ibarrier");
 }
 
 std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key) const {
   MPI_Comm child;
   check_mpi(MPI_Comm_split(comm_, color, key, &child), "MPI_Comm_split");
-  return std::make_unique<MpiCommunicator>(child);
+  auto split = std::make_unique<MpiCommunicator>(child);
+  split->set_timeout(timeout_s_);
+  return split;
 }
 
 }  // namespace moeforge::parallel

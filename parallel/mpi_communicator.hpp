@@ -6,6 +6,7 @@
 #include <mpi.h>
 
 #include <memory>
+#include <vector>
 
 #include "parallel/communicator.hpp"
 
@@ -33,12 +34,27 @@ class MpiCommunicator final : public Communicator {
   void barrier() override;
 
   // A new communicator for the members with the same `color`, ordered by `key` (MPI_Comm_split).
+  // It inherits the timeout.
   std::unique_ptr<MpiCommunicator> split(int color, int key) const;
 
+  // Watchdog: a collective that makes no progress for `seconds` (a peer stopped, died or is
+  // stuck) prints which collective and which ranks, and aborts the whole job with exit code 3
+  // instead of hanging. 0 = wait forever.
+  void set_timeout(double seconds) { timeout_s_ = seconds; }
+
  private:
+  // Waits for `requests` without occupying a core, within the timeout. `peers`: the group rank
+  // of each request (point-to-point), to name the silent ones.
+  void wait(std::vector<MPI_Request>& requests, const char* what,
+            const std::vector<int>& peers = {}) const;
+  void wait(MPI_Request request, const char* what) const;
+  [[noreturn]] void abort_on_timeout(std::vector<MPI_Request>& requests, const char* what,
+                                     const std::vector<int>& peers) const;
   MPI_Comm comm_;
   int rank_ = 0;
   int size_ = 1;
+  std::vector<int> world_ranks_;  // of each member
+  double timeout_s_ = 0.0;
 };
 
 }  // namespace moeforge::parallel

@@ -1,5 +1,6 @@
 // End-to-end: the real `moeforge` binary under mpiexec, as a user runs it.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -332,6 +333,125 @@ TEST(Reliability, DirectoryOrEmptyConfigIsRefused) {
   r = run_shell(mpirun(1) + " train --config " + empty.string());
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("the config file is empty"), std::string::npos) << r.output;
+  fs::remove_all(out);
+}
+
+}  // namespace
+
+namespace {
+
+// Runs `command` in the background; returns the launcher's pid (read from a file).
+int start_background(const std::string& command, const std::string& log) {
+  const auto pid_file = log + ".pid";
+  run_shell(command + " > " + log + " 2>&1 & echo $! > " + pid_file);
+  std::ifstream in(pid_file);
+  int pid = 0;
+  in >> pid;
+  fs::remove(pid_file);
+  return pid;
+}
+
+// Waits until `path` holds at least `rows` JSON lines (or ~60 s pass).
+void wait_for_rows(const fs::path& path, size_t rows) {
+  for (int i = 0; i < 600 && (!fs::exists(path) || read_jsonl(path).size() < rows); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+// The exit status of background job `pid` is not ours to wait for: poll until it is gone.
+double wait_gone(int pid, double limit_s) {
+  const auto start = std::chrono::steady_clock::now();
+  while (kill(pid, 0) == 0 &&
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < limit_s)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Processes still running with this out_dir ("[t]rain" matches "train" but not the shell that
+// runs pgrep, whose command line holds the pattern itself).
+int moeforge_processes(const std::string& out_dir) {
+  return std::stoi(run_shell("pgrep -f '[t]rain.out_dir=" + out_dir + " ' | wc -l").output);
+}
+
+// Item 4: SIGTERM to mpirun mid-run: every rank stops at a step boundary, a checkpoint is
+// written, no rank outlives mpirun, one message; the resumed run continues the loss curve of an
+// uninterrupted run exactly.
+TEST(Reliability, SigtermCheckpointsAndResumesExactly) {
+  const auto whole = scratch("whole"), cut = scratch("cut");
+  ASSERT_EQ(run_shell(mpirun(2) + tiny_run(whole, 60)).exit_code, 0);
+  const auto log = cut + ".log";
+  const int pid = start_background(mpirun(2) + tiny_run(cut, 60), log);
+  wait_for_rows(fs::path(cut) / "metrics.jsonl", 5);
+  kill(pid, SIGTERM);
+  EXPECT_LT(wait_gone(pid, 60), 60.0);
+  EXPECT_EQ(moeforge_processes(cut), 0) << "a rank outlived mpirun";
+  const auto output = read_text(log);
+  EXPECT_EQ(count(output, "stopped by signal 15"), 1u) << output;
+  ASSERT_EQ(run_shell(mpirun(2) + tiny_run(cut, 60) + " --resume").exit_code, 0);
+  std::map<int64_t, double> expected, resumed;
+  for (const auto& row : read_jsonl(fs::path(whole) / "metrics.jsonl"))
+    if (row.contains("loss")) expected[row["step"]] = row["loss"];
+  for (const auto& row : read_jsonl(fs::path(cut) / "metrics.jsonl"))
+    if (row.contains("loss")) resumed[row["step"]] = row["loss"];
+  ASSERT_EQ(resumed.size(), expected.size());
+  for (const auto& [step, loss] : expected)
+    EXPECT_DOUBLE_EQ(resumed[step], loss) << "step " << step;
+  fs::remove_all(whole);
+  fs::remove_all(cut);
+  fs::remove(log);
+}
+
+// Item 6: a stopped rank no longer hangs the job: the others' watchdog names the silent rank
+// and the whole job exits non-zero within the timeout (worker on and off).
+TEST(Reliability, StoppedRankAbortsTheJobWithinTheTimeout) {
+  for (const char* worker : {"true", "false"}) {
+    const auto out = scratch(std::string("stopped-") + worker);
+    const auto log = out + ".log";
+    const int pid =
+        start_background(mpirun(2) + tiny_run(out, 100000) +
+                             " --set parallel.timeout_s=5 --set parallel.comm_worker=" + worker,
+                         log);
+    wait_for_rows(fs::path(out) / "metrics.jsonl", 3);
+    // The ranks are mpirun's children; stop the last one.
+    run_shell("kill -STOP $(pgrep -P " + std::to_string(pid) + " | tail -1)");
+    const double seconds = wait_gone(pid, 90);
+    EXPECT_LT(seconds, 60.0) << "worker " << worker;
+    run_shell("pkill -CONT -f '[t]rain.out_dir=" + out +
+              " '; pkill -KILL -f '[t]rain.out_dir=" + out + " '");
+    const auto output = read_text(log);
+    EXPECT_NE(output.find("made no progress for 5 s (parallel.timeout_s)"), std::string::npos)
+        << output;
+    fs::remove_all(out);
+    fs::remove(log);
+  }
+}
+
+// Item 5: a step with non-finite gradients is skipped with a warning; too many in a row stop
+// the run without checkpointing the broken state, and the last good checkpoint stays latest.
+TEST(Reliability, NonFiniteGradientsAreSkippedOrStopTheRun) {
+  const auto out = scratch("nan");
+  auto r = run_shell("MOEFORGE_NAN_GRAD_AT=3 " + mpirun(2) + tiny_run(out, 6));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(count(r.output, "step 3: gradient norm nan is not finite; update skipped"), 1u)
+      << r.output;
+  int skipped = 0;
+  for (const auto& row : read_jsonl(fs::path(out) / "metrics.jsonl"))
+    skipped += row.value("skipped", false) ? 1 : 0;
+  EXPECT_EQ(skipped, 1);
+  fs::remove_all(out);
+  r = run_shell("MOEFORGE_NAN_GRAD_AT=3,4 " + mpirun(2) + tiny_run(out, 6) +
+                " --set train.max_skipped_steps=1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_EQ(count(r.output, "more than train.max_skipped_steps = 1"), 1u) << r.output;
+  std::ifstream latest(fs::path(out) / "checkpoints" / "latest");
+  std::string name;
+  latest >> name;
+  EXPECT_EQ(name, "step-00000002");
+  EXPECT_EQ(run_shell(mpirun(2) + tiny_run(out, 6) + " --resume").exit_code, 0);
   fs::remove_all(out);
 }
 

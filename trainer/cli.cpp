@@ -19,6 +19,7 @@
 #include "trainer/convert/convert_commands.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/data/data.hpp"
+#include "trainer/stop_signal.hpp"
 #include "trainer/trainer.hpp"
 
 namespace moeforge {
@@ -120,6 +121,32 @@ PreparedRun prepare_run(const TrainArgs& args, int rank, int world_size) {
   return run;
 }
 
+// The run itself, once every rank has passed its local checks. Returns the exit code: 0, or
+// 128 + the signal when a stop signal ended it early (after a checkpoint).
+int run_training(PreparedRun& run, const TrainArgs& args, int rank) {
+  const auto& config = run.config;
+  if (config.train.threads_per_rank > 0) at::set_num_threads(config.train.threads_per_rank);
+  if (rank == 0 && !run.options.resume)  // every rank agreed: now replace an old run
+    run.options.run_id = start_fresh_run(config.train.out_dir, args.overwrite);
+  install_stop_signal_handlers();
+  parallel::MpiCommunicator world(MPI_COMM_WORLD);
+  world.set_timeout(config.parallel.timeout_s);  // the groups split from it inherit it
+  const auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
+  Trainer trainer(config, groups, std::move(*run.data), run.options);
+  const auto summary = trainer.run();
+  if (rank == 0) print_summary(summary);
+  if (summary.stop_signal == 0) return 0;
+  if (rank == 0)
+    std::cerr << fmt::format(
+                     "moeforge: stopped by signal {} after step {}; {}; continue with --resume",
+                     summary.stop_signal, summary.steps.empty() ? 0 : summary.steps.back().step,
+                     summary.last_checkpoint.empty()
+                         ? "no checkpoint written (checkpoint.on_signal is false)"
+                         : "checkpoint " + summary.last_checkpoint)
+              << std::endl;
+  return 128 + summary.stop_signal;
+}
+
 int train_command(const TrainArgs& args, int rank, int world_size) {
   LocalCheck check;
   std::optional<PreparedRun> run;
@@ -132,25 +159,20 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
   }
   if (const int code = agree_on_local_failures(check, rank); code != 0) return code;
 
-  // From here on ranks meet in collectives: a failure aborts the job (exit 2 for bad input
-  // found only now, e.g. a checkpoint tensor of the wrong shape; 1 otherwise).
+  // From here on ranks meet in collectives. An error raised identically on every rank stops the
+  // job cleanly (printed once); any other aborts it (exit 2 for bad input found only now, e.g.
+  // a checkpoint tensor of the wrong shape; 1 otherwise).
   try {
-    const auto& config = run->config;
-    if (config.train.threads_per_rank > 0) at::set_num_threads(config.train.threads_per_rank);
-    if (rank == 0 && !run->options.resume)  // every rank agreed: now replace an old run
-      run->options.run_id = start_fresh_run(config.train.out_dir, args.overwrite);
-    parallel::MpiCommunicator world(MPI_COMM_WORLD);
-    const auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
-    Trainer trainer(config, groups, std::move(*run->data), run->options);
-    const auto summary = trainer.run();
-    if (rank == 0) print_summary(summary);
+    return run_training(*run, args, rank);
+  } catch (const CollectiveError& e) {
+    if (rank == 0) std::cerr << "moeforge: error: " << e.what() << std::endl;
+    return 1;
   } catch (const std::exception& e) {
     const bool user_error = dynamic_cast<const UserError*>(&e) != nullptr;
     std::cerr << fmt::format("moeforge: error on rank {}: {}", rank, e.what()) << std::endl;
     if (world_size > 1) MPI_Abort(MPI_COMM_WORLD, user_error ? 2 : 1);
     return user_error ? 2 : 1;
   }
-  return 0;
 }
 
 // Conversions are single-process: rank 0 works, a wider launch is refused.

@@ -48,10 +48,11 @@ void MetricsLog::write_row(const std::string& json) {
 
 std::string MetricsLog::console_line(const StepMetrics& m) {
   return fmt::format(
-      "step {:>5}/{} | loss {:.4f} | aux {:.4f} | z {:.3f} | lr {:.2e} | gnorm {:.3f} | "
-      "{:>8.0f} tok/s | maxvio {:.3f}",
-      m.step, m.total_steps, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
-      m.max_vio);
+             "step {:>5}/{} | loss {:.4f} | aux {:.4f} | z {:.3f} | lr {:.2e} | gnorm {:.3f} | "
+             "{:>8.0f} tok/s | maxvio {:.3f}",
+             m.step, m.total_steps, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
+             m.max_vio) +
+         (m.skipped ? " | SKIPPED: gradients not finite, no update" : "");
 }
 
 void MetricsLog::log(const StepMetrics& m) {
@@ -80,6 +81,7 @@ void MetricsLog::log(const StepMetrics& m) {
                       {"bias_abs_mean", layer.bias_abs_mean}});
   }
   j["moe_layers"] = layers;
+  if (m.skipped) j["skipped"] = true;
   write_row(j.dump());
 }
 

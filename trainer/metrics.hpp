@@ -33,8 +33,10 @@ struct StepMetrics {
   double grad_norm = 0.0;  // before clipping
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
-  double max_vio = 0.0;        // max over MoE layers of the global-batch MaxVio
-  double max_vio_micro = 0.0;  // max over MoE layers of the mean micro-batch MaxVio
+  double max_vio = 0.0;         // max over MoE layers of the global-batch MaxVio
+  double max_vio_micro = 0.0;   // max over MoE layers of the mean micro-batch MaxVio
+  bool skipped = false;         // gradients were not finite: no update this step
+  bool stop_requested = false;  // a rank received a stop signal (agreed by every rank)
   std::vector<MoeLayerMetrics> layers;
 };
 

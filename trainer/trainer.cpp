@@ -21,6 +21,7 @@
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/device.hpp"
 #include "trainer/model/model_weights.hpp"
+#include "trainer/stop_signal.hpp"
 
 namespace fs = std::filesystem;
 
@@ -61,6 +62,19 @@ std::optional<std::pair<int, int64_t>> injected_failure() {
   return std::pair<int, int64_t>{rank, step};
 }
 
+// Test hook (docs/architecture.md, "Errors"): MOEFORGE_NAN_GRAD_AT="3,4" makes the gradients of
+// those steps non-finite on every rank, to prove that such steps are skipped.
+std::set<int64_t> injected_nan_steps() {
+  std::set<int64_t> steps;
+  const char* spec = std::getenv("MOEFORGE_NAN_GRAD_AT");
+  for (std::string_view rest = spec ? spec : ""; !rest.empty();) {
+    const auto comma = rest.find(',');
+    steps.insert(std::atoll(std::string(rest.substr(0, comma)).c_str()));
+    rest = comma == std::string_view::npos ? "" : rest.substr(comma + 1);
+  }
+  return steps;
+}
+
 // Turns on bf16 autocast on `device` for its lifetime when `enabled` (train.precision: bf16).
 // Forward passes run inside one; backward runs outside, as autocast prescribes.
 class AutocastScope {
@@ -98,6 +112,52 @@ class TracedPhases final : public moe::PhaseObserver {
   parallel::trace::Clock::time_point last_ = parallel::trace::Clock::now();
 };
 
+// Which steps logging.trace records (after the first, warm-up step) and the file they go to.
+class TraceWindow {
+ public:
+  TraceWindow(const LoggingConfig& logging, int64_t start_step, int64_t end_step)
+      : on_(logging.trace),
+        first_(start_step + 2),
+        last_(std::min(start_step + 2 + logging.trace_steps - 1, end_step)) {}
+
+  void before_step(int64_t step) const {
+    parallel::trace::enable(on_ && step >= first_ && step <= last_);
+  }
+
+  void after_step(int64_t step, const std::string& out_dir, int rank, bool print) const {
+    if (!on_ || step != last_ || step < first_) return;
+    parallel::trace::enable(false);
+    const auto dir = fs::path(out_dir) / "trace";
+    fs::create_directories(dir);
+    parallel::trace::write((dir / fmt::format("rank-{}.json", rank)).string(), rank);
+    if (print)
+      std::cout << fmt::format("trace of steps {}-{} written to {}/rank-*.json", first_, step,
+                               dir.string())
+                << std::endl;
+  }
+
+ private:
+  bool on_;
+  int64_t first_, last_;
+};
+
+// Final train loss (mean of the last ≤ 10 steps), throughput (mean after the first step),
+// final validation loss.
+void summarise(RunSummary& summary) {
+  const size_t n = summary.steps.size();
+  if (n > 0) {
+    const size_t tail = std::min<size_t>(10, n);
+    double loss = 0.0;
+    for (size_t i = n - tail; i < n; ++i) loss += summary.steps[i].loss;
+    summary.final_train_loss = loss / static_cast<double>(tail);
+    double tokens_per_s = 0.0;
+    const size_t first = n > 1 ? 1 : 0;
+    for (size_t i = first; i < n; ++i) tokens_per_s += summary.steps[i].tokens_per_s;
+    summary.tokens_per_s = tokens_per_s / static_cast<double>(n - first);
+  }
+  if (!summary.evals.empty()) summary.final_val_loss = summary.evals.back().val_loss;
+}
+
 // The groups a run uses: on its backend, with the communication worker (MPI only: NCCL is
 // asynchronous through its own stream) and the simulated link applied.
 parallel::ProcessGroups prepare_groups(const Config& config, const parallel::ProcessGroups& groups,
@@ -118,6 +178,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
       device_(resolve_device(config)),
       bf16_(config.train.precision == Precision::kBf16),
       fail_at_(injected_failure()),
+      nan_grad_steps_(injected_nan_steps()),
       groups_(prepare_groups(config, groups, device_)),
       data_(std::move(data)),
       options_(std::move(options)) {
@@ -354,16 +415,20 @@ StepMetrics Trainer::train_step() {
   const double lr = learning_rate(t, state_.step);
 
   const auto totals = forward_backward(state_.samples_consumed);
+  if (nan_grad_steps_.count(state_.step + 1))
+    optimizer_->slots().front().param.mutable_grad().fill_(std::nan(""));
   double grad_norm = 0.0;
+  bool update = false;
   {
     const parallel::trace::Span span("compute", "clip + optimizer");
     grad_norm = clip_gradients();
-    optimizer_->step(lr);
+    update = accept_update(grad_norm);
+    if (update) optimizer_->step(lr);
   }
 
   const auto sums = sum_over_world(totals);
   auto global_load = sum_loads(*groups_.world, totals.load);
-  update_expert_biases(global_load);
+  if (update) update_expert_biases(global_load);
 
   state_.step += 1;
   state_.samples_consumed += static_cast<int64_t>(world) * t.grad_accum * t.micro_batch_size;
@@ -376,6 +441,8 @@ StepMetrics Trainer::train_step() {
   m.z_loss = sums.z / world;
   m.lr = lr;
   m.grad_norm = grad_norm;
+  m.skipped = !update;
+  m.stop_requested = sums.stop_requested;
   m.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   m.tokens_per_s =
       static_cast<double>(world * t.grad_accum * t.micro_batch_size * t.seq_len) / m.step_seconds;
@@ -390,10 +457,12 @@ StepMetrics Trainer::train_step() {
 Trainer::WorldSums Trainer::sum_over_world(const MicroBatchTotals& totals) const {
   std::vector<at::Tensor> parts = {totals.losses};  // [loss, aux, z], then kRoutingValues a layer
   parts.insert(parts.end(), totals.routing.begin(), totals.routing.end());
+  // Last: whether this rank received a stop signal, so every rank agrees in the same reduce.
+  parts.push_back(at::full({1}, requested_stop_signal() != 0 ? 1.0 : 0.0, totals.losses.options()));
   auto packed = at::cat(parts).cpu();
   groups_.world->all_reduce(packed);
   const double* values = packed.data_ptr<double>();
-  WorldSums sums{values[0], values[1], values[2], {}};
+  WorldSums sums{values[0], values[1], values[2], values[packed.numel() - 1] > 0, {}};
   for (size_t i = 0; i < totals.routing.size(); ++i) {
     std::array<double, kRoutingValues> layer{};
     std::copy_n(values + 3 + kRoutingValues * i, kRoutingValues, layer.begin());
@@ -453,12 +522,12 @@ RunSummary Trainer::run() {
   if (write && is_root_) {
     fs::create_directories(t.out_dir);
     write_file_atomically((fs::path(t.out_dir) / "config.resolved.yaml").string(), resolved);
+    checkpoints_->remove_incomplete();
   }
-  if (write && is_root_) checkpoints_->remove_incomplete();
   MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",
                  options_.resume ? std::optional<int64_t>(state_.step) : std::nullopt, print);
   groups_.world->barrier();
-  if (print) {
+  if (print)
     std::cout << fmt::format(
                      "moeforge train: {} ranks (ep_size {}), {} steps × {} tokens/step, "
                      "out_dir {}",
@@ -466,56 +535,85 @@ RunSummary Trainer::run() {
                      groups_.world->size() * t.grad_accum * t.micro_batch_size * t.seq_len,
                      t.out_dir)
               << std::endl;
-  }
   const int64_t end_step =
       options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
-  const auto& logging = config_.logging;
-  const int64_t trace_first = state_.step + 2;  // skip the warm-up step
-  const int64_t trace_last = std::min(trace_first + logging.trace_steps - 1, end_step);
+  const TraceWindow trace(config_.logging, state_.step, end_step);
   while (state_.step < end_step) {
-    const int64_t this_step = state_.step + 1;
-    parallel::trace::enable(logging.trace && this_step >= trace_first && this_step <= trace_last);
-    auto m = train_step();
-    if (logging.trace && this_step == trace_last && this_step >= trace_first) {
-      parallel::trace::enable(false);
-      const auto dir = fs::path(t.out_dir) / "trace";
-      fs::create_directories(dir);
-      const auto path = dir / fmt::format("rank-{}.json", groups_.world->rank());
-      parallel::trace::write(path.string(), groups_.world->rank());
-      if (print)
-        std::cout << fmt::format("trace of steps {}-{} written to {}/rank-*.json", trace_first,
-                                 this_step, dir.string())
-                  << std::endl;
-    }
+    trace.before_step(state_.step + 1);
+    const auto m = train_step();
+    trace.after_step(m.step, t.out_dir, groups_.world->rank(), print);
     summary.steps.push_back(m);
-    const bool last = state_.step == end_step;
-    if (is_root_ && (state_.step % config_.logging.every == 0 || last)) log.log(m);
-    const bool eval_now = (t.eval_every > 0 && state_.step % t.eval_every == 0) || last;
-    if (eval_now) {
-      EvalMetrics e{state_.step, evaluate()};
-      summary.evals.push_back(e);
-      if (is_root_) log.log(e);
+    summary.skipped_steps += m.skipped ? 1 : 0;
+    if (m.stop_requested) {  // every rank agreed: record the step, checkpoint, stop
+      if (is_root_) log.log(m);
+      if (write && config_.checkpoint.on_signal) {
+        check_state_finite();
+        summary.last_checkpoint =
+            checkpoints_->save(*model_, *optimizer_, state_, resolved, config_.checkpoint.keep);
+      }
+      summary.stop_signal = std::max(1, requested_stop_signal());
+      break;
     }
-    const bool save_now =
-        (config_.checkpoint.every > 0 && state_.step % config_.checkpoint.every == 0) || last;
-    if (write && save_now) {
-      summary.last_checkpoint =
-          checkpoints_->save(*model_, *optimizer_, state_, resolved, config_.checkpoint.keep);
-    }
+    record_step(m, end_step, resolved, log, summary);
   }
-  const size_t n = summary.steps.size();
-  if (n > 0) {
-    const size_t tail = std::min<size_t>(10, n);
-    double loss = 0.0;
-    for (size_t i = n - tail; i < n; ++i) loss += summary.steps[i].loss;
-    summary.final_train_loss = loss / static_cast<double>(tail);
-    double tokens_per_s = 0.0;
-    const size_t first = n > 1 ? 1 : 0;
-    for (size_t i = first; i < n; ++i) tokens_per_s += summary.steps[i].tokens_per_s;
-    summary.tokens_per_s = tokens_per_s / static_cast<double>(n - first);
-  }
-  if (!summary.evals.empty()) summary.final_val_loss = summary.evals.back().val_loss;
+  summarise(summary);
   return summary;
+}
+
+void Trainer::record_step(const StepMetrics& m, int64_t end_step, const std::string& resolved,
+                          MetricsLog& log, RunSummary& summary) {
+  const auto& t = config_.train;
+  const bool last = state_.step == end_step;
+  if (is_root_ && (state_.step % config_.logging.every == 0 || last)) log.log(m);
+  if ((t.eval_every > 0 && state_.step % t.eval_every == 0) || last) {
+    EvalMetrics e{state_.step, evaluate()};
+    summary.evals.push_back(e);
+    if (is_root_) log.log(e);
+  }
+  const bool save_now =
+      (config_.checkpoint.every > 0 && state_.step % config_.checkpoint.every == 0) || last;
+  if (options_.write_outputs && save_now) {
+    check_state_finite();
+    summary.last_checkpoint =
+        checkpoints_->save(*model_, *optimizer_, state_, resolved, config_.checkpoint.keep);
+  }
+}
+
+bool Trainer::accept_update(double grad_norm) {
+  if (std::isfinite(grad_norm)) {
+    consecutive_skips_ = 0;
+    return true;
+  }
+  ++consecutive_skips_;
+  if (consecutive_skips_ > config_.train.max_skipped_steps)
+    throw CollectiveError(fmt::format(
+        "step {}: the gradient norm is {} for the {} step(s) in a row, more than "
+        "train.max_skipped_steps = {}: stopping (no checkpoint of this state is written; the "
+        "last good one is kept). Lower train.lr, raise train.grad_clip's effect or check the data",
+        state_.step + 1, grad_norm, consecutive_skips_, config_.train.max_skipped_steps));
+  if (is_root_ && options_.print)
+    std::cout << fmt::format(
+                     "warning: step {}: gradient norm {} is not finite; update skipped "
+                     "({} in a row, train.max_skipped_steps = {})",
+                     state_.step + 1, grad_norm, consecutive_skips_,
+                     config_.train.max_skipped_steps)
+              << std::endl;
+  return false;
+}
+
+void Trainer::check_state_finite() const {
+  at::NoGradGuard no_grad;
+  auto bad = at::zeros({1}, at::TensorOptions(device_).dtype(at::kDouble));
+  for (const auto& slot : optimizer_->slots())
+    for (const auto* tensor : {&slot.param, &slot.exp_avg, &slot.exp_avg_sq})
+      bad += at::logical_not(at::isfinite(*tensor)).any().to(at::kDouble);
+  auto host = bad.cpu();
+  groups_.world->all_reduce(host);
+  if (host.item<double>() > 0)
+    throw CollectiveError(fmt::format(
+        "step {}: the weights or optimizer state are not finite: refusing to write a checkpoint "
+        "of them (the last good checkpoint is kept). Lower train.lr and resume from it",
+        state_.step));
 }
 
 }  // namespace moeforge

@@ -8,6 +8,7 @@
 #include <array>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,8 @@ struct RunSummary {
   double unigram_entropy = 0.0;
   std::string out_dir;
   std::string last_checkpoint;
+  int64_t skipped_steps = 0;  // steps without an update (non-finite gradients)
+  int stop_signal = 0;        // > 0: stopped early by this signal (checkpoint written first)
 };
 
 class Trainer {
@@ -89,6 +92,7 @@ class Trainer {
   // The step's numbers summed over the world (one all-reduce), by name.
   struct WorldSums {
     double loss = 0.0, aux = 0.0, z = 0.0;  // sums of the ranks' means
+    bool stop_requested = false;            // some rank received a stop signal
     std::vector<std::array<double, kRoutingValues>> layers;
   };
   WorldSums sum_over_world(const MicroBatchTotals& totals) const;
@@ -110,6 +114,14 @@ class Trainer {
   std::vector<moe::RoutingInputs> routing_inputs(
       int64_t first_sample_index, const std::vector<at::Tensor>& global_fractions) const;
   StepMetrics train_step();
+  // Non-finite gradient norm: the step is skipped (every rank sees the same norm); too many in
+  // a row stop the run. Returns whether to apply the update.
+  bool accept_update(double grad_norm);
+  // Refuses (CollectiveError) to checkpoint weights or optimizer state that are not finite.
+  void check_state_finite() const;
+  // One step's bookkeeping after the update: log, evaluate, checkpoint.
+  void record_step(const StepMetrics& m, int64_t end_step, const std::string& resolved,
+                   MetricsLog& log, RunSummary& summary);
   void update_expert_biases(const std::vector<at::Tensor>& global_load);
   double clip_gradients();
 
@@ -117,6 +129,8 @@ class Trainer {
   c10::Device device_;
   bool bf16_ = false;  // train.precision: bf16 (autocast around every forward)
   std::optional<std::pair<int, int64_t>> fail_at_;  // test hook MOEFORGE_FAIL_AT (rank, step)
+  std::set<int64_t> nan_grad_steps_;  // test hook MOEFORGE_NAN_GRAD_AT (steps, every rank)
+  int64_t consecutive_skips_ = 0;
   parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;

@@ -12,6 +12,14 @@ class UserError : public std::runtime_error {
   explicit UserError(const std::string& message) : std::runtime_error(message) {}
 };
 
+// A failure every rank of the job raises at the same point with the same message (decided on
+// values all ranks agreed on, e.g. a world-reduced gradient norm): the job can stop without
+// MPI_Abort, printed once by rank 0.
+class CollectiveError : public std::runtime_error {
+ public:
+  explicit CollectiveError(const std::string& message) : std::runtime_error(message) {}
+};
+
 // Throws UserError(message) when `condition` is false.
 void require(bool condition, const std::string& message);
 

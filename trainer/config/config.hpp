@@ -60,11 +60,13 @@ struct ParallelConfig {
   int64_t overlap_degree = 1;     // MoE dispatch/experts/combine pipeline chunks
   bool overlap_grad_sync = true;  // all-reduce gradient buckets during backward
   BackendChoice backend = BackendChoice::kAuto;  // auto: nccl when train.device is cuda
+  double timeout_s = 600.0;  // a collective idle this long aborts the job (0 = never)
   SimulatedLinkConfig simulated_link;
 };
 
 struct TrainConfig {
   int64_t steps = 200;
+  int64_t max_skipped_steps = 5;  // consecutive non-finite-gradient steps before stopping
   int64_t seed = 1234;
   int64_t micro_batch_size = 8;  // sequences per rank per micro-batch
   int64_t grad_accum = 1;
@@ -94,8 +96,9 @@ struct DataConfig {
 };
 
 struct CheckpointConfig {
-  int64_t every = 100;  // 0 = only at the end
-  int64_t keep = 3;     // newest checkpoints kept; 0 = keep all
+  int64_t every = 100;     // 0 = only at the end
+  int64_t keep = 3;        // newest checkpoints kept; 0 = keep all
+  bool on_signal = true;   // SIGTERM / SIGINT / SIGUSR1: checkpoint before stopping
 };
 
 struct LoggingConfig {

@@ -185,6 +185,10 @@ const std::vector<KeySpec>& config_schema() {
               "backward); 1 = one chunk (shared experts still overlap the dispatch)"),
       bool_key(KEY(parallel.overlap_grad_sync),
                "All-reduce each gradient bucket as soon as backward has produced it"),
+      float_key(KEY(parallel.timeout_s), 0.0, 1e7,
+                "Watchdog: a collective that makes no progress for this long (a rank stopped, "
+                "died or hangs) names the silent ranks and aborts the whole job with exit code "
+                "3; must exceed the slowest checkpoint save; 0 = wait forever (MPI backend)"),
       enum_key<BackendChoice>(
           KEY(parallel.backend),
           "Collectives: auto = nccl when train.device is cuda, else mpi; mpi with cuda "
@@ -196,6 +200,9 @@ const std::vector<KeySpec>& config_schema() {
                 "Simulated network: latency per message step (µs)"),
       // train
       int_key(KEY(train.steps), 1, 1LL << 40, "Optimizer steps"),
+      int_key(KEY(train.max_skipped_steps), 0, 1 << 20,
+              "A step whose gradient norm is not finite is skipped (no update, a warning); "
+              "more than this many in a row stop the run; 0 = stop at the first"),
       int_key(KEY(train.seed), 0, std::numeric_limits<int64_t>::max(),
               "Seed for init and data order"),
       int_key(KEY(train.micro_batch_size), 1, 1 << 20, "Sequences per rank per micro-batch"),
@@ -238,7 +245,11 @@ const std::vector<KeySpec>& config_schema() {
       // checkpoint
       int_key(KEY(checkpoint.every), 0, 1LL << 40,
               "Checkpoint every N steps (and at the end); 0 = only at the end"),
-      int_key(KEY(checkpoint.keep), 0, 1 << 20, "Newest checkpoints kept; 0 = all"),
+      int_key(KEY(checkpoint.keep), 0, 1 << 20,
+              "Newest checkpoints of this run kept (never another run's); 0 = all"),
+      bool_key(KEY(checkpoint.on_signal),
+               "On SIGTERM / SIGINT / SIGUSR1 (e.g. SLURM preemption) every rank stops at the "
+               "next step boundary and a checkpoint is written first"),
       // logging
       bool_key(KEY(logging.trace),
                "Write a Chrome trace-event timeline of compute and communication per rank to "
