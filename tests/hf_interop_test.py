@@ -274,6 +274,19 @@ train: {seq_len: 24, micro_batch_size: 2, steps: 60, warmup_steps: 5, eval_every
     check(r.returncode == 2 and "Mixtral has no shared experts" in r.stderr,
           f"unrepresentable export is refused with the reason: {r.stderr.strip()}")
 
+    # A checkpoint whose tensors do not match its config.json: the message names the HF tensor
+    # and its file (not moeforge's internal name only).
+    shutil.copytree(p("llama"), p("llama_bad"))
+    with open(p("llama_bad", "config.json")) as f:
+        bad = json.load(f)
+    bad["intermediate_size"] = 96
+    with open(p("llama_bad", "config.json"), "w") as f:
+        json.dump(bad, f)
+    r = mf.run("import", "--from", p("llama_bad"), "--out", p("z"), expect_ok=False)
+    check(r.returncode == 2 and "tensor 'model.layers.0.mlp." in r.stderr
+          and "llama_bad/model.safetensors" in r.stderr,
+          f"wrong-shape HF tensor named with its file: {r.stderr.strip()}")
+
     if not args.keep:
         shutil.rmtree(work)
     if failures:

@@ -456,3 +456,30 @@ TEST(Reliability, NonFiniteGradientsAreSkippedOrStopTheRun) {
 }
 
 }  // namespace
+
+namespace {
+
+// Item 7: each of the messages found wrong, now one clear line with the path or name and exit 2.
+TEST(Reliability, ClearMessagesForBadCommandsAndPaths) {
+  auto r = run_shell(mpirun(1) + " frobnicate");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("unknown command 'frobnicate'; the commands are train"),
+            std::string::npos)
+      << r.output;
+  const auto out = scratch("messages");
+  fs::create_directories(out);
+  r = run_shell(std::string(MOEFORGE_BINARY) + " upcycle --from /nonexistent/dense --config " +
+                kTiny + " --out " + out + "/up");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("no checkpoint to read a model from at '/nonexistent/dense'"),
+            std::string::npos)
+      << r.output;
+  r = run_shell(mpirun(1) + " train --config " + kTiny + " --set data.source=text" +
+                " --set data.path=" + out + " --set train.out_dir=" + out + "/run");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("data.path: '" + out + "': is a directory"), std::string::npos)
+      << r.output;
+  fs::remove_all(out);
+}
+
+}  // namespace

@@ -325,6 +325,20 @@ int run_cli(int argc, char** argv) {
   ConvertCommands cmds;
   add_convert_commands(app, convert, cmds);
 
+  if (argc > 1 && argv[1][0] != '-') {  // a command that does not exist: say so, list them
+    std::vector<std::string> commands;
+    for (const auto* command : app.get_subcommands({})) commands.push_back(command->get_name());
+    if (std::find(commands.begin(), commands.end(), argv[1]) == commands.end()) {
+      if (rank == 0)
+        std::cerr << fmt::format(
+                         "moeforge: error: unknown command '{}'; the commands are {} "
+                         "(moeforge --help)",
+                         argv[1], fmt::join(commands, ", "))
+                  << std::endl;
+      MPI_Finalize();
+      return 2;
+    }
+  }
   int code = 0;
   try {
     app.parse(argc, argv);

@@ -273,7 +273,7 @@ std::vector<at::Tensor> Trainer::global_load_fractions(int64_t samples_consumed)
 void Trainer::initialize_from(const std::string& path) {
   if (hf::is_hf_directory(path)) {
     const auto imported = hf::import_directory(path, config_);
-    load_model_weights(*model_, imported.weights, path);
+    load_model_weights(*model_, imported.weights, path, imported.origin);
   } else {
     checkpoints_->load(
         resolve_checkpoint((fs::path(config_.train.out_dir) / "checkpoints").string(), path,

@@ -80,6 +80,7 @@ class ShardedReader {
   const TensorInfo& info(const std::string& name) const;
   at::Tensor load(const std::string& name) const;
   at::Tensor load(const std::string& name, c10::ScalarType as) const;
+  const std::string& file_of(const std::string& name) const { return owner_.at(name)->path(); }
 
  private:
   std::string dir_;

@@ -24,6 +24,7 @@ struct LoadedModel {
   Config config;
   WeightMap weights;
   std::string description;
+  std::map<std::string, std::string> origin;  // HF imports: where each tensor came from
 };
 
 const parallel::ProcessGroups& single_process() {
@@ -36,7 +37,8 @@ LoadedModel load_any(const std::string& path, const Config& base) {
   if (hf::is_hf_directory(path)) {
     auto imported = hf::import_directory(path, base);
     return {imported.config, std::move(imported.weights),
-            fmt::format("Hugging Face {} model {}", imported.model_type, path)};
+            fmt::format("Hugging Face {} model {}", imported.model_type, path),
+            std::move(imported.origin)};
   }
   CheckpointManager manager(path, single_process());
   const auto dir = resolve_checkpoint(path, path, "read a model from");
@@ -50,12 +52,13 @@ LoadedModel load_any(const std::string& path, const Config& base) {
 }
 
 // RUN_DIR/config.yaml + RUN_DIR/checkpoints/step-00000000 (fresh optimizer state).
-void write_run(const std::string& out_dir, Config config, const WeightMap& weights) {
+void write_run(const std::string& out_dir, Config config, const WeightMap& weights,
+               const std::map<std::string, std::string>& origin = {}) {
   config.train.out_dir = out_dir;
   // Through the loader once more: every rule of a hand-written config applies.
   config = load_config_from_string(to_yaml(config), out_dir + "/config.yaml");
   fs::create_directories(out_dir);
-  auto model = model_from_weights(config, weights, "converted weights");
+  auto model = model_from_weights(config, weights, "converted weights", origin);
   AdamW optimizer(named_parameter_list(*model), config.train);
   CheckpointManager manager((fs::path(out_dir) / "checkpoints").string(), single_process());
   const std::string yaml = to_yaml(config);
@@ -85,7 +88,7 @@ int import_command(const ConvertArgs& args) {
                       args.from));
   const auto model = load_any(args.from, base_config(args));
   validate_for_world(model.config, 1);
-  write_run(args.out, model.config, model.weights);
+  write_run(args.out, model.config, model.weights, model.origin);
   return 0;
 }
 

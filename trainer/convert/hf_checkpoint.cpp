@@ -259,6 +259,7 @@ class TrackedReader {
   TrackedReader(const std::string& dir, const std::string& type)
       : reader_(safetensors::ShardedReader::open(dir)), dir_(dir), type_(type) {}
   bool contains(const std::string& name) const { return reader_.contains(name); }
+  const std::string& file_of(const std::string& name) const { return reader_.file_of(name); }
   at::Tensor load(const std::string& name) {
     if (!reader_.contains(name))
       throw UserError(
@@ -327,8 +328,10 @@ ImportedModel import_directory(const std::string& dir, const Config& base) {
   read_model_shape(c, out.model_type, out.config);
   read_moe_layout(c, out.model_type, out.config);
   TrackedReader reader(dir, out.model_type);
-  for (const auto& [ours, theirs] : name_pairs(out.config, family_of(out.model_type)))
+  for (const auto& [ours, theirs] : name_pairs(out.config, family_of(out.model_type))) {
     out.weights[ours] = reader.load(theirs);
+    out.origin[ours] = fmt::format("'{}' in {}", theirs, reader.file_of(theirs));
+  }
   for (int64_t i = 0; i < out.config.model.num_layers; ++i)
     read_block_extras(reader, out.config, out.model_type, i, out.weights);
   reader.check_all_used();

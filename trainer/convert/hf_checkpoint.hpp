@@ -9,6 +9,7 @@
 // reason, never silently dropped. Tensor names follow transformers' legacy per-expert layout,
 // which every Hugging Face loader and serving stack reads.
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "trainer/config/config.hpp"
@@ -20,6 +21,8 @@ struct ImportedModel {
   Config config;
   WeightMap weights;
   std::string model_type;  // config.json's model_type
+  // Where each tensor came from, for messages: our name -> "'HF name' in FILE".
+  std::map<std::string, std::string> origin;
 };
 
 // True when `dir` holds a config.json (a Hugging Face model directory).

@@ -46,7 +46,8 @@ WeightMap model_weights(DecoderLMImpl& model) {
   return weights;
 }
 
-void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const std::string& source) {
+void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const std::string& source,
+                        const std::map<std::string, std::string>& origin) {
   at::NoGradGuard no_grad;
   const auto views = named_views(model);
   const auto layers = model.moe_layers();
@@ -57,10 +58,14 @@ void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const st
     if (it == weights.end())
       throw UserError(fmt::format("{}: tensor '{}' is missing (the model needs it, shape {})",
                                   source, name, fmt::join(view.sizes(), ", ")));
-    if (it->second.sizes() != view.sizes())
-      throw UserError(fmt::format("{}: tensor '{}' has shape [{}], the model needs [{}]", source,
-                                  name, fmt::join(it->second.sizes(), ", "),
-                                  fmt::join(view.sizes(), ", ")));
+    if (it->second.sizes() != view.sizes()) {
+      const auto from = origin.find(name);
+      throw UserError(fmt::format(
+          "{}: tensor {} has shape [{}], the model its config describes needs [{}]", source,
+          from != origin.end() ? from->second + fmt::format(" (moeforge '{}')", name)
+                               : "'" + name + "'",
+          fmt::join(it->second.sizes(), ", "), fmt::join(view.sizes(), ", ")));
+    }
     view.copy_(it->second);
   }
   // Tensors the model has no place for: a config that does not describe these weights. Global
@@ -74,12 +79,13 @@ void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const st
 }
 
 DecoderLM model_from_weights(const Config& config, const WeightMap& weights,
-                             const std::string& source) {
+                             const std::string& source,
+                             const std::map<std::string, std::string>& origin) {
   static const auto groups = parallel::make_single_process_groups();
   auto single = config;
   single.parallel.ep_size = 1;
   DecoderLM model(single, *groups.ep);
-  load_model_weights(*model, weights, source);
+  load_model_weights(*model, weights, source, origin);
   return model;
 }
 

@@ -28,11 +28,14 @@ WeightMap model_weights(DecoderLMImpl& model);
 
 // Copies `weights` into `model` (this rank's expert slice). Every model tensor must be present
 // with its exact shape and nothing else may be: UserError naming `source` and the tensor
-// otherwise (a missing name, an unexpected one, or both shapes).
-void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const std::string& source);
+// otherwise (a missing name, an unexpected one, or both shapes). `origin` (optional) names
+// where a tensor came from (e.g. the Hugging Face tensor and file) in those messages.
+void load_model_weights(DecoderLMImpl& model, const WeightMap& weights, const std::string& source,
+                        const std::map<std::string, std::string>& origin = {});
 
 // Builds the ep_size-1 model of `config` (single process) holding `weights`.
 DecoderLM model_from_weights(const Config& config, const WeightMap& weights,
-                             const std::string& source);
+                             const std::string& source,
+                             const std::map<std::string, std::string>& origin = {});
 
 }  // namespace moeforge
