@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include "parallel/simulated_link.hpp"
 #include "trainer/common/user_error.hpp"
 
 namespace moeforge {
@@ -72,6 +73,17 @@ parallel::Backend resolve_backend(const Config& config, const c10::Device& devic
         "most {} rank(s) per node (NP=...), or set parallel.backend: mpi",
         config.source_file, ranks_here, visible, visible));
   return parallel::Backend::kNccl;
+}
+
+parallel::ProcessGroups communication_groups(const Config& config,
+                                             const parallel::ProcessGroups& groups,
+                                             const c10::Device& device) {
+  const auto backend = resolve_backend(config, device);
+  const bool worker = config.parallel.comm_worker && backend == parallel::Backend::kMpi;
+  const auto& link = config.parallel.simulated_link;
+  return parallel::with_communication_options(
+      parallel::with_backend(groups, backend, device), worker,
+      parallel::LinkModel{link.bandwidth_gbps, link.latency_us});
 }
 
 }  // namespace moeforge

@@ -22,6 +22,13 @@ c10::Device resolve_device(const Config& config);
 // of allocated bytes, or the peak resident set size for the CPU.
 int64_t peak_memory_bytes(const c10::Device& device);
 
+// The groups a run communicates over: `groups` (plain MPI or one-process groups) on the
+// resolved backend, with the communication worker (MPI only: NCCL is asynchronous through its
+// own stream) and the simulated link the config asks for. Collective when the backend is NCCL.
+parallel::ProcessGroups communication_groups(const Config& config,
+                                             const parallel::ProcessGroups& groups,
+                                             const c10::Device& device);
+
 // parallel.backend with `auto` resolved: nccl for CUDA devices, mpi otherwise.
 parallel::Backend resolve_backend(const Config& config, const c10::Device& device);
 

@@ -18,7 +18,7 @@
 #include "trainer/common/file_io.hpp"
 #include "trainer/common/hashing.hpp"
 #include "trainer/common/user_error.hpp"
-#include "trainer/convert/hf_checkpoint.hpp"
+#include "trainer/convert/model_source.hpp"
 #include "trainer/device.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/stop_signal.hpp"
@@ -158,18 +158,6 @@ void summarise(RunSummary& summary) {
   if (!summary.evals.empty()) summary.final_val_loss = summary.evals.back().val_loss;
 }
 
-// The groups a run uses: on its backend, with the communication worker (MPI only: NCCL is
-// asynchronous through its own stream) and the simulated link applied.
-parallel::ProcessGroups prepare_groups(const Config& config, const parallel::ProcessGroups& groups,
-                                       const c10::Device& device) {
-  const auto backend = resolve_backend(config, device);
-  const bool worker = config.parallel.comm_worker && backend == parallel::Backend::kMpi;
-  const auto& link = config.parallel.simulated_link;
-  return parallel::with_communication_options(
-      parallel::with_backend(groups, backend, device), worker,
-      parallel::LinkModel{link.bandwidth_gbps, link.latency_us});
-}
-
 }  // namespace
 
 Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, TokenDataset data,
@@ -179,7 +167,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
       bf16_(config.train.precision == Precision::kBf16),
       fail_at_(injected_failure()),
       nan_grad_steps_(injected_nan_steps()),
-      groups_(prepare_groups(config, groups, device_)),
+      groups_(communication_groups(config, groups, device_)),
       data_(std::move(data)),
       options_(std::move(options)) {
   is_root_ = groups_.world->rank() == 0;
@@ -271,16 +259,9 @@ std::vector<at::Tensor> Trainer::global_load_fractions(int64_t samples_consumed)
 }
 
 void Trainer::initialize_from(const std::string& path) {
-  if (hf::is_hf_directory(path)) {
-    const auto imported = hf::import_directory(path, config_);
-    load_model_weights(*model_, imported.weights, path, imported.origin);
-  } else {
-    checkpoints_->load(
-        resolve_checkpoint((fs::path(config_.train.out_dir) / "checkpoints").string(), path,
-                           "initialise from"),
-        *model_, *optimizer_);
-    optimizer_ = std::make_unique<AdamW>(named_parameter_list(*model_), config_.train);  // fresh
-  }
+  // Weights only (any format, any ep_size); the optimizer and step start fresh.
+  const auto source = load_model_source(path, config_, "initialise from");
+  load_model_weights(*model_, source.weights, source.description, source.origin);
   if (is_root_ && options_.print)
     std::cout << fmt::format("initialised weights from {} (step 0, fresh optimizer)", path)
               << std::endl;

@@ -12,6 +12,7 @@
 #include "trainer/checkpoint/safetensors.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
+#include "trainer/convert/model_source.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/optim/optimizer.hpp"
 
@@ -20,35 +21,9 @@ namespace fs = std::filesystem;
 namespace moeforge {
 namespace {
 
-struct LoadedModel {
-  Config config;
-  WeightMap weights;
-  std::string description;
-  std::map<std::string, std::string> origin;  // HF imports: where each tensor came from
-};
-
 const parallel::ProcessGroups& single_process() {
   static const auto groups = parallel::make_single_process_groups();
   return groups;
-}
-
-// A Hugging Face directory, or a moeforge run / checkpoints / checkpoint directory.
-LoadedModel load_any(const std::string& path, const Config& base) {
-  if (hf::is_hf_directory(path)) {
-    auto imported = hf::import_directory(path, base);
-    return {imported.config, std::move(imported.weights),
-            fmt::format("Hugging Face {} model {}", imported.model_type, path),
-            std::move(imported.origin)};
-  }
-  CheckpointManager manager(path, single_process());
-  const auto dir = resolve_checkpoint(path, path, "read a model from");
-  auto config =
-      load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json:config");
-  config.parallel.ep_size = 1;
-  DecoderLM model(config, *single_process().ep);
-  AdamW optimizer(named_parameter_list(*model), config.train);
-  manager.load(dir, *model, optimizer);
-  return {config, model_weights(*model), "moeforge checkpoint " + dir};
 }
 
 // RUN_DIR/config.yaml + RUN_DIR/checkpoints/step-00000000 (fresh optimizer state).
@@ -86,7 +61,7 @@ int import_command(const ConvertArgs& args) {
   require(hf::is_hf_directory(args.from),
           fmt::format("moeforge import: {} is not a Hugging Face model directory (no config.json)",
                       args.from));
-  const auto model = load_any(args.from, base_config(args));
+  const auto model = load_model_source(args.from, base_config(args));
   validate_for_world(model.config, 1);
   write_run(args.out, model.config, model.weights, model.origin);
   return 0;
@@ -95,7 +70,7 @@ int import_command(const ConvertArgs& args) {
 int upcycle_command(const ConvertArgs& args) {
   require_arg(args.config_path, "--config", "upcycle");
   const auto moe_config = load_config(args.config_path, args.overrides);
-  const auto dense = load_any(args.from, moe_config);
+  const auto dense = load_model_source(args.from, moe_config);
   std::cout << "upcycling " << dense.description << " (" << args.upcycle.method << ")\n";
   const auto weights = upcycle(dense.config, dense.weights, moe_config, args.upcycle);
   write_run(args.out, moe_config, weights);
@@ -104,7 +79,7 @@ int upcycle_command(const ConvertArgs& args) {
 
 int export_command(const ConvertArgs& args) {
   require_arg(args.format, "--format", "export");
-  const auto model = load_any(args.from, Config{});
+  const auto model = load_model_source(args.from, Config{});
   hf::ExportOptions options;
   options.format = args.format;
   options.dtype = args.dtype.empty() ? "float32" : args.dtype;
@@ -117,7 +92,7 @@ int export_command(const ConvertArgs& args) {
 
 int forward_command(const ConvertArgs& args) {
   require_arg(args.tokens, "--tokens", "forward");
-  const auto loaded = load_any(args.from, Config{});
+  const auto loaded = load_model_source(args.from, Config{});
   const auto file = safetensors::File::open(args.tokens);
   require(file.contains("tokens"),
           fmt::format("{}: no tensor 'tokens' (expected I64 [batch, seq])", args.tokens));
