@@ -111,8 +111,19 @@ void prepare_start_point(const TrainArgs& args, PreparedRun& run) {
   }
 }
 
+// --init-from a Hugging Face directory: its model section is the run's.
+std::optional<FixedModel> model_of_init_source(const TrainArgs& args) {
+  if (!args.init_from || !hf::is_hf_directory(*args.init_from)) return std::nullopt;
+  std::string type;
+  const auto source = hf::read_config(*args.init_from, Config{}, &type);
+  return FixedModel{source.model, fmt::format("Hugging Face {} model {}", type, *args.init_from)};
+}
+
 PreparedRun prepare_run(const TrainArgs& args, int rank, int world_size) {
-  PreparedRun run{load_config(args.config_path, args.overrides), std::nullopt, {}, std::nullopt};
+  PreparedRun run{load_config(args.config_path, args.overrides, model_of_init_source(args)),
+                  std::nullopt,
+                  {},
+                  std::nullopt};
   validate_for_world(run.config, world_size);
   run.data =
       TokenDataset::open(run.config.data, run.config.model.vocab_size, run.config.train.seq_len);
@@ -270,7 +281,9 @@ void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& 
         ->type_name("KEY=VALUE");
   }
   add_upcycle_options(cmds.upcycle_cmd, convert, cmds.no_shared_from_dense);
-  cmds.export_cmd->add_option("--format", convert.format, "hf-mixtral | hf-qwen2-moe | hf-llama")
+  cmds.export_cmd
+      ->add_option("--format", convert.format,
+                   "hf-mixtral | hf-qwen2-moe | hf-qwen3-moe | hf-llama | hf-qwen3")
       ->required();
   cmds.export_cmd->add_option("--dtype", convert.dtype,
                               "float32 | bfloat16 | float16 (default float32)");

@@ -198,15 +198,23 @@ void validate(const Config& c, const Locations& locations, const std::string& so
     if (!ok) throw UserError(fmt::format("{}: {}: {}", at(path), path, message));
   };
   const auto& m = c.model;
-  rule(m.hidden_size % m.num_heads == 0, "model.hidden_size",
-       fmt::format("{} is not divisible by model.num_heads = {}", m.hidden_size, m.num_heads));
+  rule(m.head_dim > 0 || m.hidden_size % m.num_heads == 0, "model.hidden_size",
+       fmt::format("{} is not divisible by model.num_heads = {} (or set model.head_dim)",
+                   m.hidden_size, m.num_heads));
   rule(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
        fmt::format("{} does not divide model.num_heads = {} (grouped-query attention shares each "
                    "kv head among num_heads / num_kv_heads query heads)",
                    m.num_kv_heads, m.num_heads));
-  rule((m.hidden_size / m.num_heads) % 2 == 0, "model.hidden_size",
-       fmt::format("head size hidden_size / num_heads = {} must be even (RoPE rotates pairs)",
-                   m.hidden_size / m.num_heads));
+  rule(head_dim_of(m) % 2 == 0, m.head_dim > 0 ? "model.head_dim" : "model.hidden_size",
+       fmt::format("head size {} must be even (RoPE rotates pairs)", head_dim_of(m)));
+  const auto& rope = m.rope_scaling;
+  rule(rope.type != RopeScalingType::kLlama3 || rope.original_max_position_embeddings > 0,
+       "model.rope_scaling.original_max_position_embeddings",
+       "llama3 RoPE scaling needs the original context length (> 0)");
+  rule(rope.type != RopeScalingType::kLlama3 || rope.high_freq_factor > rope.low_freq_factor,
+       "model.rope_scaling.high_freq_factor",
+       fmt::format("{} must be above model.rope_scaling.low_freq_factor = {}",
+                   rope.high_freq_factor, rope.low_freq_factor));
   rule(c.moe.top_k <= c.moe.num_experts, "moe.top_k",
        fmt::format("{} is more than moe.num_experts = {}", c.moe.top_k, c.moe.num_experts));
   const auto& r = c.moe.router;
@@ -249,8 +257,32 @@ void validate(const Config& c, const Locations& locations, const std::string& so
                    m.vocab_size, enum_text(c.data.source)));
 }
 
+std::string format_value(const KeySpec& key, Config& config);
+
+// The model section of a model the config is applied to (upcycling, import, --init-from an HF
+// directory): it replaces the file's, and a model key the file or an override sets to another
+// value is an error naming both.
+void adopt_fixed_model(Config& config, const FixedModel& fixed, const Locations& locations) {
+  Config theirs = config;
+  theirs.model = fixed.model;
+  for (const auto& key : config_schema()) {
+    if (key.path.rfind("model.", 0) != 0) continue;
+    const auto where = locations.find(key.path);
+    if (where == locations.end()) continue;  // not set by the user: nothing to contradict
+    const auto mine = format_value(key, config), source = format_value(key, theirs);
+    if (mine != source)
+      throw UserError(fmt::format(
+          "{}: {}: {} here, but {} has {}; the model section comes from the source (leave the "
+          "key out)",
+          where->second, key.path, mine, fixed.source, source));
+  }
+  config.model = fixed.model;
+  if (!locations.count("train.seq_len"))  // the default must fit the adopted model
+    config.train.seq_len = std::min(config.train.seq_len, config.model.max_seq_len);
+}
+
 Config parse(const YAML::Node& root, const std::string& source,
-             const std::vector<std::string>& overrides) {
+             const std::vector<std::string>& overrides, const std::optional<FixedModel>& fixed) {
   Config config;
   config.source_file = source;
   Locations locations;
@@ -261,19 +293,21 @@ Config parse(const YAML::Node& root, const std::string& source,
                     line_of(source, root.Mark()), describe(root)));
   if (root.IsMap()) parse_map(config, root, "", source, locations);  // empty file: defaults
   for (const auto& text : overrides) apply_override(config, text, locations);
+  if (fixed) adopt_fixed_model(config, *fixed, locations);
   validate(config, locations, source);
   return config;
 }
 
 Config parse_text(const std::string& text, const std::string& source,
-                  const std::vector<std::string>& overrides) {
+                  const std::vector<std::string>& overrides,
+                  const std::optional<FixedModel>& fixed) {
   YAML::Node root;
   try {
     root = YAML::Load(text);
   } catch (const YAML::ParserException& e) {
     throw UserError(fmt::format("{}:{}: YAML syntax error: {}", source, e.mark.line + 1, e.msg));
   }
-  return parse(root, source, overrides);
+  return parse(root, source, overrides, fixed);
 }
 
 std::string format_value(const KeySpec& key, Config& config) {
@@ -292,7 +326,8 @@ std::string format_value(const KeySpec& key, Config& config) {
 
 }  // namespace
 
-Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+Config load_config(const std::string& path, const std::vector<std::string>& overrides,
+                   const std::optional<FixedModel>& fixed_model) {
   const auto text = read_file(path, "config file");
   // An empty file would silently train every default; a config must say what it trains.
   if (text.find_first_not_of(" \t\r\n") == std::string::npos)
@@ -300,12 +335,13 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
         fmt::format("{}: the config file is empty; describe at least the model and train sections "
                     "(configs/tiny.yaml is a complete example)",
                     path));
-  return parse_text(text, path, overrides);
+  return parse_text(text, path, overrides, fixed_model);
 }
 
 Config load_config_from_string(const std::string& yaml_text, const std::string& source_name,
-                               const std::vector<std::string>& overrides) {
-  return parse_text(yaml_text, source_name, overrides);
+                               const std::vector<std::string>& overrides,
+                               const std::optional<FixedModel>& fixed_model) {
+  return parse_text(yaml_text, source_name, overrides, fixed_model);
 }
 
 std::string to_yaml(const Config& config) {
@@ -367,12 +403,23 @@ std::string config_reference_markdown() {
 }
 
 std::vector<std::string> parameter_shape_differences(const Config& stored, const Config& run) {
-  static const std::set<std::string> shape_keys = {
-      "model.vocab_size",    "model.hidden_size",      "model.num_layers",
-      "model.num_heads",     "model.num_kv_heads",     "model.ffn_size",
-      "model.qkv_bias",      "model.tie_embeddings",   "moe.num_experts",
-      "moe.expert_ffn_size", "moe.num_shared_experts", "moe.shared_expert_ffn_size",
-      "moe.first_k_dense",   "moe.layer_freq",         "moe.router.num_null_experts"};
+  static const std::set<std::string> shape_keys = {"model.vocab_size",
+                                                   "model.hidden_size",
+                                                   "model.num_layers",
+                                                   "model.num_heads",
+                                                   "model.num_kv_heads",
+                                                   "model.ffn_size",
+                                                   "model.qkv_bias",
+                                                   "model.tie_embeddings",
+                                                   "model.head_dim",
+                                                   "model.qk_norm",
+                                                   "moe.num_experts",
+                                                   "moe.expert_ffn_size",
+                                                   "moe.num_shared_experts",
+                                                   "moe.shared_expert_ffn_size",
+                                                   "moe.first_k_dense",
+                                                   "moe.layer_freq",
+                                                   "moe.router.num_null_experts"};
   Config a = stored, b = run;
   std::vector<std::string> differences;
   for (const auto& key : config_schema()) {

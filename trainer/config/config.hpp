@@ -16,6 +16,20 @@
 
 namespace moeforge {
 
+enum class RopeScalingType { kNone, kLinear, kLlama3 };
+
+// RoPE frequency scaling for long contexts (Hugging Face's rope_scaling / rope_parameters).
+//   linear  every inverse frequency ÷ factor (position interpolation);
+//   llama3  Llama 3.1: wavelengths above original_max_position_embeddings / low_freq_factor
+//           ÷ factor, below original / high_freq_factor unchanged, smooth in between.
+struct RopeScalingConfig {
+  RopeScalingType type = RopeScalingType::kNone;
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 0;
+};
+
 struct ModelConfig {
   int64_t vocab_size = 256;
   int64_t hidden_size = 128;
@@ -25,11 +39,19 @@ struct ModelConfig {
   int64_t ffn_size = 512;  // dense SwiGLU intermediate size (dense layers)
   int64_t max_seq_len = 128;
   double rope_theta = 10000.0;
+  RopeScalingConfig rope_scaling;
   double rms_norm_eps = 1e-6;
+  int64_t head_dim = 0;  // 0 = hidden_size / num_heads (Qwen3 sets it independently)
+  bool qk_norm = false;  // RMSNorm on each head of q and k before RoPE (Qwen3)
   bool qkv_bias = false;
   bool tie_embeddings = false;
   double init_std = 0.02;
 };
+
+// The attention head size: model.head_dim, or hidden_size / num_heads when 0.
+inline int64_t head_dim_of(const ModelConfig& m) {
+  return m.head_dim > 0 ? m.head_dim : m.hidden_size / m.num_heads;
+}
 
 // Closed sets of options are enums in code; their YAML spellings live in EnumText below (the
 // only place strings meet them).
@@ -96,9 +118,9 @@ struct DataConfig {
 };
 
 struct CheckpointConfig {
-  int64_t every = 100;     // 0 = only at the end
-  int64_t keep = 3;        // newest checkpoints kept; 0 = keep all
-  bool on_signal = true;   // SIGTERM / SIGINT / SIGUSR1: checkpoint before stopping
+  int64_t every = 100;    // 0 = only at the end
+  int64_t keep = 3;       // newest checkpoints kept; 0 = keep all
+  bool on_signal = true;  // SIGTERM / SIGINT / SIGUSR1: checkpoint before stopping
 };
 
 struct LoggingConfig {
@@ -136,6 +158,9 @@ MOEFORGE_ENUM_TEXT(moe::AuxLossScope, std::pair{moe::AuxLossScope::kMicroBatch, 
                    std::pair{moe::AuxLossScope::kGlobalBatch, "global_batch"});
 MOEFORGE_ENUM_TEXT(moe::DropPolicy, std::pair{moe::DropPolicy::kProbs, "probs"},
                    std::pair{moe::DropPolicy::kPosition, "position"});
+MOEFORGE_ENUM_TEXT(RopeScalingType, std::pair{RopeScalingType::kNone, "none"},
+                   std::pair{RopeScalingType::kLinear, "linear"},
+                   std::pair{RopeScalingType::kLlama3, "llama3"});
 MOEFORGE_ENUM_TEXT(DataSource, std::pair{DataSource::kBuiltin, "builtin"},
                    std::pair{DataSource::kText, "text"}, std::pair{DataSource::kBin, "bin"});
 MOEFORGE_ENUM_TEXT(TokenWidth, std::pair{TokenWidth::kUint16, "uint16"},
@@ -162,13 +187,24 @@ std::optional<E> enum_from_text(std::string_view text) {
   return std::nullopt;
 }
 
-// Loads `path`, applies `overrides` ("a.b.c=value", YAML scalar syntax for the value), validates.
-// Throws UserError with file:line, the key, and what is allowed.
-Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// A model section that comes from elsewhere (the model being upcycled, imported or
+// initialised from): it replaces the file's, and a `model.*` key the file or an override sets
+// to a different value is a UserError naming both values.
+struct FixedModel {
+  ModelConfig model;
+  std::string source;  // for messages: "Hugging Face qwen3 model DIR"
+};
+
+// Loads `path`, applies `overrides` ("a.b.c=value", YAML scalar syntax for the value), adopts
+// `fixed_model` when given, validates. Throws UserError with file:line, the key, and what is
+// allowed.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {},
+                   const std::optional<FixedModel>& fixed_model = std::nullopt);
 
 // Same, from YAML text (tests); `source_name` stands in for the file name in messages.
 Config load_config_from_string(const std::string& yaml_text, const std::string& source_name,
-                               const std::vector<std::string>& overrides = {});
+                               const std::vector<std::string>& overrides = {},
+                               const std::optional<FixedModel>& fixed_model = std::nullopt);
 
 // The fully resolved config (every key, defaults filled in) as YAML; loading it gives back an
 // equal Config.

@@ -13,6 +13,7 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/convert/model_source.hpp"
+#include "trainer/convert/tokenizer_files.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/optim/optimizer.hpp"
 
@@ -46,9 +47,10 @@ void write_run(const std::string& out_dir, Config config, const WeightMap& weigh
             << std::flush;
 }
 
-Config base_config(const ConvertArgs& args) {
-  return args.config_path.empty() ? load_config_from_string("{}", "defaults", args.overrides)
-                                  : load_config(args.config_path, args.overrides);
+// The --config YAML (optional) and --set overrides around a model section from a source.
+Config config_around(const ConvertArgs& args, const FixedModel& model) {
+  return args.config_path.empty() ? load_config_from_string("{}", "--set", args.overrides, model)
+                                  : load_config(args.config_path, args.overrides, model);
 }
 
 void require_arg(const std::string& value, const char* flag, const char* command) {
@@ -61,19 +63,25 @@ int import_command(const ConvertArgs& args) {
   require(hf::is_hf_directory(args.from),
           fmt::format("moeforge import: {} is not a Hugging Face model directory (no config.json)",
                       args.from));
-  const auto model = load_model_source(args.from, base_config(args));
-  validate_for_world(model.config, 1);
-  write_run(args.out, model.config, model.weights, model.origin);
+  const auto source = load_model_source(args.from, Config{});
+  // The YAML / --set supply the other sections; a model key there must agree with the source.
+  auto config = config_around(args, FixedModel{source.config.model, source.description});
+  config.moe = source.config.moe;  // the HF model's MoE layout (every block dense for dense)
+  validate_for_world(config, 1);
+  write_run(args.out, config, source.weights, source.origin);
+  copy_tokenizer(args.from, args.out, config.model.vocab_size);
   return 0;
 }
 
 int upcycle_command(const ConvertArgs& args) {
-  require_arg(args.config_path, "--config", "upcycle");
-  const auto moe_config = load_config(args.config_path, args.overrides);
-  const auto dense = load_model_source(args.from, moe_config);
+  const auto dense = load_model_source(args.from, Config{});
+  // The whole model section comes from the source; the YAML (optional) and --set supply the
+  // MoE, training and data sections.
+  const auto moe_config = config_around(args, FixedModel{dense.config.model, dense.description});
   std::cout << "upcycling " << dense.description << " (" << args.upcycle.method << ")\n";
   const auto weights = upcycle(dense.config, dense.weights, moe_config, args.upcycle);
   write_run(args.out, moe_config, weights);
+  copy_tokenizer(tokenizer_dir_of(args.from), args.out, moe_config.model.vocab_size);
   return 0;
 }
 
@@ -86,6 +94,7 @@ int export_command(const ConvertArgs& args) {
   options.max_shard_bytes = static_cast<uint64_t>(args.shard_mb * 1024 * 1024);
   options.drop_expert_bias = args.drop_expert_bias;
   hf::export_directory(model.config, model.weights, options, args.out);
+  copy_tokenizer(tokenizer_dir_of(args.from), args.out, model.config.model.vocab_size);
   std::cout << fmt::format("exported {} as {} to {}\n", model.description, args.format, args.out);
   return 0;
 }

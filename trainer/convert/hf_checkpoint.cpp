@@ -23,8 +23,8 @@ using nlohmann::json;
 namespace moeforge::hf {
 namespace {
 
-const std::vector<std::string> kDenseTypes = {"llama", "mistral", "qwen2"};
-const std::vector<std::string> kMoeTypes = {"mixtral", "qwen2_moe"};
+const std::vector<std::string> kDenseTypes = {"llama", "mistral", "qwen2", "qwen3"};
+const std::vector<std::string> kMoeTypes = {"mixtral", "qwen2_moe", "qwen3_moe"};
 
 bool contains(const std::vector<std::string>& list, const std::string& value) {
   return std::find(list.begin(), list.end(), value) != list.end();
@@ -81,6 +81,10 @@ std::vector<std::pair<std::string, std::string>> name_pairs(const Config& config
     const std::string ours = fmt::format("layers.{}.", i),
                       theirs = fmt::format("model.layers.{}.", i);
     pairs.push_back({ours + "attn_norm.weight", theirs + "input_layernorm.weight"});
+    if (m.qk_norm)
+      for (const char* norm : {"q_norm", "k_norm"})
+        pairs.push_back(
+            {ours + "attn." + norm + ".weight", theirs + "self_attn." + norm + ".weight"});
     pairs.push_back({ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight"});
     for (const char* p : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
       pairs.push_back({ours + "attn." + p + ".weight", theirs + "self_attn." + p + ".weight"});
@@ -122,8 +126,8 @@ std::vector<std::pair<std::string, std::string>> name_pairs(const Config& config
 }
 
 std::string family_of(const std::string& model_type) {
-  if (model_type == "mixtral" || model_type == "qwen2_moe") return model_type;
-  return "llama";
+  if (contains(kMoeTypes, model_type)) return model_type;
+  return "llama";  // llama, mistral, qwen2, qwen3 share the dense tensor names
 }
 
 // Finds (first_k_dense, layer_freq) whose MoE-block pattern equals `is_moe`; false if none.
@@ -145,6 +149,36 @@ bool layer_pattern(const std::vector<bool>& is_moe, int64_t* first_k_dense, int6
   return false;
 }
 
+// RoPE scaling from either spelling: `rope_scaling` (transformers ≤ 4) or `rope_parameters`
+// (transformers 5); `type` or `rope_type`. Only the types moeforge computes are accepted.
+void read_rope_scaling(const HfConfig& c, RopeScalingConfig& scaling) {
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (!c.has(key) || !c.raw(key).is_object()) continue;
+    const auto& rope = c.raw(key);
+    const std::string type = rope.value("rope_type", rope.value("type", std::string("default")));
+    if (type == "default") return;
+    const auto number = [&](const char* field, double fallback) {
+      return rope.contains(field) && rope[field].is_number() ? rope[field].get<double>() : fallback;
+    };
+    if (type == "linear") {
+      scaling.type = RopeScalingType::kLinear;
+    } else if (type == "llama3") {
+      scaling.type = RopeScalingType::kLlama3;
+      scaling.low_freq_factor = number("low_freq_factor", 1.0);
+      scaling.high_freq_factor = number("high_freq_factor", 4.0);
+      scaling.original_max_position_embeddings =
+          static_cast<int64_t>(number("original_max_position_embeddings", 0));
+    } else {
+      throw UserError(fmt::format(
+          "{}: {}.rope_type '{}' is not supported; moeforge computes default, linear and llama3 "
+          "RoPE",
+          c.path(), key, type));
+    }
+    scaling.factor = number("factor", 1.0);
+    return;
+  }
+}
+
 double rope_theta_of(const HfConfig& c) {
   if (c.has("rope_theta")) return c.get<double>("rope_theta");
   if (c.has("rope_parameters")) {  // transformers v5 layout
@@ -161,17 +195,7 @@ void check_supported(const HfConfig& c, const std::string& model_type) {
   if (c.get<std::string>("hidden_act", "silu") != "silu")
     fail(fmt::format("hidden_act '{}' is not supported; moeforge's FFNs are SwiGLU (silu)",
                      c.get<std::string>("hidden_act")));
-  if (c.has("rope_scaling")) fail("rope_scaling is not supported (plain RoPE only)");
   if (c.get<bool>("mlp_bias", false)) fail("mlp_bias is not supported (FFNs have no biases)");
-  if (c.has("rope_parameters")) {
-    const auto& rope = c.raw("rope_parameters");
-    if (rope.is_object() && rope.value("rope_type", std::string("default")) != "default")
-      fail("rope_parameters.rope_type other than 'default' is not supported (plain RoPE only)");
-  }
-  const auto hidden = c.get<int64_t>("hidden_size"), heads = c.get<int64_t>("num_attention_heads");
-  if (c.has("head_dim") && c.get<int64_t>("head_dim") != hidden / heads)
-    fail(fmt::format("head_dim {} differs from hidden_size / num_attention_heads = {}",
-                     c.get<int64_t>("head_dim"), hidden / heads));
 }
 
 }  // namespace
@@ -197,11 +221,18 @@ void read_model_shape(const HfConfig& c, const std::string& type, Config& config
       c.has("sliding_window"))
     m.max_seq_len = std::min(m.max_seq_len, c.get<int64_t>("sliding_window"));
   m.rope_theta = rope_theta_of(c);
+  read_rope_scaling(c, m.rope_scaling);
   m.rms_norm_eps = c.get<double>("rms_norm_eps");
   m.tie_embeddings = c.get<bool>("tie_word_embeddings", false);
   m.init_std = c.get<double>("initializer_range", m.init_std);
-  const bool qwen = type == "qwen2" || type == "qwen2_moe";
-  m.qkv_bias = qwen || c.get<bool>("attention_bias", false);
+  const int64_t natural_head_dim = m.hidden_size / std::max<int64_t>(1, m.num_heads);
+  const auto head_dim = c.has("head_dim") && !c.raw("head_dim").is_null()
+                            ? c.get<int64_t>("head_dim")
+                            : natural_head_dim;
+  m.head_dim = head_dim == natural_head_dim && m.hidden_size % m.num_heads == 0 ? 0 : head_dim;
+  const bool qwen2 = type == "qwen2" || type == "qwen2_moe";
+  m.qk_norm = type == "qwen3" || type == "qwen3_moe";
+  m.qkv_bias = qwen2 || c.get<bool>("attention_bias", false);
   config.train.seq_len = std::min(config.train.seq_len, m.max_seq_len);
 }
 
@@ -231,11 +262,11 @@ void read_moe_layout(const HfConfig& c, const std::string& type, Config& config)
     moe.first_k_dense = 0;
     moe.layer_freq = 1;
     moe.router.normalize_gates = true;
-  } else if (type == "qwen2_moe") {
+  } else if (type == "qwen2_moe" || type == "qwen3_moe") {
     moe.num_experts = c.get<int64_t>("num_experts");
     moe.top_k = c.get<int64_t>("num_experts_per_tok");
     moe.expert_ffn_size = c.get<int64_t>("moe_intermediate_size");
-    const auto shared = c.get<int64_t>("shared_expert_intermediate_size", 0);
+    const auto shared = c.get<int64_t>("shared_expert_intermediate_size", 0);  // Qwen2-MoE only
     moe.num_shared_experts = shared > 0 ? 1 : 0;
     moe.shared_expert_ffn_size = shared;
     moe.router.normalize_gates = c.get<bool>("norm_topk_prob", false);
@@ -315,18 +346,23 @@ void read_block_extras(TrackedReader& reader, const Config& config, const std::s
 
 }  // namespace
 
-ImportedModel import_directory(const std::string& dir, const Config& base) {
+Config read_config(const std::string& dir, const Config& base, std::string* model_type) {
   const HfConfig c((fs::path(dir) / "config.json").string());
-  ImportedModel out;
-  out.model_type = c.get<std::string>("model_type");
-  if (!contains(kDenseTypes, out.model_type) && !contains(kMoeTypes, out.model_type))
+  const auto type = c.get<std::string>("model_type");
+  if (!contains(kDenseTypes, type) && !contains(kMoeTypes, type))
     throw UserError(fmt::format("{}: model_type '{}' is not supported; allowed: {}, {}", c.path(),
-                                out.model_type, fmt::join(kDenseTypes, ", "),
-                                fmt::join(kMoeTypes, ", ")));
-  check_supported(c, out.model_type);
-  out.config = base;
-  read_model_shape(c, out.model_type, out.config);
-  read_moe_layout(c, out.model_type, out.config);
+                                type, fmt::join(kDenseTypes, ", "), fmt::join(kMoeTypes, ", ")));
+  check_supported(c, type);
+  Config config = base;
+  read_model_shape(c, type, config);
+  read_moe_layout(c, type, config);
+  if (model_type) *model_type = type;
+  return config;
+}
+
+ImportedModel import_directory(const std::string& dir, const Config& base) {
+  ImportedModel out;
+  out.config = read_config(dir, base, &out.model_type);
   TrackedReader reader(dir, out.model_type);
   for (const auto& [ours, theirs] : name_pairs(out.config, family_of(out.model_type))) {
     out.weights[ours] = reader.load(theirs);
@@ -350,10 +386,20 @@ std::vector<std::string> export_problems(const Config& config, const WeightMap& 
   for (int64_t i = 0; i < config.model.num_layers; ++i)
     if (is_moe_block(moe, i)) moe_blocks.push_back(i);
   const bool dense = moe_blocks.empty();
-  if (options.format == "hf-llama") {
-    if (!dense) problems.push_back("hf-llama is a dense format but the model has MoE blocks");
+  const bool qwen3 = options.format == "hf-qwen3" || options.format == "hf-qwen3-moe";
+  if (config.model.qk_norm && !qwen3)
+    problems.push_back(options.format + " has no q/k norms (the model has model.qk_norm)");
+  if (!config.model.qk_norm && qwen3)
+    problems.push_back(options.format + " always normalises q and k (model.qk_norm is false)");
+  if (config.model.head_dim > 0 && options.format == "hf-qwen2-moe")
+    problems.push_back("hf-qwen2-moe has no head_dim independent of hidden_size / num_heads");
+  if (options.format == "hf-llama" || options.format == "hf-qwen3") {
+    if (!dense)
+      problems.push_back(options.format + " is a dense format but the model has MoE blocks");
     return problems;
   }
+  if (options.format == "hf-qwen3-moe" && moe.num_shared_experts > 0)
+    problems.push_back("Qwen3-MoE has no shared experts");
   if (dense) problems.push_back(options.format + " needs MoE blocks; use hf-llama for this model");
   if (r.score != moe::ScoreFunction::kSoftmax)
     problems.push_back(std::string("router score must be softmax (is ") + enum_text(r.score) + ")");
@@ -392,7 +438,7 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
             {"num_hidden_layers", m.num_layers},
             {"num_attention_heads", m.num_heads},
             {"num_key_value_heads", m.num_kv_heads},
-            {"head_dim", m.hidden_size / m.num_heads},
+            {"head_dim", head_dim_of(m)},
             {"max_position_embeddings", m.max_seq_len},
             {"rope_theta", m.rope_theta},
             {"rms_norm_eps", m.rms_norm_eps},
@@ -400,11 +446,41 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
             {"initializer_range", m.init_std},
             {"hidden_act", "silu"},
             {"torch_dtype", options.dtype},
+            {"dtype", options.dtype},
             {"use_cache", true},
             {"bos_token_id", nullptr},
             {"eos_token_id", nullptr}};
+  if (m.rope_scaling.type != RopeScalingType::kNone) {
+    const auto& s = m.rope_scaling;
+    j["rope_scaling"] = {{"rope_type", enum_text(s.type)}, {"factor", s.factor}};
+    if (s.type == RopeScalingType::kLlama3) {
+      j["rope_scaling"]["low_freq_factor"] = s.low_freq_factor;
+      j["rope_scaling"]["high_freq_factor"] = s.high_freq_factor;
+      j["rope_scaling"]["original_max_position_embeddings"] = s.original_max_position_embeddings;
+    }
+  }
   const auto& moe = config.moe;
-  if (options.format == "hf-llama") {
+  if (options.format == "hf-qwen3" || options.format == "hf-qwen3-moe") {
+    const bool dense = options.format == "hf-qwen3";
+    j["architectures"] = {dense ? "Qwen3ForCausalLM" : "Qwen3MoeForCausalLM"};
+    j["model_type"] = dense ? "qwen3" : "qwen3_moe";
+    j["attention_bias"] = m.qkv_bias;
+    j["use_sliding_window"] = false;
+    j["sliding_window"] = nullptr;
+    if (!dense) {
+      j["moe_intermediate_size"] = moe.expert_ffn_size;
+      j["num_experts"] = moe.num_experts;
+      j["num_experts_per_tok"] = moe.top_k;
+      j["norm_topk_prob"] = moe.router.normalize_gates;
+      j["decoder_sparse_step"] = 1;
+      std::vector<int64_t> dense_blocks;
+      for (int64_t i = 0; i < m.num_layers; ++i)
+        if (!is_moe_block(moe, i)) dense_blocks.push_back(i);
+      j["mlp_only_layers"] = dense_blocks;
+      j["router_aux_loss_coef"] = moe.balancing.aux_loss.coeff;
+      j["output_router_logits"] = false;
+    }
+  } else if (options.format == "hf-llama") {
     j["architectures"] = {"LlamaForCausalLM"};
     j["model_type"] = "llama";
     j["attention_bias"] = m.qkv_bias;  // then o_proj gets an explicit zero bias
@@ -447,7 +523,8 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
 
 void export_directory(const Config& config, const WeightMap& weights, const ExportOptions& options,
                       const std::string& out_dir) {
-  const std::vector<std::string> formats = {"hf-llama", "hf-mixtral", "hf-qwen2-moe"};
+  const std::vector<std::string> formats = {"hf-llama", "hf-mixtral", "hf-qwen2-moe", "hf-qwen3",
+                                            "hf-qwen3-moe"};
   if (!contains(formats, options.format))
     throw UserError(
         fmt::format("--format '{}': allowed {}", options.format, fmt::join(formats, " | ")));
@@ -463,6 +540,7 @@ void export_directory(const Config& config, const WeightMap& weights, const Expo
 
   const std::string family = options.format == "hf-mixtral"     ? "mixtral"
                              : options.format == "hf-qwen2-moe" ? "qwen2_moe"
+                             : options.format == "hf-qwen3-moe" ? "qwen3_moe"
                                                                 : "llama";
   const auto dtype = dtypes.at(options.dtype);
   safetensors::NamedTensors tensors;
@@ -485,7 +563,7 @@ void export_directory(const Config& config, const WeightMap& weights, const Expo
       add(theirs + "self_attn.o_proj.bias", at::zeros({m.hidden_size}, at::kFloat));
     if (family == "qwen2_moe") {
       if (!m.qkv_bias) {
-        const int64_t head = m.hidden_size / m.num_heads;
+        const int64_t head = head_dim_of(m);
         add(theirs + "self_attn.q_proj.bias", at::zeros({m.num_heads * head}, at::kFloat));
         add(theirs + "self_attn.k_proj.bias", at::zeros({m.num_kv_heads * head}, at::kFloat));
         add(theirs + "self_attn.v_proj.bias", at::zeros({m.num_kv_heads * head}, at::kFloat));

@@ -28,11 +28,15 @@ struct ImportedModel {
 // True when `dir` holds a config.json (a Hugging Face model directory).
 bool is_hf_directory(const std::string& dir);
 
+// The moeforge config of an HF model directory: `base` with the model section (and the MoE
+// layout) from config.json, tensors not read. UserError naming the file and key.
+Config read_config(const std::string& dir, const Config& base, std::string* model_type = nullptr);
+
 // UserError naming the file and key (config.json) or tensor (safetensors) on bad input.
 ImportedModel import_directory(const std::string& dir, const Config& base);
 
 struct ExportOptions {
-  std::string format;  // hf-llama | hf-mixtral | hf-qwen2-moe
+  std::string format;  // hf-llama | hf-mixtral | hf-qwen2-moe | hf-qwen3 | hf-qwen3-moe
   uint64_t max_shard_bytes = 5ULL << 30;
   std::string dtype = "float32";  // float32 | bfloat16 | float16
   bool drop_expert_bias = false;  // allow losing a non-zero aux-loss-free bias

@@ -7,14 +7,14 @@ namespace moeforge {
 FlopCount count_flops(const Config& config, int64_t seq_len) {
   const auto& m = config.model;
   const auto& moe = config.moe;
-  const int64_t hidden = m.hidden_size, head_dim = m.hidden_size / m.num_heads;
+  const int64_t hidden = m.hidden_size, head_dim = head_dim_of(m);
   const int64_t q_width = m.num_heads * head_dim, kv_width = m.num_kv_heads * head_dim;
   const int64_t attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden +
                             (m.qkv_bias ? q_width + 2 * kv_width : 0);
   const int64_t expert = 3 * hidden * moe.expert_ffn_size;
   const int64_t shared = moe.num_shared_experts * 3 * hidden * moe::shared_expert_size(moe);
   const int64_t router = hidden * (moe.num_experts + moe.router.num_null_experts);
-  const int64_t norms = 2 * hidden;
+  const int64_t norms = 2 * hidden + (m.qk_norm ? 2 * head_dim : 0);
   FlopCount count;
   for (int64_t block = 0; block < m.num_layers; ++block) {
     const bool is_moe = is_moe_block(moe, block);
