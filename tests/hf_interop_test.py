@@ -99,6 +99,116 @@ def tensors_of(directory):
     return result
 
 
+def make_tokenizer(directory, vocab_size):
+    """A small byte-level BPE trained here, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the router sends each token to its experts", "experts learn while the gate balances",
+            "upcycling copies a dense model into a mixture of experts"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def families(mf, p, tokens, tokens_file):
+    """Llama 3.x (llama3 RoPE scaling), Qwen3 (head_dim != hidden/heads, q/k norms), Qwen3-MoE
+    (decoder_sparse_step, mlp_only_layers): import logits, upcycle + export back to transformers,
+    bit-identical round trips, bf16 export, tokenizers carried along, refusals."""
+    from safetensors import safe_open
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, initializer_range=0.08)
+    l3 = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, **common))  # tokens are 24 long: beyond 16
+    l3.save_pretrained(p("llama3"))
+    # 320 ids: the tokenizer's 256 bytes, merges and one special token fit (ids < 300).
+    q3 = Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=2, head_dim=32,
+                                      **{**common, "vocab_size": 320}))
+    q3.save_pretrained(p("qwen3"))
+    tokenizer = make_tokenizer(p("qwen3"), vocab_size=300)
+    q3m = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        num_hidden_layers=4, head_dim=16, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=True,
+        **common))
+    q3m.save_pretrained(p("qwen3_moe"))
+    refs = {}
+    for name, model in (("llama3", l3), ("qwen3", q3), ("qwen3_moe", q3m)):
+        refs[name] = hf_logits(model, tokens)
+        close(mf.logits(p(name), tokens_file), refs[name], FP32_TOL,
+              f"import {name}: float32 logits vs transformers")
+        if name != "qwen3_moe":  # transformers' grouped-mm MoE experts have no float64 kernel
+            close(mf.logits(p(name), tokens_file, "float64"),
+                  hf_logits(model, tokens, torch.float64), HF_FP64_TOL,
+                  f"import {name}: float64 logits vs transformers float64")
+
+    # Upcycle (copy) Qwen3 -> export Qwen3-MoE, and Llama 3 -> Mixtral: transformers reproduces
+    # the dense logits. No YAML: the model section comes from the source.
+    for source, fmt, arch in (("qwen3", "hf-qwen3-moe", "Qwen3MoeForCausalLM"),
+                              ("llama3", "hf-mixtral", "MixtralForCausalLM")):
+        mf.run("upcycle", "--from", p(source), "--out", p(f"{source}_up"), "--set",
+               "moe.num_experts=4", "--set", "moe.top_k=2", "--set", "moe.expert_ffn_size=128")
+        mf.run("export", "--from", p(f"{source}_up"), "--format", fmt, "--out", p(f"{source}_hf"))
+        exported = AutoModelForCausalLM.from_pretrained(p(f"{source}_hf"), dtype=torch.float32)
+        check(type(exported).__name__ == arch, f"{fmt} loads as {arch}")
+        close(hf_logits(exported, tokens), refs[source], FP32_TOL,
+              f"upcycled {source} exported as {fmt}: transformers logits vs the dense model")
+
+    # Round trips bit-identical (fp32); bf16 export has bf16 tensors and config dtype.
+    for name, fmt in (("qwen3_moe", "hf-qwen3-moe"), ("qwen3", "hf-qwen3"), ("llama3", "hf-llama")):
+        mf.run("import", "--from", p(name), "--out", p(f"{name}_run"))
+        mf.run("export", "--from", p(f"{name}_run"), "--format", fmt, "--out", p(f"{name}_back"))
+        source, back = tensors_of(p(name)), tensors_of(p(f"{name}_back"))
+        check(source.keys() == back.keys() and all(torch.equal(source[k], back[k]) for k in source),
+              f"{name} -> moeforge -> {fmt}: every tensor bit-identical")
+    mf.run("export", "--from", p("qwen3_run"), "--format", "hf-qwen3", "--dtype", "bfloat16",
+           "--out", p("qwen3_bf16"))
+    with safe_open(p("qwen3_bf16", "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    with open(p("qwen3_bf16", "config.json")) as f:
+        exported_dtype = json.load(f).get("dtype")
+    check(dtypes == {"BF16"} and exported_dtype == "bfloat16",
+          f"bf16 export: tensors {dtypes}, config dtype {exported_dtype}")
+    bf16 = AutoModelForCausalLM.from_pretrained(p("qwen3_bf16"))
+    check(next(bf16.parameters()).dtype == torch.bfloat16, "bf16 export loads as bfloat16")
+
+    # The tokenizer travels: import/upcycle copy it, export writes it; AutoTokenizer agrees.
+    sentence = "the gate sends experts a token"
+    for directory in ("qwen3_up", "qwen3_hf", "qwen3_back"):
+        loaded = AutoTokenizer.from_pretrained(p(directory))
+        ids = loaded.encode(sentence)
+        check(ids == tokenizer.encode(sentence) and loaded.decode(ids) == tokenizer.decode(ids),
+              f"{directory}: AutoTokenizer encodes/decodes like the source tokenizer")
+
+    # Refusals, each with its message.
+    shutil.copytree(p("llama3"), p("yarn"))
+    with open(p("yarn", "config.json")) as f:
+        cfg = json.load(f)
+    cfg["rope_parameters"]["rope_type"] = "yarn"
+    with open(p("yarn", "config.json"), "w") as f:
+        json.dump(cfg, f)
+    r = mf.run("import", "--from", p("yarn"), "--out", p("yarn_run"), expect_ok=False)
+    check(r.returncode == 2 and "rope_type 'yarn' is not supported" in r.stderr,
+          f"unsupported RoPE type refused by name: {r.stderr.strip()}")
+    r = mf.run("upcycle", "--from", p("qwen3"), "--out", p("bad_up"), "--set",
+               "model.hidden_size=128", expect_ok=False)
+    check(r.returncode == 2 and "model.hidden_size: 128 here, but" in r.stderr
+          and "has 64" in r.stderr, f"contradicting model key names both values: {r.stderr.strip()}")
+    shutil.copytree(p("qwen3"), p("big_vocab"))
+    make_tokenizer(p("big_vocab"), vocab_size=400)
+    r = mf.run("import", "--from", p("big_vocab"), "--out", p("big_run"), expect_ok=False)
+    check(r.returncode == 2 and "token ids but the model's embedding has model.vocab_size = 320"
+          in r.stderr, f"tokenizer larger than the embedding refused: {r.stderr.strip()}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--moeforge", required=True)
@@ -273,6 +383,8 @@ train: {seq_len: 24, micro_batch_size: 2, steps: 60, warmup_steps: 5, eval_every
                expect_ok=False)
     check(r.returncode == 2 and "Mixtral has no shared experts" in r.stderr,
           f"unrepresentable export is refused with the reason: {r.stderr.strip()}")
+
+    families(mf, p, tokens, tokens_file)
 
     # A checkpoint whose tensors do not match its config.json: the message names the HF tensor
     # and its file (not moeforge's internal name only).

@@ -263,7 +263,9 @@ void read_moe_layout(const HfConfig& c, const std::string& type, Config& config)
     moe.layer_freq = 1;
     moe.router.normalize_gates = true;
   } else if (type == "qwen2_moe" || type == "qwen3_moe") {
-    moe.num_experts = c.get<int64_t>("num_experts");
+    // transformers 5 saves Qwen3-MoE's expert count as num_local_experts.
+    moe.num_experts =
+        c.has("num_experts") ? c.get<int64_t>("num_experts") : c.get<int64_t>("num_local_experts");
     moe.top_k = c.get<int64_t>("num_experts_per_tok");
     moe.expert_ffn_size = c.get<int64_t>("moe_intermediate_size");
     const auto shared = c.get<int64_t>("shared_expert_intermediate_size", 0);  // Qwen2-MoE only
@@ -450,14 +452,16 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
             {"use_cache", true},
             {"bos_token_id", nullptr},
             {"eos_token_id", nullptr}};
-  if (m.rope_scaling.type != RopeScalingType::kNone) {
+  if (m.rope_scaling.type != RopeScalingType::kNone) {  // transformers 5's rope_parameters
     const auto& s = m.rope_scaling;
-    j["rope_scaling"] = {{"rope_type", enum_text(s.type)}, {"factor", s.factor}};
+    json rope = {
+        {"rope_type", enum_text(s.type)}, {"rope_theta", m.rope_theta}, {"factor", s.factor}};
     if (s.type == RopeScalingType::kLlama3) {
-      j["rope_scaling"]["low_freq_factor"] = s.low_freq_factor;
-      j["rope_scaling"]["high_freq_factor"] = s.high_freq_factor;
-      j["rope_scaling"]["original_max_position_embeddings"] = s.original_max_position_embeddings;
+      rope["low_freq_factor"] = s.low_freq_factor;
+      rope["high_freq_factor"] = s.high_freq_factor;
+      rope["original_max_position_embeddings"] = s.original_max_position_embeddings;
     }
+    j["rope_parameters"] = rope;
   }
   const auto& moe = config.moe;
   if (options.format == "hf-qwen3" || options.format == "hf-qwen3-moe") {
@@ -470,6 +474,7 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
     if (!dense) {
       j["moe_intermediate_size"] = moe.expert_ffn_size;
       j["num_experts"] = moe.num_experts;
+      j["num_local_experts"] = moe.num_experts;  // transformers 5's name for the same count
       j["num_experts_per_tok"] = moe.top_k;
       j["norm_topk_prob"] = moe.router.normalize_gates;
       j["decoder_sparse_step"] = 1;

@@ -22,11 +22,37 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   return (normed * weight.to(type)).to(x.scalar_type());
 }
 
+at::Tensor rope_inverse_frequencies(const ModelConfig& config) {
+  const int64_t dim = head_dim_of(config);
+  auto inv_freq = 1.0 / at::pow(config.rope_theta,
+                                at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim));
+  const auto& scaling = config.rope_scaling;
+  if (scaling.type == RopeScalingType::kLinear) return inv_freq / scaling.factor;
+  if (scaling.type != RopeScalingType::kLlama3) return inv_freq;
+  // Llama 3.1 (transformers' _compute_llama3_parameters): long wavelengths are interpolated by
+  // `factor`, short ones kept, the band between blended linearly in 1 / wavelength.
+  const auto old_context = static_cast<double>(scaling.original_max_position_embeddings);
+  const double low_wavelen = old_context / scaling.low_freq_factor;
+  const double high_wavelen = old_context / scaling.high_freq_factor;
+  const auto wavelen = 2.0 * M_PI / inv_freq;
+  auto scaled = at::where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq);
+  const auto smooth = (old_context / wavelen - scaling.low_freq_factor) /
+                      (scaling.high_freq_factor - scaling.low_freq_factor);
+  const auto blended = (1.0 - smooth) * scaled / scaling.factor + smooth * scaled;
+  const auto medium =
+      at::logical_not(wavelen < high_wavelen).logical_and(at::logical_not(wavelen > low_wavelen));
+  return at::where(medium, blended, scaled);
+}
+
 at::Tensor apply_rope(const at::Tensor& x, double theta) {
+  const int64_t dim = x.size(3);
+  return apply_rope(
+      x, 1.0 / at::pow(theta, at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim)));
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& inv_freq) {
   const int64_t seq = x.size(2);
   const int64_t dim = x.size(3);
-  const auto inv_freq =
-      1.0 / at::pow(theta, at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim));
   const auto angles = at::outer(at::arange(seq, at::kDouble), inv_freq);  // [S, D/2]
   const auto emb = at::cat({angles, angles}, -1);                         // [S, D]
   const auto cos = emb.cos().to(x.options());  // computed in float64 on the host, then moved
@@ -40,8 +66,8 @@ at::Tensor apply_rope(const at::Tensor& x, double theta) {
 AttentionImpl::AttentionImpl(const ModelConfig& c)
     : num_heads_(c.num_heads),
       num_kv_heads_(c.num_kv_heads),
-      head_dim_(c.hidden_size / c.num_heads),
-      rope_theta_(c.rope_theta) {
+      head_dim_(head_dim_of(c)),
+      inv_freq_(rope_inverse_frequencies(c)) {
   using torch::nn::LinearOptions;
   q_proj = register_module(
       "q_proj",
@@ -55,6 +81,10 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
   o_proj = register_module(
       "o_proj",
       torch::nn::Linear(LinearOptions(num_heads_ * head_dim_, c.hidden_size).bias(false)));
+  if (c.qk_norm) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim_, c.rms_norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(head_dim_, c.rms_norm_eps));
+  }
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x) {
@@ -63,8 +93,12 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   auto q = q_proj->forward(x).view({batch, seq, num_heads_, head_dim_}).transpose(1, 2);
   auto k = k_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
   auto v = v_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
-  q = apply_rope(q, rope_theta_);
-  k = apply_rope(k, rope_theta_);
+  if (q_norm) {  // per head, over the head dimension (Qwen3)
+    q = q_norm->forward(q);
+    k = k_norm->forward(k);
+  }
+  q = apply_rope(q, inv_freq_);
+  k = apply_rope(k, inv_freq_);
   if (num_kv_heads_ != num_heads_) {  // grouped-query attention: share each kv head
     k = k.repeat_interleave(num_heads_ / num_kv_heads_, 1);
     v = v.repeat_interleave(num_heads_ / num_kv_heads_, 1);

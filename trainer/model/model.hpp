@@ -29,8 +29,14 @@ class RMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RMSNorm);
 
+// RoPE inverse frequencies [D/2] (float64, host) for head size D: θ^(-2i/D), scaled as
+// model.rope_scaling says (linear, or Llama 3.1's piecewise rule; exactly Hugging Face's).
+at::Tensor rope_inverse_frequencies(const ModelConfig& config);
+
 // Rotary embedding (Hugging Face rotate_half convention): q·cos + rotate_half(q)·sin.
-// x: [B, heads, S, D]; positions 0..S-1.
+// x: [B, heads, S, D]; positions 0..S-1; inv_freq [D/2].
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& inv_freq);
+// The same with unscaled frequencies of base `theta`.
 at::Tensor apply_rope(const at::Tensor& x, double theta);
 
 class AttentionImpl : public torch::nn::Module {
@@ -39,10 +45,11 @@ class AttentionImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);  // [B, S, H] -> [B, S, H], causal
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};  // per head, when model.qk_norm (Qwen3)
 
  private:
   int64_t num_heads_, num_kv_heads_, head_dim_;
-  double rope_theta_;
+  at::Tensor inv_freq_;  // [D/2] float64 on the host
 };
 TORCH_MODULE(Attention);
 
