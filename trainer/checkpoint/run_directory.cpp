@@ -73,7 +73,9 @@ RunLock::~RunLock() {
 void check_fresh_run_directory(const std::string& out_dir, bool overwrite) {
   if (overwrite) return;
   const fs::path dir(out_dir);
-  for (const char* entry : {"run.json", "checkpoints", "metrics.jsonl"}) {
+  // A training run leaves run.json and metrics.jsonl; checkpoints alone are a conversion's
+  // (import / upcycle), which a new run may start next to: pruning never touches them.
+  for (const char* entry : {"run.json", "metrics.jsonl"}) {
     if (fs::exists(dir / entry))
       throw UserError(fmt::format(
           "{}: already holds a run ({} exists); continue it with --resume, start over with "

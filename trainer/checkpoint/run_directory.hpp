@@ -29,7 +29,8 @@ class RunLock {
 };
 
 // UserError when a fresh (not resumed) run would start in a directory that already holds a
-// run (run.json, checkpoints/ or metrics.jsonl), unless `overwrite`.
+// training run (run.json or metrics.jsonl), unless `overwrite`. A conversion's checkpoints
+// (import / upcycle) do not count: the README's upcycle-then-train flow trains next to them.
 void check_fresh_run_directory(const std::string& out_dir, bool overwrite);
 
 // Starts a fresh run in `out_dir`: with `overwrite`, removes the previous run's checkpoints,
