@@ -432,6 +432,23 @@ std::vector<std::string> export_problems(const Config& config, const WeightMap& 
   return problems;
 }
 
+// The MoE keys Qwen2-MoE and Qwen3-MoE share: expert count and size, top-k, gate
+// normalisation, and which blocks are MoE (every block but the mlp_only_layers).
+void add_qwen_moe_layout(json& j, const Config& config) {
+  const auto& moe = config.moe;
+  j["moe_intermediate_size"] = moe.expert_ffn_size;
+  j["num_experts"] = moe.num_experts;
+  j["num_experts_per_tok"] = moe.top_k;
+  j["norm_topk_prob"] = moe.router.normalize_gates;
+  j["decoder_sparse_step"] = 1;
+  std::vector<int64_t> dense_blocks;
+  for (int64_t i = 0; i < config.model.num_layers; ++i)
+    if (!is_moe_block(moe, i)) dense_blocks.push_back(i);
+  j["mlp_only_layers"] = dense_blocks;
+  j["router_aux_loss_coef"] = moe.balancing.aux_loss.coeff;
+  j["output_router_logits"] = false;
+}
+
 json hf_config_json(const Config& config, const ExportOptions& options) {
   const auto& m = config.model;
   json j = {{"vocab_size", m.vocab_size},
@@ -472,18 +489,8 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
     j["use_sliding_window"] = false;
     j["sliding_window"] = nullptr;
     if (!dense) {
-      j["moe_intermediate_size"] = moe.expert_ffn_size;
-      j["num_experts"] = moe.num_experts;
+      add_qwen_moe_layout(j, config);
       j["num_local_experts"] = moe.num_experts;  // transformers 5's name for the same count
-      j["num_experts_per_tok"] = moe.top_k;
-      j["norm_topk_prob"] = moe.router.normalize_gates;
-      j["decoder_sparse_step"] = 1;
-      std::vector<int64_t> dense_blocks;
-      for (int64_t i = 0; i < m.num_layers; ++i)
-        if (!is_moe_block(moe, i)) dense_blocks.push_back(i);
-      j["mlp_only_layers"] = dense_blocks;
-      j["router_aux_loss_coef"] = moe.balancing.aux_loss.coeff;
-      j["output_router_logits"] = false;
     }
   } else if (options.format == "hf-llama") {
     j["architectures"] = {"LlamaForCausalLM"};
@@ -502,21 +509,11 @@ json hf_config_json(const Config& config, const ExportOptions& options) {
   } else {
     j["architectures"] = {"Qwen2MoeForCausalLM"};
     j["model_type"] = "qwen2_moe";
-    j["moe_intermediate_size"] = moe.expert_ffn_size;
     const int64_t shared_size = moe::shared_expert_size(moe);
     // No shared expert: a 1-wide one with zero down projection adds exactly 0.
     j["shared_expert_intermediate_size"] =
         moe.num_shared_experts > 0 ? moe.num_shared_experts * shared_size : 1;
-    j["num_experts"] = moe.num_experts;
-    j["num_experts_per_tok"] = moe.top_k;
-    j["norm_topk_prob"] = moe.router.normalize_gates;
-    j["decoder_sparse_step"] = 1;
-    std::vector<int64_t> dense_blocks;
-    for (int64_t i = 0; i < m.num_layers; ++i)
-      if (!is_moe_block(moe, i)) dense_blocks.push_back(i);
-    j["mlp_only_layers"] = dense_blocks;
-    j["router_aux_loss_coef"] = moe.balancing.aux_loss.coeff;
-    j["output_router_logits"] = false;
+    add_qwen_moe_layout(j, config);
     j["use_sliding_window"] = false;
     j["sliding_window"] = nullptr;
     j["qkv_bias"] = true;
