@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
+#include <vector>
 
 #include "trainer/config/config.hpp"
 
@@ -49,6 +51,33 @@ inline Config small_test_config() {
   c.checkpoint.every = 0;
   c.data.builtin_bytes = 200000;
   return c;
+}
+
+// A Megatron indexed dataset (uint16, one sequence per document) at `prefix` (.bin/.idx), in
+// the layout of megatron/core/datasets/indexed_dataset.py.
+inline void write_indexed_dataset(const std::string& prefix,
+                                  const std::vector<std::vector<uint16_t>>& documents) {
+  std::string bin, idx("MMIDIDX\0\0", 9);
+  std::vector<int32_t> lengths;
+  std::vector<int64_t> pointers, document_index = {0};
+  for (const auto& doc : documents) {
+    pointers.push_back(static_cast<int64_t>(bin.size()));
+    lengths.push_back(static_cast<int32_t>(doc.size()));
+    bin.append(reinterpret_cast<const char*>(doc.data()), doc.size() * 2);
+    document_index.push_back(static_cast<int64_t>(lengths.size()));
+  }
+  const auto put = [&idx](const void* p, size_t n) { idx.append(static_cast<const char*>(p), n); };
+  const uint64_t version = 1, sequences = lengths.size(), count = document_index.size();
+  const uint8_t dtype = 8;
+  put(&version, 8);
+  put(&dtype, 1);
+  put(&sequences, 8);
+  put(&count, 8);
+  put(lengths.data(), lengths.size() * 4);
+  put(pointers.data(), pointers.size() * 8);
+  put(document_index.data(), document_index.size() * 8);
+  std::ofstream(prefix + ".idx", std::ios::binary) << idx;
+  std::ofstream(prefix + ".bin", std::ios::binary) << bin;
 }
 
 // A fresh directory with the same path on every rank of MPI_COMM_WORLD.

@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <optional>
 
@@ -19,6 +20,7 @@
 #include "trainer/convert/convert_commands.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/data/data.hpp"
+#include "trainer/data/data_info.hpp"
 #include "trainer/stop_signal.hpp"
 #include "trainer/trainer.hpp"
 
@@ -187,12 +189,12 @@ int train_command(const TrainArgs& args, int rank, int world_size) {
 }
 
 // Conversions are single-process: rank 0 works, a wider launch is refused.
-int run_convert_command(int (*command)(const ConvertArgs&), const ConvertArgs& args, int rank,
-                        int world_size) {
+int run_single_process(const std::function<int(const ConvertArgs&)>& command,
+                       const ConvertArgs& args, int rank, int world_size) {
   if (world_size > 1) {
     if (rank == 0)
-      std::cerr << "moeforge: error: import / upcycle / export / forward run as one process "
-                   "(launch without mpirun, or with -n 1)"
+      std::cerr << "moeforge: error: import / upcycle / export / forward / data-info run as one "
+                   "process (launch without mpirun, or with -n 1)"
                 << std::endl;
     return 2;
   }
@@ -238,8 +240,9 @@ void add_train_command(CLI::App& app, TrainArgs& args, TrainCommand& train) {
 }
 
 struct ConvertCommands {
-  CLI::App *import_cmd, *upcycle_cmd, *export_cmd, *forward_cmd;
+  CLI::App *import_cmd, *upcycle_cmd, *export_cmd, *forward_cmd, *data_info_cmd;
   bool no_shared_from_dense = false;
+  DataInfoArgs data_info;
 };
 
 void add_upcycle_options(CLI::App* upcycle_cmd, ConvertArgs& convert, bool& no_shared) {
@@ -262,6 +265,14 @@ void add_upcycle_options(CLI::App* upcycle_cmd, ConvertArgs& convert, bool& no_s
 }
 
 void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& cmds) {
+  cmds.data_info_cmd = app.add_subcommand(
+      "data-info", "What a Megatron indexed dataset holds, after every check training makes");
+  cmds.data_info_cmd->add_option("PREFIX", cmds.data_info.prefix, "Dataset prefix (PREFIX.idx)")
+      ->required();
+  cmds.data_info_cmd->add_option("--vocab-size", cmds.data_info.vocab_size,
+                                 "Also check every token id is below this");
+  cmds.data_info_cmd->add_option("--tokens-out", cmds.data_info.tokens_out,
+                                 "Write every token (safetensors) for comparing readers");
   cmds.import_cmd = app.add_subcommand(
       "import", "Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE directory -> run dir");
   cmds.upcycle_cmd = app.add_subcommand(
@@ -309,12 +320,16 @@ int dispatch(const CLI::App* doc, const TrainCommand& train, TrainArgs& train_ar
     if (train.init_from->count() > 0) train_args.init_from = train.init_path;
     return train_command(train_args, rank, world_size);
   }
+  if (cmds.data_info_cmd->parsed()) {
+    const auto info = [&cmds](const ConvertArgs&) { return data_info_command(cmds.data_info); };
+    return run_single_process(info, convert, rank, world_size);
+  }
   convert.upcycle.shared_from_dense = !cmds.no_shared_from_dense;
-  return run_convert_command(cmds.import_cmd->parsed()    ? import_command
-                             : cmds.upcycle_cmd->parsed() ? upcycle_command
-                             : cmds.export_cmd->parsed()  ? export_command
-                                                          : forward_command,
-                             convert, rank, world_size);
+  return run_single_process(cmds.import_cmd->parsed()    ? import_command
+                            : cmds.upcycle_cmd->parsed() ? upcycle_command
+                            : cmds.export_cmd->parsed()  ? export_command
+                                                         : forward_command,
+                            convert, rank, world_size);
 }
 
 }  // namespace

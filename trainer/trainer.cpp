@@ -294,7 +294,7 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     {
       const AutocastScope autocast(device_, bf16_);
       out = model_->forward(batch.narrow(1, 0, t.seq_len), routing_inputs(first, fractions));
-      lm_loss = language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len));
+      lm_loss = language_model_loss(out.logits, targets_of(batch));
     }
     parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
     const auto total =
@@ -474,6 +474,15 @@ MoeLayerMetrics Trainer::layer_metrics(size_t index, const std::array<double, kR
   return layer;
 }
 
+at::Tensor Trainer::targets_of(const at::Tensor& batch) const {
+  const int64_t seq_len = config_.train.seq_len;
+  auto targets = batch.narrow(1, 1, seq_len);
+  if (!config_.data.mask_loss_after_eod) return targets;
+  // The token after an end-of-document token starts another document: not predictable from
+  // the context, so no loss there (cross-entropy ignores -100).
+  return targets.masked_fill(batch.narrow(1, 0, seq_len) == config_.data.eod_token_id, -100);
+}
+
 double Trainer::evaluate() {
   const auto& t = config_.train;
   const int world = groups_.world->size();
@@ -486,7 +495,7 @@ double Trainer::evaluate() {
         data_.val_samples((b * world + rank) * t.micro_batch_size, t.micro_batch_size).to(device_);
     const AutocastScope autocast(device_, bf16_);
     const auto out = model_->forward(batch.narrow(1, 0, t.seq_len));
-    loss_sum += language_model_loss(out.logits, batch.narrow(1, 1, t.seq_len)).item<double>();
+    loss_sum += language_model_loss(out.logits, targets_of(batch)).item<double>();
   }
   model_->train();
   return parallel::all_reduce_mean(*groups_.world, loss_sum / std::max<int64_t>(1, t.eval_batches));

@@ -124,6 +124,9 @@ class Trainer {
                    MetricsLog& log, RunSummary& summary);
   void update_expert_biases(const std::vector<at::Tensor>& global_load);
   double clip_gradients();
+  // Next-token targets of a [B, S+1] batch; -100 (ignored) after an end-of-document token when
+  // data.mask_loss_after_eod.
+  at::Tensor targets_of(const at::Tensor& batch) const;
 
   Config config_;
   c10::Device device_;

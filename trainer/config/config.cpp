@@ -250,9 +250,18 @@ void validate(const Config& c, const Locations& locations, const std::string& so
        fmt::format("{} is above train.lr = {}", c.train.min_lr, c.train.lr));
   rule(c.train.warmup_steps <= c.train.steps, "train.warmup_steps",
        fmt::format("{} is more than train.steps = {}", c.train.warmup_steps, c.train.steps));
-  rule(c.data.source == DataSource::kBuiltin || !c.data.path.empty(), "data.source",
-       fmt::format("'{}' needs data.path (the file to read)", enum_text(c.data.source)));
-  rule(c.data.source == DataSource::kBin || m.vocab_size >= 256, "model.vocab_size",
+  rule(c.data.source == DataSource::kBuiltin || !c.data.path.empty() ||
+           (c.data.source == DataSource::kMegatron && !c.data.blend.empty()),
+       "data.source",
+       fmt::format("'{}' needs data.path (the file to read{})", enum_text(c.data.source),
+                   c.data.source == DataSource::kMegatron ? ", a dataset prefix" : ""));
+  rule(c.data.blend.empty() || c.data.source == DataSource::kMegatron, "data.blend",
+       "blends are of Megatron indexed datasets: set data.source: megatron");
+  rule(!c.data.mask_loss_after_eod || c.data.eod_token_id >= 0, "data.mask_loss_after_eod",
+       "needs data.eod_token_id (the end-of-document token; launch/preprocess.py prints it)");
+  rule(c.data.source == DataSource::kBin || c.data.source == DataSource::kMegatron ||
+           m.vocab_size >= 256,
+       "model.vocab_size",
        fmt::format("{} is too small for byte-level data (data.source '{}' needs ≥ 256)",
                    m.vocab_size, enum_text(c.data.source)));
 }

@@ -55,7 +55,7 @@ inline int64_t head_dim_of(const ModelConfig& m) {
 
 // Closed sets of options are enums in code; their YAML spellings live in EnumText below (the
 // only place strings meet them).
-enum class DataSource { kBuiltin, kText, kBin };
+enum class DataSource { kBuiltin, kText, kBin, kMegatron };
 enum class TokenWidth { kUint16, kUint32 };
 enum class DeviceKind { kCpu, kCuda };
 enum class Precision { kFp32, kBf16 };
@@ -111,7 +111,10 @@ struct TrainConfig {
 
 struct DataConfig {
   DataSource source = DataSource::kBuiltin;
-  std::string path;                        // file for text / bin
+  std::string path;   // file for text / bin; dataset prefix (PREFIX.bin/.idx) for megatron
+  std::string blend;  // megatron: "0.7 prefix_a 0.3 prefix_b" (Megatron's --data-path)
+  int64_t eod_token_id = -1;         // end-of-document token (-1 = none)
+  bool mask_loss_after_eod = false;  // no loss on predicting the token after an EOD
   TokenWidth dtype = TokenWidth::kUint16;  // bin token width
   double val_fraction = 0.05;
   int64_t builtin_bytes = 2000000;  // size of the generated built-in corpus
@@ -162,7 +165,8 @@ MOEFORGE_ENUM_TEXT(RopeScalingType, std::pair{RopeScalingType::kNone, "none"},
                    std::pair{RopeScalingType::kLinear, "linear"},
                    std::pair{RopeScalingType::kLlama3, "llama3"});
 MOEFORGE_ENUM_TEXT(DataSource, std::pair{DataSource::kBuiltin, "builtin"},
-                   std::pair{DataSource::kText, "text"}, std::pair{DataSource::kBin, "bin"});
+                   std::pair{DataSource::kText, "text"}, std::pair{DataSource::kBin, "bin"},
+                   std::pair{DataSource::kMegatron, "megatron"});
 MOEFORGE_ENUM_TEXT(TokenWidth, std::pair{TokenWidth::kUint16, "uint16"},
                    std::pair{TokenWidth::kUint32, "uint32"});
 MOEFORGE_ENUM_TEXT(DeviceKind, std::pair{DeviceKind::kCpu, "cpu"},

@@ -250,8 +250,19 @@ const std::vector<KeySpec>& config_schema() {
                  "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
       // data
       enum_key<DataSource>(KEY(data.source),
-                           "Generated corpus, a text file (bytes), or a flat token file"),
-      string_key(KEY(data.path), "File for source text or bin"),
+                           "Generated corpus, a text file (bytes), a flat token file, or "
+                           "Megatron indexed datasets (launch/preprocess.py writes them)"),
+      string_key(KEY(data.path),
+                 "File for source text or bin; for megatron the dataset prefix (PREFIX.bin + "
+                 "PREFIX.idx)"),
+      string_key(KEY(data.blend),
+                 "megatron: weighted blend 'w1 prefix1 w2 prefix2 ...' (Megatron's --data-path; "
+                 "weights normalised); instead of data.path"),
+      int_key(KEY(data.eod_token_id), -1, 1LL << 40,
+              "End-of-document token id (launch/preprocess.py prints it); -1 = none"),
+      bool_key(KEY(data.mask_loss_after_eod),
+               "No loss on the token that follows an end-of-document token (samples are packed "
+               "across documents; this keeps the loss from crossing them); needs eod_token_id"),
       enum_key<TokenWidth>(KEY(data.dtype), "Token width of a bin file"),
       float_key(KEY(data.val_fraction), 0.0001, 0.5,
                 "Fraction of tokens (at the end) held out for validation"),

@@ -36,7 +36,26 @@ struct TokenDataset::Storage {
 
 namespace {}  // namespace
 
+TokenDataset TokenDataset::open_blend(const DataConfig& config, int64_t vocab_size,
+                                      int64_t seq_len) {
+  TokenDataset data;
+  data.blend_ = std::make_shared<const BlendedDataset>(
+      parse_blend(config.blend.empty() ? config.path : config.blend), config.val_fraction, seq_len);
+  // Checked here, once, instead of failing inside the embedding.
+  if (data.blend_->max_token() >= vocab_size)
+    throw UserError(fmt::format(
+        "{}: holds token id {}, but model.vocab_size is {}: the dataset was tokenized for a "
+        "larger vocabulary (or another tokenizer); use the model that matches its tokenizer",
+        config.blend.empty() ? config.path : "data.blend", data.blend_->max_token(), vocab_size));
+  data.vocab_size_ = vocab_size;
+  data.seq_len_ = seq_len;
+  data.train_tokens_ = data.blend_->train_tokens();
+  data.val_tokens_ = data.blend_->val_tokens();
+  return data;
+}
+
 TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, int64_t seq_len) {
+  if (config.source == DataSource::kMegatron) return open_blend(config, vocab_size, seq_len);
   auto storage = std::make_shared<Storage>();
   std::string what;  // names the data in messages
   switch (config.source) {
@@ -47,6 +66,8 @@ TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, in
     case DataSource::kText:
       what = fmt::format("data.path '{}'", config.path);
       storage->owned = read_file(config.path, "data.path");
+      break;
+    case DataSource::kMegatron:  // open_blend
       break;
     case DataSource::kBin:
       what = fmt::format("data.path '{}'", config.path);
@@ -132,8 +153,13 @@ const std::vector<int64_t>& TokenDataset::epoch_order(int64_t epoch, int64_t see
 }
 
 at::Tensor TokenDataset::train_samples(int64_t first, int64_t count, int64_t seed) const {
-  const int64_t per_epoch = train_windows();
   auto out = at::empty({count, seq_len_ + 1}, at::kLong);
+  if (blend_) {
+    for (int64_t r = 0; r < count; ++r)
+      blend_->train_window(first + r, seed, out[r].data_ptr<int64_t>());
+    return out;
+  }
+  const int64_t per_epoch = train_windows();
   for (int64_t r = 0; r < count; ++r) {
     const int64_t index = first + r;
     const auto& order = epoch_order(index / per_epoch, seed);
@@ -144,6 +170,10 @@ at::Tensor TokenDataset::train_samples(int64_t first, int64_t count, int64_t see
 
 at::Tensor TokenDataset::val_samples(int64_t first, int64_t count) const {
   auto out = at::empty({count, seq_len_ + 1}, at::kLong);
+  if (blend_) {
+    for (int64_t r = 0; r < count; ++r) blend_->val_window(first + r, out[r].data_ptr<int64_t>());
+    return out;
+  }
   for (int64_t r = 0; r < count; ++r) {
     const int64_t w = (first + r) % val_windows();
     out[r].copy_(window(train_tokens_ + w * seq_len_));
@@ -152,6 +182,7 @@ at::Tensor TokenDataset::val_samples(int64_t first, int64_t count) const {
 }
 
 double TokenDataset::unigram_entropy_nats() const {
+  if (blend_) return blend_->unigram_entropy_nats();
   std::vector<double> counts(static_cast<size_t>(vocab_size_), 0.0);
   for (int64_t i = 0; i < train_tokens_; ++i) counts[static_cast<size_t>(token(i))] += 1.0;
   double entropy = 0.0;

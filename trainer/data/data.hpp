@@ -3,9 +3,11 @@
 //
 // Sources (DataConfig.source): `builtin` (generate_builtin_corpus, bytes as tokens), `text`
 // (a file's bytes as tokens: byte-level tokenisation, vocab 256), `bin` (a flat little-endian
-// uint16/uint32 token file as written by common preprocessing scripts, memory-mapped). The last
-// `val_fraction` of the tokens is validation. open() validates everything up front and throws
-// UserError naming the file and the key (missing file, bad size, token >= vocab, too short).
+// uint16/uint32 token file as written by common preprocessing scripts, memory-mapped): the last
+// `val_fraction` of the tokens is validation. `megatron`: Megatron indexed datasets, one or a
+// weighted blend, packed across documents (data/blended_dataset.hpp). open() validates everything
+// up front and throws UserError naming the file and the key (missing file, bad size, token >=
+// vocab, too short).
 //
 // Training samples are non-overlapping windows of seq_len+1 tokens starting at multiples of
 // seq_len; each epoch visits them in a fresh permutation seeded by (seed, epoch). Sample i is
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "trainer/config/config.hpp"
+#include "trainer/data/blended_dataset.hpp"
 
 namespace moeforge {
 
@@ -45,7 +48,9 @@ class TokenDataset {
   at::Tensor window(int64_t start) const;
   const std::vector<int64_t>& epoch_order(int64_t epoch, int64_t seed) const;
 
+  static TokenDataset open_blend(const DataConfig& config, int64_t vocab_size, int64_t seq_len);
   std::shared_ptr<const Storage> storage_;
+  std::shared_ptr<const BlendedDataset> blend_;  // data.source: megatron
   int64_t vocab_size_ = 0;
   int64_t seq_len_ = 0;
   int64_t train_tokens_ = 0;
