@@ -54,7 +54,8 @@ MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len, const Rout
   const int64_t chunks = std::clamp<int64_t>(overlap_degree_, 1, std::max<int64_t>(1, x.size(0)));
   const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks);
   mark("plan+counts a2a");
-  out.y = dispatch_experts_combine(x, route.gates, plans, kept.capacity);
+  // The combine sums in fp32 (the gates'); the block's residual stream keeps x's dtype.
+  out.y = dispatch_experts_combine(x, route.gates, plans, kept.capacity).to(x.scalar_type());
   return out;
 }
 

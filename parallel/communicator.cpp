@@ -61,6 +61,14 @@ at::Tensor SelfCommunicator::all_gather(const at::Tensor& tensor) {
   return tensor.unsqueeze(0).clone();
 }
 
+at::Tensor Communicator::reduce_scatter(const at::Tensor& input) {
+  TORCH_CHECK(input.numel() % size() == 0, "reduce_scatter: ", input.numel(),
+              " elements do not split into ", size(), " equal slices");
+  auto sum = input.contiguous().clone();
+  all_reduce(sum);
+  return sum.view({size(), -1})[rank()].clone();
+}
+
 double all_reduce_mean(Communicator& comm, double value) {
   auto tensor = at::tensor({value}, at::kDouble);
   comm.all_reduce(tensor);

@@ -62,6 +62,11 @@ class Communicator {
   // Returns [size(), tensor.sizes()...]: member i's tensor in slot i. Same shape on all members.
   virtual at::Tensor all_gather(const at::Tensor& tensor) = 0;
 
+  // `input` is [size() · n] (contiguous); returns [n]: the sum over members of their slice
+  // rank(). Same dtype and device as `input`. Backends without a native form all-reduce and
+  // keep their slice (same result, twice the bytes).
+  virtual at::Tensor reduce_scatter(const at::Tensor& input);
+
   virtual void barrier() = 0;
 
   // Asynchronous forms, for overlapping communication with compute. A QueuedCommunicator runs
@@ -76,6 +81,10 @@ class Communicator {
     all_reduce(tensor, op);
     return Work::completed(tensor);
   }
+  virtual Work reduce_scatter_async(at::Tensor input) {
+    return Work::completed(reduce_scatter(input));
+  }
+  virtual Work all_gather_async(at::Tensor tensor) { return Work::completed(all_gather(tensor)); }
 };
 
 // The group of one process: every collective is a copy. Needs no MPI (tools, benchmarks, tests).

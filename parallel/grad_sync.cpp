@@ -4,20 +4,36 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include "parallel/shard_layout.hpp"
+
 namespace moeforge::parallel {
+namespace {
+
+bool is_16_bit(at::ScalarType type) { return type == at::kBFloat16 || type == at::kHalf; }
+
+}  // namespace
 
 GradientSynchronizer::GradientSynchronizer(std::vector<at::Tensor> parameters, Communicator& group,
-                                           int world_size, int64_t bucket_bytes, bool overlap)
+                                           int world_size, GradSyncOptions options)
     : parameters_(std::move(parameters)),
       group_(group),
       world_size_(world_size),
-      overlap_(overlap) {
+      options_(options) {
+  for (const auto& p : parameters_) fp32_buffer_.push_back(is_16_bit(p.scalar_type()));
+  fp32_grads_.resize(parameters_.size());
+  synced_.resize(parameters_.size());
+  assign_buckets(options_.bucket_bytes);
+  work_.resize(buckets_.size());
+  pending_.assign(buckets_.size(), 0);
+  install_hooks();
+}
+
+void GradientSynchronizer::assign_buckets(int64_t bucket_bytes) {
   int64_t bytes_in_bucket = 0;
-  std::vector<size_t> bucket_of(parameters_.size());
   for (size_t r = 0; r < parameters_.size(); ++r) {
     const size_t i = parameters_.size() - 1 - r;  // reverse order: backward's order, roughly
     const auto& p = parameters_[i];
-    const int64_t bytes = p.numel() * p.element_size();
+    const int64_t bytes = p.numel() * (fp32_buffer_[i] ? 4 : p.element_size());
     const bool same_dtype =
         !buckets_.empty() && parameters_[buckets_.back().front()].scalar_type() == p.scalar_type();
     if (buckets_.empty() || !same_dtype || bytes_in_bucket + bytes > bucket_bytes) {
@@ -25,22 +41,23 @@ GradientSynchronizer::GradientSynchronizer(std::vector<at::Tensor> parameters, C
       bytes_in_bucket = 0;
     }
     buckets_.back().push_back(i);
-    bucket_of[i] = buckets_.size() - 1;
     bytes_in_bucket += bytes;
   }
-  flat_.resize(buckets_.size());
-  work_.resize(buckets_.size());
-  pending_.assign(buckets_.size(), 0);
-  if (!overlap_) return;
+}
+
+void GradientSynchronizer::install_hooks() {
+  std::vector<size_t> bucket_of(parameters_.size());
+  for (size_t b = 0; b < buckets_.size(); ++b)
+    for (size_t i : buckets_[b]) bucket_of[i] = b;
   for (size_t i = 0; i < parameters_.size(); ++i) {
-    if (!parameters_[i].requires_grad()) continue;
+    if (!parameters_[i].requires_grad() || !(options_.overlap || fp32_buffer_[i])) continue;
     // Runs after the gradient has been accumulated into .grad.
     auto accumulator = torch::autograd::impl::grad_accumulator(parameters_[i]);
     const size_t bucket = bucket_of[i];
     accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-        [this, bucket](const torch::autograd::variable_list& outputs,
-                       const torch::autograd::variable_list&) {
-          on_gradient_ready(bucket);
+        [this, i, bucket](const torch::autograd::variable_list& outputs,
+                          const torch::autograd::variable_list&) {
+          on_gradient(i, bucket);
           return outputs;
         }));
     accumulators_.push_back(std::move(accumulator));
@@ -48,14 +65,21 @@ GradientSynchronizer::GradientSynchronizer(std::vector<at::Tensor> parameters, C
 }
 
 void GradientSynchronizer::prepare_for_backward() {
-  if (!overlap_) return;
+  if (!options_.overlap) return;
   armed_ = true;
   next_launch_ = 0;
   launched_during_backward_ = 0;
   for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].size();
 }
 
-void GradientSynchronizer::on_gradient_ready(size_t bucket) {
+void GradientSynchronizer::on_gradient(size_t index, size_t bucket) {
+  if (fp32_buffer_[index]) {  // move this backward's 16-bit gradient into the fp32 buffer
+    at::NoGradGuard no_grad;
+    auto& grad = parameters_[index].mutable_grad();
+    auto& buffer = fp32_grads_[index];
+    if (grad.defined()) buffer = buffer.defined() ? buffer.add_(grad) : grad.to(at::kFloat);
+    grad = at::Tensor();
+  }
   if (!armed_ || pending_[bucket] == 0 || group_.size() == 1) return;
   --pending_[bucket];
   // In bucket order only: the same collective sequence on every rank.
@@ -65,47 +89,94 @@ void GradientSynchronizer::on_gradient_ready(size_t bucket) {
   }
 }
 
+at::Tensor& GradientSynchronizer::accumulated(size_t index) {
+  auto& grad = fp32_buffer_[index] ? fp32_grads_[index] : parameters_[index].mutable_grad();
+  if (!grad.defined()) {
+    const auto& p = parameters_[index];
+    grad = at::zeros(p.sizes(), p.options().dtype(fp32_buffer_[index] ? at::kFloat
+                                                                       : p.scalar_type()));
+  }
+  return grad;
+}
+
 void GradientSynchronizer::launch(size_t bucket) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;
   grads.reserve(buckets_[bucket].size());
-  for (size_t index : buckets_[bucket]) {
-    auto& p = parameters_[index];
-    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-    grads.push_back(p.grad().reshape({-1}));
+  for (size_t index : buckets_[bucket]) grads.push_back(accumulated(index));
+  at::Tensor flat;
+  if (options_.shard) {
+    flat = pack_rank_major(grads, group_.size());
+  } else {
+    for (auto& grad : grads) grad = grad.reshape({-1});
+    flat = at::cat(grads);
   }
-  flat_[bucket] = at::cat(grads);
-  work_[bucket] = group_.all_reduce_async(flat_[bucket]);
+  if (options_.reduce_in_bf16) flat = flat.to(at::kBFloat16);
+  work_[bucket] =
+      options_.shard ? group_.reduce_scatter_async(flat) : group_.all_reduce_async(flat);
 }
 
 void GradientSynchronizer::finish(size_t bucket) {
   at::NoGradGuard no_grad;
-  auto flat = work_[bucket].wait();
+  const auto type = accumulated(buckets_[bucket].front()).scalar_type();
+  auto flat = work_[bucket].wait().to(type);
+  work_[bucket] = Work();
   flat.div_(world_size_);
   int64_t offset = 0;
   for (size_t index : buckets_[bucket]) {
-    auto& grad = parameters_[index].mutable_grad();
-    const int64_t n = grad.numel();
-    grad.copy_(flat.narrow(0, offset, n).view_as(grad));
-    offset += n;
+    auto& grad = accumulated(index);
+    if (options_.shard) {  // keep this member's chunk; the whole gradient is not needed again
+      const int64_t n = chunk_elements(grad.numel(), group_.size());
+      synced_[index] = flat.narrow(0, offset, n);
+      grad = at::Tensor();
+      offset += n;
+    } else {
+      grad.copy_(flat.narrow(0, offset, grad.numel()).view_as(grad));
+      synced_[index] = grad;
+      offset += grad.numel();
+    }
   }
-  flat_[bucket] = at::Tensor();
 }
 
 void GradientSynchronizer::synchronize() {
-  if (group_.size() == 1) {  // nothing to exchange (one GPU, or ep = world for experts)
-    armed_ = false;
+  const size_t first_unlaunched = armed_ ? next_launch_ : 0;
+  armed_ = false;
+  if (group_.size() == 1 && !options_.shard) {  // nothing to exchange (one GPU, ep = world)
     at::NoGradGuard no_grad;
-    for (auto& p : parameters_) {
-      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      if (world_size_ != 1) p.mutable_grad().div_(world_size_);
+    for (size_t i = 0; i < parameters_.size(); ++i) {
+      synced_[i] = accumulated(i);
+      if (world_size_ != 1) synced_[i].div_(world_size_);
     }
     return;
   }
-  const size_t first_unlaunched = armed_ ? next_launch_ : 0;
-  armed_ = false;
   for (size_t b = first_unlaunched; b < buckets_.size(); ++b) launch(b);
   for (size_t b = 0; b < buckets_.size(); ++b) finish(b);
+}
+
+void GradientSynchronizer::zero_grad() {
+  // Undefined rather than zero: the first backward then hands its gradient over instead of
+  // adding it to zeros (one pass less over every gradient per step).
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    parameters_[i].mutable_grad() = at::Tensor();
+    fp32_grads_[i] = at::Tensor();
+    synced_[i] = at::Tensor();
+  }
+}
+
+void GradientSynchronizer::all_gather_parameters(const std::vector<at::Tensor>& chunks) {
+  at::NoGradGuard no_grad;
+  std::vector<Work> gathers(buckets_.size());
+  for (size_t b = 0; b < buckets_.size(); ++b) {  // all in flight, then unpacked in order
+    std::vector<at::Tensor> mine;
+    for (size_t index : buckets_[b])
+      mine.push_back(chunks[index].to(parameters_[index].scalar_type()));
+    gathers[b] = group_.all_gather_async(at::cat(mine));
+  }
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    std::vector<at::Tensor> targets;
+    for (size_t index : buckets_[b]) targets.push_back(parameters_[index]);
+    unpack_rank_major(gathers[b].wait(), targets);
+  }
 }
 
 }  // namespace moeforge::parallel

@@ -24,9 +24,29 @@ void check_mpi(int code, const char* what) {
   throw std::runtime_error(std::string(what) + " failed: " + std::string(text, length));
 }
 
-// Datatype for element-wise reductions; 16-bit floats have no MPI reduction type.
+// MPI has no bfloat16: bf16 sums (parallel.grad_reduce_dtype: bf16) travel as 16-bit words
+// and are added by this user-defined operation, rounding each partial sum to bf16 as a native
+// bf16 reduction would.
+void add_bf16(void* in, void* inout, int* length, MPI_Datatype*) {
+  const auto* a = static_cast<const c10::BFloat16*>(in);
+  auto* b = static_cast<c10::BFloat16*>(inout);
+  for (int i = 0; i < *length; ++i) b[i] = static_cast<float>(a[i]) + static_cast<float>(b[i]);
+}
+
+MPI_Op bf16_sum() {
+  static const MPI_Op op = [] {
+    MPI_Op created;
+    check_mpi(MPI_Op_create(&add_bf16, /*commute=*/1, &created), "MPI_Op_create");
+    return created;
+  }();
+  return op;
+}
+
+// Datatype for element-wise reductions (bf16: 16-bit words, summed by bf16_sum()).
 MPI_Datatype reduction_type(at::ScalarType type) {
   switch (type) {
+    case at::kBFloat16:
+      return MPI_UINT16_T;
     case at::kFloat:
       return MPI_FLOAT;
     case at::kDouble:
@@ -43,7 +63,11 @@ MPI_Datatype reduction_type(at::ScalarType type) {
   }
 }
 
-MPI_Op mpi_op(ReduceOp op) {
+MPI_Op mpi_op(ReduceOp op, at::ScalarType type) {
+  if (type == at::kBFloat16) {
+    TORCH_CHECK(op == ReduceOp::kSum, "MPI: bf16 reductions support sum only");
+    return bf16_sum();
+  }
   switch (op) {
     case ReduceOp::kSum:
       return MPI_SUM;
@@ -173,7 +197,8 @@ void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
   if (size_ == 1 || tensor.numel() == 0) return;
   MPI_Request request;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
-                           reduction_type(tensor.scalar_type()), mpi_op(op), comm_, &request),
+                           reduction_type(tensor.scalar_type()), mpi_op(op, tensor.scalar_type()), comm_,
+                           &request),
             "MPI_Iallreduce");
   wait(request, "MPI_Iallreduce");
 }
@@ -284,6 +309,25 @@ at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
                            &request),
             "MPI_Iallgather");
   wait(request, "MPI_Iallgather");
+  return output;
+}
+
+at::Tensor MpiCommunicator::reduce_scatter(const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), "MPI reduce_scatter needs CPU tensors");
+  TORCH_CHECK(input.numel() % size_ == 0, "reduce_scatter: ", input.numel(),
+              " elements do not split into ", size_, " equal slices");
+  const auto source = input.contiguous();
+  const int64_t count = source.numel() / size_;
+  if (size_ == 1) return source.clone();
+  auto output = at::empty({count}, source.options());
+  if (count == 0) return output;
+  const auto type = source.scalar_type();
+  MPI_Request request;
+  check_mpi(MPI_Ireduce_scatter_block(source.data_ptr(), output.data_ptr(),
+                                      static_cast<int>(count), reduction_type(type),
+                                      mpi_op(ReduceOp::kSum, type), comm_, &request),
+            "MPI_Ireduce_scatter_block");
+  wait(request, "MPI_Ireduce_scatter_block");
   return output;
 }
 

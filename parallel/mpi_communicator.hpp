@@ -31,6 +31,7 @@ class MpiCommunicator final : public Communicator {
                                const std::vector<RowBlock>& recv, int64_t output_rows) override;
   void broadcast(at::Tensor& tensor, int root) override;
   at::Tensor all_gather(const at::Tensor& tensor) override;
+  at::Tensor reduce_scatter(const at::Tensor& input) override;
   void barrier() override;
 
   // A new communicator for the members with the same `color`, ordered by `key` (MPI_Comm_split).

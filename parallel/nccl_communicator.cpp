@@ -233,4 +233,26 @@ Work NcclCommunicator::all_reduce_async(at::Tensor tensor, ReduceOp op) {
   });
 }
 
+at::Tensor NcclCommunicator::reduce_scatter(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cuda(), "NCCL reduce_scatter needs CUDA tensors");
+  TORCH_CHECK(input.numel() % size_ == 0, "reduce_scatter: ", input.numel(),
+              " elements do not split into ", size_, " equal slices");
+  c10::cuda::CUDAGuard guard(device_);
+  const auto source = input.contiguous();
+  auto output = at::empty({source.numel() / size_}, source.options());
+  check_nccl(ncclReduceScatter(source.data_ptr(), output.data_ptr(), output.numel(),
+                               nccl_type(source.scalar_type()), ncclSum, handle_->comm,
+                               current_stream(device_)),
+             "ncclReduceScatter");
+  return output;
+}
+
+Work NcclCommunicator::reduce_scatter_async(at::Tensor input) {
+  return on_comm_stream({input}, [&] { return reduce_scatter(input); });
+}
+
+Work NcclCommunicator::all_gather_async(at::Tensor tensor) {
+  return on_comm_stream({tensor}, [&] { return all_gather(tensor); });
+}
+
 }  // namespace moeforge::parallel

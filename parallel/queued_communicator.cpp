@@ -82,4 +82,20 @@ Work QueuedCommunicator::all_reduce_async(at::Tensor tensor, ReduceOp op) {
       "all_reduce " + std::to_string(tensor.nbytes() / 1024) + " KiB");
 }
 
+at::Tensor QueuedCommunicator::reduce_scatter(const at::Tensor& input) {
+  return run([&] { return inner_->reduce_scatter(input); }, "reduce_scatter (sync)");
+}
+
+Work QueuedCommunicator::reduce_scatter_async(at::Tensor input) {
+  auto inner = inner_;
+  return CommWorker::instance().submit([inner, input] { return inner->reduce_scatter(input); },
+                                       "reduce_scatter " + std::to_string(input.numel()));
+}
+
+Work QueuedCommunicator::all_gather_async(at::Tensor tensor) {
+  auto inner = inner_;
+  return CommWorker::instance().submit([inner, tensor] { return inner->all_gather(tensor); },
+                                       "all_gather " + std::to_string(tensor.numel()));
+}
+
 }  // namespace moeforge::parallel

@@ -27,6 +27,9 @@ class QueuedCommunicator final : public Communicator {
   Work all_to_all_blocks_async(const at::Tensor& input, const std::vector<RowBlock>& send,
                                const std::vector<RowBlock>& recv, int64_t output_rows) override;
   Work all_reduce_async(at::Tensor tensor, ReduceOp op = ReduceOp::kSum) override;
+  at::Tensor reduce_scatter(const at::Tensor& input) override;
+  Work reduce_scatter_async(at::Tensor input) override;
+  Work all_gather_async(at::Tensor tensor) override;
 
  private:
   // Runs `operation` on the worker and waits (inline when already on the worker thread).

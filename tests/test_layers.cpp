@@ -208,7 +208,9 @@ TEST(Optimizer, AdamWTwoStepsMatchClosedForm) {
   t.weight_decay = 0.1;
   auto w = at::tensor({1.0f, -2.0f}).set_requires_grad(true);
   auto norm = at::tensor({1.0f}).set_requires_grad(true);
-  AdamW opt({{"layers.0.attn.q_proj.weight", w}, {"layers.0.attn_norm.weight", norm}}, t);
+  AdamW opt(std::vector<std::pair<std::string, at::Tensor>>{{"layers.0.attn.q_proj.weight", w},
+                                                            {"layers.0.attn_norm.weight", norm}},
+            t);
   EXPECT_TRUE(AdamW::decays("layers.0.attn.q_proj.weight"));
   EXPECT_FALSE(AdamW::decays("layers.0.attn_norm.weight"));
   EXPECT_FALSE(AdamW::decays("embed.weight"));
@@ -222,7 +224,7 @@ TEST(Optimizer, AdamWTwoStepsMatchClosedForm) {
     w.mutable_grad() = at::tensor(
         {static_cast<float>(grads[step - 1][0]), static_cast<float>(grads[step - 1][1])});
     norm.mutable_grad() = at::tensor({static_cast<float>(norm_grads[step - 1])});
-    opt.step(lr);
+    opt.step(lr, {w.grad(), norm.grad()});
     const double b1 = 1 - std::pow(0.9, step), b2 = 1 - std::pow(0.99, step);
     for (int i = 0; i < 2; ++i) {
       const double g = grads[step - 1][i];
@@ -239,6 +241,29 @@ TEST(Optimizer, AdamWTwoStepsMatchClosedForm) {
   EXPECT_NEAR(w[0].item<double>(), p[0], 1e-6);
   EXPECT_NEAR(w[1].item<double>(), p[1], 1e-6);
   EXPECT_NEAR(norm[0].item<double>(), pn, 1e-6);
+}
+
+// bf16 parameters: the fp32 master takes exactly the fp32 update, the parameter is the master
+// rounded to bf16, and a small update that bf16 cannot represent is not lost (it accumulates in
+// the master until the bf16 value moves).
+TEST(Optimizer, Bf16ParameterKeepsFp32Master) {
+  TrainConfig t;
+  t.weight_decay = 0.0;
+  const auto start = at::tensor({1.0f, -2.0f, 0.5f});
+  auto fp32 = start.clone().set_requires_grad(true);
+  auto bf16 = start.to(at::kBFloat16).set_requires_grad(true);
+  AdamW reference(std::vector<std::pair<std::string, at::Tensor>>{{"layers.0.w", fp32}}, t);
+  AdamW mixed(std::vector<ParameterToOptimize>{{"layers.0.w", bf16, nullptr}}, t);
+  ASSERT_EQ(mixed.slots()[0].master.scalar_type(), at::kFloat);
+  const auto grad = at::tensor({0.5f, -1.0f, 2.0f});
+  const double lr = 1e-4;  // 1e-4 per step: far below bf16's spacing near 1 (2^-7)
+  for (int step = 0; step < 30; ++step) {
+    reference.step(lr, {grad});
+    mixed.step(lr, {grad});
+  }
+  EXPECT_TRUE(at::equal(mixed.slots()[0].master, fp32.detach()));
+  EXPECT_TRUE(at::equal(bf16.detach(), fp32.detach().to(at::kBFloat16)));
+  EXPECT_FALSE(at::equal(bf16.detach().to(at::kFloat), start));  // 30 · 1e-4 moved it
 }
 
 }  // namespace

@@ -45,6 +45,13 @@ std::vector<at::Tensor> sum_loads(parallel::Communicator& group,
   return result;
 }
 
+// Stores every parameter in `type` (train.precision: bf16); buffers (expert biases, RoPE tables)
+// keep theirs. Done before gradient hooks exist, so set_data keeps each parameter's identity.
+void cast_parameters(DecoderLMImpl& model, at::ScalarType type) {
+  at::NoGradGuard no_grad;
+  for (auto& param : model.parameters()) param.set_data(param.to(type));
+}
+
 std::vector<at::Tensor> select_parameters(DecoderLMImpl& model, bool experts) {
   std::vector<at::Tensor> result;
   for (const auto& item : model.named_parameters())
@@ -189,18 +196,12 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->to(device_);  // initialised on the host, so every device starts from the same weights
   model_->train();
-  optimizer_ = std::make_unique<AdamW>(named_parameter_list(*model_), config_.train);
-  const auto bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * 1024 * 1024);
-  const int world = groups_.world->size();
-  // Overlapping the gradient all-reduce with backward needs the communication worker.
-  const bool overlap_sync = config_.parallel.overlap_grad_sync && config_.parallel.comm_worker;
-  dense_sync_ = std::make_unique<parallel::GradientSynchronizer>(
-      select_parameters(*model_, false), *groups_.world, world, bucket_bytes, overlap_sync);
-  expert_sync_ = std::make_unique<parallel::GradientSynchronizer>(
-      select_parameters(*model_, true), *groups_.edp, world, bucket_bytes, overlap_sync);
+  if (options_.init_from) initialize_from(*options_.init_from);
+  build_optimizer();  // fp32 masters from the fp32 weights, before they are cast for compute
+  if (bf16_) cast_parameters(*model_, at::kBFloat16);
+  build_gradient_synchronizers();
   checkpoints_ = std::make_unique<CheckpointManager>(
       (fs::path(config_.train.out_dir) / "checkpoints").string(), groups_);
-  if (options_.init_from) initialize_from(*options_.init_from);
   checkpoints_->set_run_id(options_.run_id);
   if (options_.resume) {
     const auto dir = checkpoints_->resolve(*options_.resume);
@@ -210,6 +211,54 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
       std::cout << fmt::format("resumed from {} (step {}, {} samples consumed)", dir, state_.step,
                                state_.samples_consumed)
                 << std::endl;
+  }
+}
+
+void Trainer::build_optimizer() {
+  const bool shard = config_.parallel.distributed_optimizer;
+  std::vector<ParameterToOptimize> parameters;
+  for (const auto& [name, param] : named_parameter_list(*model_)) {
+    auto* group = is_expert_parameter(name) ? groups_.edp.get() : groups_.world.get();
+    parameters.push_back({name, param, shard ? group : nullptr});
+  }
+  optimizer_ = std::make_unique<AdamW>(parameters, config_.train);
+}
+
+void Trainer::build_gradient_synchronizers() {
+  parallel::GradSyncOptions options;
+  options.bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * 1024 * 1024);
+  // Overlapping the gradient reduction with backward needs the communication worker.
+  options.overlap = config_.parallel.overlap_grad_sync && config_.parallel.comm_worker;
+  options.shard = config_.parallel.distributed_optimizer;
+  options.reduce_in_bf16 = config_.parallel.grad_reduce_dtype == Precision::kBf16;
+  const int world = groups_.world->size();
+  dense_sync_ = std::make_unique<parallel::GradientSynchronizer>(
+      select_parameters(*model_, false), *groups_.world, world, options);
+  expert_sync_ = std::make_unique<parallel::GradientSynchronizer>(
+      select_parameters(*model_, true), *groups_.edp, world, options);
+  // Slots follow the model's parameter order; each synchronizer holds its subset in that order.
+  size_t dense = 0, expert = 0;
+  for (const auto& slot : optimizer_->slots()) {
+    const bool is_expert = is_expert_parameter(slot.name);
+    gradient_sources_.push_back(is_expert ? GradientSource{expert_sync_.get(), expert++}
+                                          : GradientSource{dense_sync_.get(), dense++});
+  }
+}
+
+std::vector<at::Tensor> Trainer::synced_gradients() const {
+  std::vector<at::Tensor> grads;
+  for (const auto& [sync, index] : gradient_sources_) grads.push_back(sync->gradient(index));
+  return grads;
+}
+
+void Trainer::apply_update(double lr) {
+  optimizer_->step(lr, synced_gradients());
+  if (!config_.parallel.distributed_optimizer) return;
+  for (auto* sync : {dense_sync_.get(), expert_sync_.get()}) {
+    std::vector<at::Tensor> chunks;
+    for (size_t i = 0; i < optimizer_->slots().size(); ++i)
+      if (gradient_sources_[i].sync == sync) chunks.push_back(optimizer_->slots()[i].master);
+    sync->all_gather_parameters(chunks);
   }
 }
 
@@ -283,7 +332,8 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
       balancing.aux_loss.coeff > 0 && balancing.aux_loss.scope == moe::AuxLossScope::kGlobalBatch;
   const auto fractions =
       global_aux ? global_load_fractions(samples_consumed) : std::vector<at::Tensor>{};
-  optimizer_->zero_grad();
+  dense_sync_->zero_grad();
+  expert_sync_->zero_grad();
   for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
     const int64_t first = first_sample(samples_consumed, micro);
     const auto batch =
@@ -353,22 +403,24 @@ double Trainer::clip_gradients() {
   at::NoGradGuard no_grad;
   // Non-expert gradients are identical on every rank after sync: count them once. Expert
   // gradients are distinct across the EP group (and identical across EDP): sum over EP.
-  // Summed on the device in float64, read once.
+  // Sharded, each rank holds a chunk of each: sum the chunks over world (dense) and over
+  // EDP (experts) first. Summed on the device in float64, read once.
+  const auto grads = synced_gradients();
   auto squares = at::zeros({2}, at::TensorOptions(device_).dtype(at::kDouble));  // dense, expert
-  for (auto& slot : optimizer_->slots()) {
-    const auto& grad = slot.param.grad();
-    if (!grad.defined()) continue;
-    squares[is_expert_parameter(slot.name) ? 1 : 0] += grad.to(at::kDouble).square().sum();
+  for (size_t i = 0; i < grads.size(); ++i)
+    squares[is_expert_parameter(optimizer_->slots()[i].name) ? 1 : 0] +=
+        grads[i].to(at::kDouble).square().sum();
+  auto dense_sq = squares.narrow(0, 0, 1).cpu(), expert_sq = squares.narrow(0, 1, 1).cpu();
+  if (config_.parallel.distributed_optimizer) {
+    groups_.world->all_reduce(dense_sq);
+    groups_.edp->all_reduce(expert_sq);
   }
-  const auto host = squares.cpu();
-  auto expert_sq = host.narrow(0, 1, 1).clone();
   groups_.ep->all_reduce(expert_sq);
-  const double norm = std::sqrt(host[0].item<double>() + expert_sq.item<double>());
+  const double norm = std::sqrt(dense_sq.item<double>() + expert_sq.item<double>());
   const double clip = config_.train.grad_clip;
   if (clip > 0 && norm > clip) {
     const double scale = clip / (norm + 1e-6);
-    for (auto& slot : optimizer_->slots())
-      if (slot.param.grad().defined()) slot.param.mutable_grad().mul_(scale);
+    for (const auto& grad : grads) grad.mul_(scale);
   }
   return norm;
 }
@@ -397,14 +449,14 @@ StepMetrics Trainer::train_step() {
 
   const auto totals = forward_backward(state_.samples_consumed);
   if (nan_grad_steps_.count(state_.step + 1))
-    optimizer_->slots().front().param.mutable_grad().fill_(std::nan(""));
+    dense_sync_->gradient(0).fill_(std::nan(""));
   double grad_norm = 0.0;
   bool update = false;
   {
     const parallel::trace::Span span("compute", "clip + optimizer");
     grad_norm = clip_gradients();
     update = accept_update(grad_norm);
-    if (update) optimizer_->step(lr);
+    if (update) apply_update(lr);
   }
 
   const auto sums = sum_over_world(totals);
@@ -595,7 +647,7 @@ void Trainer::check_state_finite() const {
   at::NoGradGuard no_grad;
   auto bad = at::zeros({1}, at::TensorOptions(device_).dtype(at::kDouble));
   for (const auto& slot : optimizer_->slots())
-    for (const auto* tensor : {&slot.param, &slot.exp_avg, &slot.exp_avg_sq})
+    for (const auto* tensor : {&slot.master, &slot.exp_avg, &slot.exp_avg_sq})
       bad += at::logical_not(at::isfinite(*tensor)).any().to(at::kDouble);
   auto host = bad.cpu();
   groups_.world->all_reduce(host);

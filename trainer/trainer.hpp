@@ -123,6 +123,14 @@ class Trainer {
   void record_step(const StepMetrics& m, int64_t end_step, const std::string& resolved,
                    MetricsLog& log, RunSummary& summary);
   void update_expert_biases(const std::vector<at::Tensor>& global_load);
+  // AdamW over every parameter; sharded over world / EDP with parallel.distributed_optimizer.
+  void build_optimizer();
+  // Dense gradients over world, expert gradients over EDP; fp32 accumulation for bf16.
+  void build_gradient_synchronizers();
+  // Slot i's averaged gradient (whole, or this rank's chunk when sharded), in slot order.
+  std::vector<at::Tensor> synced_gradients() const;
+  // AdamW step on the masters, then the compute weights from them (all-gathered if sharded).
+  void apply_update(double lr);
   double clip_gradients();
   // Next-token targets of a [B, S+1] batch; -100 (ignored) after an end-of-document token when
   // data.mask_loss_after_eod.
@@ -130,7 +138,7 @@ class Trainer {
 
   Config config_;
   c10::Device device_;
-  bool bf16_ = false;  // train.precision: bf16 (autocast around every forward)
+  bool bf16_ = false;  // train.precision: bf16 (bf16 parameters, autocast around forwards)
   std::optional<std::pair<int, int64_t>> fail_at_;  // test hook MOEFORGE_FAIL_AT (rank, step)
   std::set<int64_t> nan_grad_steps_;  // test hook MOEFORGE_NAN_GRAD_AT (steps, every rank)
   int64_t consecutive_skips_ = 0;
@@ -141,6 +149,11 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<parallel::GradientSynchronizer> dense_sync_;
   std::unique_ptr<parallel::GradientSynchronizer> expert_sync_;
+  struct GradientSource {
+    parallel::GradientSynchronizer* sync;
+    size_t index;
+  };
+  std::vector<GradientSource> gradient_sources_;  // per optimizer slot
   std::unique_ptr<CheckpointManager> checkpoints_;
   std::unique_ptr<moe::PhaseObserver> phase_trace_;  // MoE phases into the trace
   TrainingState state_;

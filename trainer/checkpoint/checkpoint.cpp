@@ -37,9 +37,22 @@ std::string expert_file_name(int ep_rank, int ep_size) {
   return fmt::format("experts-{:05d}-of-{:05d}.safetensors", ep_rank, ep_size);
 }
 
-// A parameter and its AdamW moments, each with the prefix of its checkpoint name.
-std::vector<std::pair<std::string, at::Tensor>> slot_tensors(const OptimizerSlot& slot) {
-  return {{"", slot.param}, {"exp_avg.", slot.exp_avg}, {"exp_avg_sq.", slot.exp_avg_sq}};
+// A parameter's fp32 master and its AdamW moments, each with the prefix of its checkpoint name.
+std::vector<std::pair<std::string, at::Tensor*>> slot_tensors(SlotState& state) {
+  return {{"", &state.master}, {"exp_avg.", &state.exp_avg}, {"exp_avg_sq.", &state.exp_avg_sq}};
+}
+
+// Every slot's whole state, in slot order; collective (sharded slots are all-gathered), but only
+// the slots this rank writes are kept (the others come back empty).
+std::vector<SlotState> states_to_write(const AdamW& optimizer, bool writes_shared,
+                                       bool writes_experts) {
+  std::vector<SlotState> states;
+  for (size_t i = 0; i < optimizer.slots().size(); ++i) {
+    auto state = optimizer.whole_state(i);
+    const bool expert = is_expert_parameter(optimizer.slots()[i].name);
+    states.push_back((expert ? writes_experts : writes_shared) ? std::move(state) : SlotState{});
+  }
+  return states;
 }
 
 at::Tensor cpu_rng_state() {
@@ -76,30 +89,34 @@ CheckpointManager::CheckpointManager(std::string checkpoints_dir,
 
 namespace {
 
-// Rank 0's files: non-expert parameters and buffers, their AdamW state, the CPU RNG.
-void write_shared_files(const fs::path& dir, DecoderLMImpl& model, AdamW& optimizer) {
+// Rank 0's files: non-expert parameters (fp32 masters) and buffers, their AdamW state, the
+// CPU RNG.
+void write_shared_files(const fs::path& dir, DecoderLMImpl& model, const AdamW& optimizer,
+                        const std::vector<SlotState>& states) {
   NamedTensors weights, state_tensors;
-  for (const auto& item : model.named_parameters())
-    if (!is_expert_parameter(item.key())) weights.emplace_back(item.key(), item.value());
-  for (const auto& item : model.named_buffers()) weights.emplace_back(item.key(), item.value());
-  for (const auto& slot : optimizer.slots()) {
-    if (is_expert_parameter(slot.name)) continue;
-    state_tensors.emplace_back("exp_avg." + slot.name, slot.exp_avg);
-    state_tensors.emplace_back("exp_avg_sq." + slot.name, slot.exp_avg_sq);
+  for (size_t i = 0; i < states.size(); ++i) {
+    const auto& name = optimizer.slots()[i].name;
+    if (is_expert_parameter(name)) continue;
+    weights.emplace_back(name, states[i].master);
+    state_tensors.emplace_back("exp_avg." + name, states[i].exp_avg);
+    state_tensors.emplace_back("exp_avg_sq." + name, states[i].exp_avg_sq);
   }
+  for (const auto& item : model.named_buffers()) weights.emplace_back(item.key(), item.value());
   state_tensors.emplace_back("rng.cpu", cpu_rng_state());
   safetensors::save((dir / kModelFile).string(), weights);
   safetensors::save((dir / kOptimizerFile).string(), state_tensors);
 }
 
 // This EP rank's experts and their AdamW state under global names.
-void write_expert_file(const fs::path& path, DecoderLMImpl& model, AdamW& optimizer) {
+void write_expert_file(const fs::path& path, DecoderLMImpl& model, const AdamW& optimizer,
+                       std::vector<SlotState>& states) {
   NamedTensors experts;
   const int64_t first = model.first_local_expert();
-  for (const auto& slot : optimizer.slots()) {
-    if (!is_expert_parameter(slot.name)) continue;
-    for (const auto& [prefix, tensor] : slot_tensors(slot))
-      for (auto& named : checkpoint_views(prefix + slot.name, tensor, first))
+  for (size_t i = 0; i < states.size(); ++i) {
+    const auto& name = optimizer.slots()[i].name;
+    if (!is_expert_parameter(name)) continue;
+    for (const auto& [prefix, tensor] : slot_tensors(states[i]))
+      for (auto& named : checkpoint_views(prefix + name, *tensor, first))
         experts.push_back(std::move(named));
   }
   safetensors::save(path.string(), experts);
@@ -172,10 +189,11 @@ std::string CheckpointManager::save(DecoderLMImpl& model, AdamW& optimizer,
   {
     at::NoGradGuard no_grad;
     // Rank 0 writes the non-expert part; the first EP group writes the experts.
-    if (world.rank() == 0) write_shared_files(tmp_dir, model, optimizer);
+    auto states = states_to_write(optimizer, world.rank() == 0, groups_.dp_rank() == 0);
+    if (world.rank() == 0) write_shared_files(tmp_dir, model, optimizer, states);
     if (groups_.dp_rank() == 0)
       write_expert_file(tmp_dir / expert_file_name(groups_.ep_rank(), groups_.ep_size), model,
-                        optimizer);
+                        optimizer, states);
   }
   world.barrier();
   if (world.rank() == 0) {
@@ -374,10 +392,16 @@ TrainingState CheckpointManager::load(const std::string& checkpoint_dir, Decoder
 
   at::NoGradGuard no_grad;
   const int64_t first = model.first_local_expert();
-  for (auto& slot : optimizer.slots())
-    for (const auto& [prefix, tensor] : slot_tensors(slot))
-      for (auto& [name, view] : checkpoint_views(prefix + slot.name, tensor, first))
+  for (size_t i = 0; i < optimizer.slots().size(); ++i) {
+    const auto& slot = optimizer.slots()[i];
+    const auto whole = at::TensorOptions().dtype(at::kFloat);  // on the host, then placed
+    SlotState state{at::empty(slot.param.sizes(), whole), at::empty(slot.param.sizes(), whole),
+                    at::empty(slot.param.sizes(), whole)};
+    for (const auto& [prefix, tensor] : slot_tensors(state))
+      for (auto& [name, view] : checkpoint_views(prefix + slot.name, *tensor, first))
         view.copy_(fetch(name, view));
+    optimizer.load_whole_state(i, state);
+  }
   for (auto& item : model.named_buffers()) item.value().copy_(fetch(item.key(), item.value()));
   const auto layers = model.moe_layers();
   check_all_consumed(checkpoint_dir, by_name, used,

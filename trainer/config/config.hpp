@@ -81,6 +81,8 @@ struct ParallelConfig {
   bool comm_worker = true;        // run collectives on the communication worker thread
   int64_t overlap_degree = 1;     // MoE dispatch/experts/combine pipeline chunks
   bool overlap_grad_sync = true;  // all-reduce gradient buckets during backward
+  bool distributed_optimizer = false;  // ZeRO-1: masters and AdamW state sharded over DP
+  Precision grad_reduce_dtype = Precision::kFp32;  // dtype of the gradient collectives
   BackendChoice backend = BackendChoice::kAuto;  // auto: nccl when train.device is cuda
   double timeout_s = 600.0;  // a collective idle this long aborts the job (0 = never)
   SimulatedLinkConfig simulated_link;
@@ -105,7 +107,7 @@ struct TrainConfig {
   int64_t eval_batches = 4;
   int64_t threads_per_rank = 0;            // 0 = leave torch's default (OMP_NUM_THREADS)
   DeviceKind device = DeviceKind::kCpu;    // one GPU per rank, by node-local rank
-  Precision precision = Precision::kFp32;  // bf16: fp32 parameters and optimizer, bf16 compute
+  Precision precision = Precision::kFp32;  // bf16: bf16 parameters, fp32 masters + optimizer
   std::string out_dir = "runs/tiny";
 };
 

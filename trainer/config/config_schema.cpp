@@ -199,6 +199,13 @@ const std::vector<KeySpec>& config_schema() {
               "backward); 1 = one chunk (shared experts still overlap the dispatch)"),
       bool_key(KEY(parallel.overlap_grad_sync),
                "All-reduce each gradient bucket as soon as backward has produced it"),
+      bool_key(KEY(parallel.distributed_optimizer),
+               "ZeRO-1: fp32 master weights and AdamW moments sharded over the data-parallel "
+               "ranks (experts over their expert-data-parallel group); gradients "
+               "reduce-scattered, updated weights all-gathered, both in buckets"),
+      enum_key<Precision>(KEY(parallel.grad_reduce_dtype),
+                          "Dtype of the gradient all-reduce / reduce-scatter: fp32, or bf16 "
+                          "(half the bytes; sums rounded to bf16; accumulation stays fp32)"),
       float_key(KEY(parallel.timeout_s), 0.0, 1e7,
                 "Watchdog: a collective that makes no progress for this long (a rank stopped, "
                 "died or hangs) names the silent ranks and aborts the whole job with exit code "
@@ -243,9 +250,10 @@ const std::vector<KeySpec>& config_schema() {
           "rank's index on its node (MPI shared-memory split) modulo the visible GPUs"),
       enum_key<Precision>(
           KEY(train.precision),
-          "Compute precision: bf16 runs matmuls, attention, experts and the all-to-all "
-          "in bf16 under autocast, with fp32 parameters, gradients, optimizer state, "
-          "norms, router and losses (no loss scaling needed: bf16 has fp32's range)"),
+          "Compute precision: bf16 = bf16 parameters and activations (matmuls, attention, "
+          "experts, the all-to-all), fp32 master weights, AdamW moments and gradient "
+          "accumulation, router, norms' math and losses in fp32 (no loss scaling: bf16 has "
+          "fp32's range). Checkpoints hold the fp32 masters either way"),
       string_key(KEY(train.out_dir),
                  "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
       // data

@@ -244,7 +244,9 @@ void initialize_parameters(DecoderLMImpl& model, const Config& config, uint64_t 
 
 at::Tensor language_model_loss(const at::Tensor& logits, const at::Tensor& targets) {
   const int64_t vocab = logits.size(-1);
-  return at::cross_entropy_loss(logits.reshape({-1, vocab}), targets.reshape({-1}));
+  // At least fp32 (bf16 logits are upcast: the softmax over the vocabulary needs the range).
+  const auto type = at::promote_types(logits.scalar_type(), at::kFloat);
+  return at::cross_entropy_loss(logits.reshape({-1, vocab}).to(type), targets.reshape({-1}));
 }
 
 }  // namespace moeforge

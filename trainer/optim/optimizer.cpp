@@ -4,53 +4,95 @@
 
 #include <cmath>
 
+#include "parallel/shard_layout.hpp"
 #include "trainer/model/model.hpp"
 
 namespace moeforge {
+namespace {
+
+// This member's part of a whole fp32 tensor: its chunk when sharded, else the tensor.
+at::Tensor own_part(const at::Tensor& whole, parallel::Communicator* shard_group) {
+  if (shard_group == nullptr) return whole;
+  return parallel::chunk_of(whole, shard_group->size(), shard_group->rank());
+}
+
+// The whole tensor of `shape` from this member's part (all-gathered when sharded).
+at::Tensor whole_of(const at::Tensor& part, parallel::Communicator* shard_group,
+                    at::IntArrayRef shape) {
+  if (shard_group == nullptr) return part;
+  return parallel::whole_from_chunks(shard_group->all_gather(part), shape);
+}
+
+std::vector<ParameterToOptimize> unsharded(
+    const std::vector<std::pair<std::string, at::Tensor>>& named_parameters) {
+  std::vector<ParameterToOptimize> result;
+  for (const auto& [name, param] : named_parameters) result.push_back({name, param, nullptr});
+  return result;
+}
+
+}  // namespace
 
 bool AdamW::decays(const std::string& name) {
   return parameter_role(name) == ParameterRole::kMatrix;
 }
 
-AdamW::AdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_parameters,
-             const TrainConfig& config)
+AdamW::AdamW(const std::vector<ParameterToOptimize>& parameters, const TrainConfig& config)
     : beta1_(config.beta1),
       beta2_(config.beta2),
       eps_(config.eps),
       weight_decay_(config.weight_decay) {
-  for (const auto& [name, param] : named_parameters) {
+  at::NoGradGuard no_grad;
+  for (const auto& [name, param, shard_group] : parameters) {
     OptimizerSlot slot;
     slot.name = name;
     slot.param = param;
     slot.decay = decays(name);
-    slot.exp_avg = at::zeros_like(param, at::kFloat);
-    slot.exp_avg_sq = at::zeros_like(param, at::kFloat);
+    slot.shard_group = shard_group;
+    const bool own_master = shard_group == nullptr && param.scalar_type() == at::kFloat;
+    slot.master = own_master ? param : own_part(param.detach().to(at::kFloat), shard_group).clone();
+    slot.exp_avg = at::zeros_like(slot.master, at::kFloat);
+    slot.exp_avg_sq = at::zeros_like(slot.master, at::kFloat);
     slots_.push_back(std::move(slot));
   }
 }
 
-void AdamW::step(double lr) {
+AdamW::AdamW(const std::vector<std::pair<std::string, at::Tensor>>& named_parameters,
+             const TrainConfig& config)
+    : AdamW(unsharded(named_parameters), config) {}
+
+void AdamW::step(double lr, const std::vector<at::Tensor>& grads) {
   at::NoGradGuard no_grad;
   ++steps_taken_;
   const double bias1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_taken_));
   const double bias2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_taken_));
-  for (auto& slot : slots_) {
-    const auto& grad = slot.param.grad();
-    if (!grad.defined()) continue;
-    const auto g = grad.to(at::kFloat);
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    auto& slot = slots_[i];
+    const auto g = grads[i].to(at::kFloat);
     slot.exp_avg.mul_(beta1_).add_(g, 1.0 - beta1_);
     slot.exp_avg_sq.mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
-    if (slot.decay && weight_decay_ > 0) slot.param.mul_(1.0 - lr * weight_decay_);
+    if (slot.decay && weight_decay_ > 0) slot.master.mul_(1.0 - lr * weight_decay_);
     const auto denom = (slot.exp_avg_sq / bias2).sqrt_().add_(eps_);
-    slot.param.addcdiv_(slot.exp_avg, denom, -lr / bias1);
+    slot.master.addcdiv_(slot.exp_avg, denom, -lr / bias1);
+    if (slot.shard_group == nullptr && !slot.master.is_same(slot.param))
+      slot.param.copy_(slot.master);  // bf16 compute copy of the fp32 master
   }
 }
 
-void AdamW::zero_grad() {
-  // Undefined rather than zero: the first backward then hands its gradient over instead of
-  // adding it to zeros (one pass less over every gradient per step). Gradient sync defines
-  // every gradient again before the step reads it.
-  for (auto& slot : slots_) slot.param.mutable_grad() = at::Tensor();
+SlotState AdamW::whole_state(size_t index) const {
+  const auto& slot = slots_[index];
+  const auto shape = slot.param.sizes();
+  return {whole_of(slot.master, slot.shard_group, shape),
+          whole_of(slot.exp_avg, slot.shard_group, shape),
+          whole_of(slot.exp_avg_sq, slot.shard_group, shape)};
+}
+
+void AdamW::load_whole_state(size_t index, const SlotState& state) {
+  at::NoGradGuard no_grad;
+  auto& slot = slots_[index];
+  slot.master.copy_(own_part(state.master.to(at::kFloat), slot.shard_group));
+  slot.exp_avg.copy_(own_part(state.exp_avg.to(at::kFloat), slot.shard_group));
+  slot.exp_avg_sq.copy_(own_part(state.exp_avg_sq.to(at::kFloat), slot.shard_group));
+  if (!slot.master.is_same(slot.param)) slot.param.copy_(state.master);
 }
 
 double learning_rate(const TrainConfig& config, int64_t step) {
