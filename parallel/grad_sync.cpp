@@ -4,6 +4,8 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
+
 #include "parallel/shard_layout.hpp"
 
 namespace moeforge::parallel {
@@ -35,7 +37,7 @@ void GradientSynchronizer::assign_buckets(int64_t bucket_bytes) {
     const auto& p = parameters_[i];
     const int64_t bytes = p.numel() * (fp32_buffer_[i] ? 4 : p.element_size());
     const bool same_dtype =
-        !buckets_.empty() && parameters_[buckets_.back().front()].scalar_type() == p.scalar_type();
+        !buckets_.empty() && gradient_type(buckets_.back().front()) == gradient_type(i);
     if (buckets_.empty() || !same_dtype || bytes_in_bucket + bytes > bucket_bytes) {
       buckets_.emplace_back();
       bytes_in_bucket = 0;
@@ -43,6 +45,10 @@ void GradientSynchronizer::assign_buckets(int64_t bucket_bytes) {
     buckets_.back().push_back(i);
     bytes_in_bucket += bytes;
   }
+}
+
+at::ScalarType GradientSynchronizer::gradient_type(size_t index) const {
+  return fp32_buffer_[index] ? at::kFloat : parameters_[index].scalar_type();
 }
 
 void GradientSynchronizer::install_hooks() {
@@ -93,8 +99,7 @@ at::Tensor& GradientSynchronizer::accumulated(size_t index) {
   auto& grad = fp32_buffer_[index] ? fp32_grads_[index] : parameters_[index].mutable_grad();
   if (!grad.defined()) {
     const auto& p = parameters_[index];
-    grad = at::zeros(p.sizes(), p.options().dtype(fp32_buffer_[index] ? at::kFloat
-                                                                       : p.scalar_type()));
+    grad = at::zeros(p.sizes(), p.options().dtype(gradient_type(index)));
   }
   return grad;
 }
@@ -165,17 +170,31 @@ void GradientSynchronizer::zero_grad() {
 
 void GradientSynchronizer::all_gather_parameters(const std::vector<at::Tensor>& chunks) {
   at::NoGradGuard no_grad;
-  std::vector<Work> gathers(buckets_.size());
-  for (size_t b = 0; b < buckets_.size(); ++b) {  // all in flight, then unpacked in order
-    std::vector<at::Tensor> mine;
-    for (size_t index : buckets_[b])
-      mine.push_back(chunks[index].to(parameters_[index].scalar_type()));
-    gathers[b] = group_.all_gather_async(at::cat(mine));
+  // One gather per bucket and parameter dtype (a bf16 model keeps fp32 norms: their chunks
+  // travel in fp32, the bf16 weights' in bf16), all in flight, then unpacked in order.
+  std::vector<std::vector<size_t>> groups;
+  for (const auto& bucket : buckets_) {
+    std::vector<std::vector<size_t>> by_dtype;
+    for (size_t index : bucket) {
+      const auto type = parameters_[index].scalar_type();
+      auto same = std::find_if(by_dtype.begin(), by_dtype.end(), [&](const auto& group) {
+        return parameters_[group.front()].scalar_type() == type;
+      });
+      if (same == by_dtype.end()) by_dtype.push_back({index});
+      else same->push_back(index);
+    }
+    groups.insert(groups.end(), by_dtype.begin(), by_dtype.end());
   }
-  for (size_t b = 0; b < buckets_.size(); ++b) {
+  std::vector<Work> gathers;
+  for (const auto& group : groups) {
+    std::vector<at::Tensor> mine;
+    for (size_t index : group) mine.push_back(chunks[index].to(parameters_[index].scalar_type()));
+    gathers.push_back(group_.all_gather_async(at::cat(mine)));
+  }
+  for (size_t g = 0; g < groups.size(); ++g) {
     std::vector<at::Tensor> targets;
-    for (size_t index : buckets_[b]) targets.push_back(parameters_[index]);
-    unpack_rank_major(gathers[b].wait(), targets);
+    for (size_t index : groups[g]) targets.push_back(parameters_[index]);
+    unpack_rank_major(gathers[g].wait(), targets);
   }
 }
 

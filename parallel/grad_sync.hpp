@@ -75,6 +75,7 @@ class GradientSynchronizer {
   void assign_buckets(int64_t bucket_bytes);
   void install_hooks();
   void on_gradient(size_t index, size_t bucket);
+  at::ScalarType gradient_type(size_t index) const;  // fp32 for 16-bit parameters
   // The gradient backward accumulates for parameter i: fp32 buffer or the parameter's .grad.
   at::Tensor& accumulated(size_t index);
   void launch(size_t bucket);
@@ -84,7 +85,7 @@ class GradientSynchronizer {
   std::vector<bool> fp32_buffer_;            // per parameter: accumulates into fp32_grads_
   std::vector<at::Tensor> fp32_grads_;       // defined once its first gradient arrived
   std::vector<at::Tensor> synced_;           // per parameter: see gradient()
-  std::vector<std::vector<size_t>> buckets_;  // indices into parameters_
+  std::vector<std::vector<size_t>> buckets_;  // indices into parameters_, one gradient dtype
   Communicator& group_;
   int world_size_;
   GradSyncOptions options_;

@@ -12,6 +12,7 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
+#include "training_support.hpp"
 #include "trainer/data/builtin_corpus.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
@@ -31,13 +32,6 @@ int world_size() {
 
 TokenDataset open_data(const Config& c) {
   return TokenDataset::open(c.data, c.model.vocab_size, c.train.seq_len);
-}
-
-RunOptions quiet() {
-  RunOptions o;
-  o.write_outputs = false;
-  o.print = false;
-  return o;
 }
 
 // Block all-to-all against an explicit expectation: every rank sends 3 blocks (some empty) to
@@ -117,14 +111,14 @@ TEST(DataParallel, GradientsEqualSingleProcessOnConcatenatedBatch) {
     config.parallel.bucket_mb = 0.01;  // several buckets
     parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
     const auto groups = parallel::make_process_groups(world_comm, ep);
-    Trainer distributed(config, groups, open_data(config), quiet());
+    Trainer distributed(config, groups, open_data(config), testing::quiet_run());
     const double loss = distributed.compute_gradients(0).loss;
 
     auto single_config = config;
     single_config.parallel.ep_size = 1;
     single_config.train.micro_batch_size = config.train.micro_batch_size * world;
     const auto self = parallel::make_single_process_groups();
-    Trainer single(single_config, self, open_data(single_config), quiet());
+    Trainer single(single_config, self, open_data(single_config), testing::quiet_run());
     const double single_loss = single.compute_gradients(0).loss;
     EXPECT_LT(relative_difference(loss, single_loss), 1e-5) << "ep " << ep;
 
@@ -233,30 +227,10 @@ TEST(ExpertParallel, LayerMatchesUnshardedLayerInEdgeCases) {
 std::vector<StepMetrics> train_steps(Config config, int ep, int64_t stop_at = 0,
                                      std::optional<std::string> resume = std::nullopt,
                                      bool write = false) {
-  config.parallel.ep_size = ep;
-  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
-  const auto groups = parallel::make_process_groups(world_comm, ep);
-  RunOptions options = quiet();
-  options.stop_at_step = stop_at;
-  options.resume = resume;
-  options.write_outputs = write;
-  Trainer trainer(config, groups, open_data(config), options);
-  return trainer.run().steps;
+  return testing::train_steps_on(MPI_COMM_WORLD, std::move(config), ep, stop_at, resume, write);
 }
 
-void expect_same_curve(const std::vector<StepMetrics>& actual,
-                       const std::vector<StepMetrics>& expected, const std::string& what) {
-  ASSERT_EQ(actual.size(), expected.size()) << what;
-  for (size_t i = 0; i < actual.size(); ++i) {
-    EXPECT_EQ(actual[i].step, expected[i].step) << what;
-    EXPECT_LE(relative_difference(actual[i].loss, expected[i].loss), 1e-5)
-        << what << " step " << actual[i].step;
-    EXPECT_LE(relative_difference(actual[i].grad_norm, expected[i].grad_norm), 1e-5)
-        << what << " step " << actual[i].step;
-    EXPECT_LE(relative_difference(actual[i].aux_loss, expected[i].aux_loss), 1e-5)
-        << what << " step " << actual[i].step;
-  }
-}
+using testing::expect_same_curve;
 
 // The product guarantee: the same seed and data give the same curve for every ep_size.
 TEST(ExpertParallel, LossAndGradNormInvariantToEpSize) {
@@ -277,7 +251,7 @@ TEST(DataParallel, RanksEqualAccumulationMicroBatches) {
   auto single_config = config;
   single_config.train.grad_accum = world_size();
   const auto self = parallel::make_single_process_groups();
-  Trainer single(single_config, self, open_data(single_config), quiet());
+  Trainer single(single_config, self, open_data(single_config), testing::quiet_run());
   expect_same_curve(distributed, single.run().steps, "accumulation");
 }
 
@@ -303,7 +277,7 @@ TEST(ExpertParallel, ResidentMemoryFlatAcrossSteps) {
   config.parallel.ep_size = world;
   parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
   const auto groups = parallel::make_process_groups(world_comm, world);
-  Trainer trainer(config, groups, open_data(config), quiet());
+  Trainer trainer(config, groups, open_data(config), testing::quiet_run());
   const int64_t n = 12, per_step = config.train.micro_batch_size * world;
   int64_t samples = 0;
   const auto steps = [&](int64_t count) {

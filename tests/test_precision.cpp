@@ -1,0 +1,153 @@
+// train.precision: bf16 and the fp32 state behind it (single process): the router and the
+// losses stay fp32 inside a bf16 model, bf16 gradients accumulate in fp32, bf16 training
+// follows the fp32 curve, resumes bit-exactly and may switch precision on resume; the ZeRO-1
+// chunk layout round-trips.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "moe/moe_layer.hpp"
+#include "parallel/grad_sync.hpp"
+#include "parallel/shard_layout.hpp"
+#include "test_support.hpp"
+#include "training_support.hpp"
+
+namespace moeforge {
+namespace {
+
+using testing::quiet_run;
+using testing::train_on;
+
+RunSummary run(const Config& config, RunOptions options) {
+  return train_on(config, parallel::make_single_process_groups(), std::move(options));
+}
+
+Config bf16(Config config) {
+  config.train.precision = Precision::kBf16;
+  return config;
+}
+
+TEST(MixedPrecision, RouterAndLossesStayFp32InABf16Layer) {
+  auto groups = parallel::make_single_process_groups();
+  moe::MoeConfig config;
+  config.num_experts = 4;
+  config.top_k = 2;
+  config.expert_ffn_size = 16;
+  config.balancing.aux_loss.coeff = 0.01;
+  config.balancing.z_loss.coeff = 0.001;
+  moe::MoeLayer layer(32, config, *groups.ep);
+  layer->to(at::kBFloat16);
+  const auto x = at::randn({12, 32}).to(at::kBFloat16);
+  const auto route = layer->router->forward(x, 0.0, 0);
+  EXPECT_EQ(route.logits.scalar_type(), at::kFloat);
+  EXPECT_EQ(route.scores.scalar_type(), at::kFloat);
+  EXPECT_EQ(route.gates.scalar_type(), at::kFloat);
+  const auto out = layer->forward(x, 12);
+  EXPECT_EQ(out.y.scalar_type(), at::kBFloat16);  // the residual stream keeps bf16
+  EXPECT_EQ(out.aux_loss.scalar_type(), at::kFloat);
+  EXPECT_EQ(out.z_loss.scalar_type(), at::kFloat);
+}
+
+// 256 + 1 is not a bf16 number (8 significant bits): accumulated in bf16 the second
+// micro-batch's gradient would vanish; the fp32 buffer keeps it.
+TEST(MixedPrecision, Bf16GradientsAccumulateInFp32) {
+  auto groups = parallel::make_single_process_groups();
+  auto weight = at::ones({3}, at::kBFloat16).set_requires_grad(true);
+  parallel::GradientSynchronizer sync({weight}, *groups.world, 1, {});
+  sync.zero_grad();
+  (weight * 256.0).sum().backward();
+  (weight * 1.0).sum().backward();
+  sync.synchronize();
+  ASSERT_EQ(sync.gradient(0).scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(sync.gradient(0), at::full({3}, 257.0f)));
+  EXPECT_FALSE(weight.grad().defined());  // the bf16 gradient was released into the buffer
+}
+
+// Mean loss of steps [first, first + count).
+double mean_loss(const RunSummary& run, size_t first, size_t count) {
+  double sum = 0.0;
+  for (size_t i = first; i < first + count; ++i) sum += run.steps[i].loss;
+  return sum / static_cast<double>(count);
+}
+
+// Same seed, same data: bf16 follows the fp32 loss curve for 100 steps. Single steps of this
+// tiny batch (32 tokens) are noisy and the two trajectories drift apart like any two seeds of
+// rounding, so the curves are compared as means over windows of 10 steps: within 2% each.
+TEST(MixedPrecision, Bf16FollowsTheFp32CurveFor100Steps) {
+  auto config = testing::small_test_config();
+  config.train.steps = 100;
+  const auto fp32 = run(config, quiet_run());
+  const auto mixed = run(bf16(config), quiet_run());
+  ASSERT_EQ(mixed.steps.size(), 100u);
+  EXPECT_LE(testing::relative_difference(mixed.steps[0].loss, fp32.steps[0].loss), 0.005);
+  for (size_t window = 0; window < 100; window += 10) {
+    const double gap = testing::relative_difference(mean_loss(mixed, window, 10),
+                                                    mean_loss(fp32, window, 10));
+    std::printf("steps %zu-%zu: fp32 %.4f bf16 %.4f (%.2f%%)\n", window + 1, window + 10,
+                mean_loss(fp32, window, 10), mean_loss(mixed, window, 10), 100 * gap);
+    EXPECT_LE(gap, 0.02) << "steps " << window + 1 << "-" << window + 10;
+  }
+  EXPECT_LT(mean_loss(mixed, 90, 10), mean_loss(mixed, 0, 10) - 1.0);  // it learned
+}
+
+// The checkpoint holds fp32 masters: ten steps, a checkpoint, ten more equal twenty straight.
+TEST(MixedPrecision, Bf16ResumeIsBitwiseExact) {
+  auto config = bf16(testing::small_test_config());
+  config.train.grad_accum = 2;
+  config.train.out_dir = testing::shared_scratch_dir("bf16-resume");
+  const auto straight = run(config, quiet_run());
+  auto first_half = quiet_run(true);
+  first_half.stop_at_step = 10;
+  run(config, first_half);
+  auto second_half = quiet_run(true);
+  second_half.resume = "latest";
+  const auto resumed = run(config, second_half);
+  testing::expect_identical_curve(
+      resumed.steps, {straight.steps.begin() + 10, straight.steps.end()}, "bf16 resume");
+  std::filesystem::remove_all(config.train.out_dir);
+}
+
+// An fp32 run resumed in bf16 (and back) continues the same curve within bf16's tolerance.
+TEST(MixedPrecision, PrecisionCanChangeOnResume) {
+  auto config = testing::small_test_config();
+  config.train.out_dir = testing::shared_scratch_dir("precision-switch");
+  const auto straight = run(config, quiet_run());
+  auto first_half = quiet_run(true);
+  first_half.stop_at_step = 10;
+  run(config, first_half);
+  auto second_half = quiet_run(true);
+  second_half.resume = "latest";
+  second_half.stop_at_step = 15;
+  const auto in_bf16 = run(bf16(config), second_half);
+  second_half.stop_at_step = 0;
+  const auto back_in_fp32 = run(config, second_half);
+  ASSERT_EQ(in_bf16.steps.size(), 5u);
+  ASSERT_EQ(back_in_fp32.steps.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) {
+    EXPECT_LE(testing::relative_difference(in_bf16.steps[i].loss, straight.steps[10 + i].loss),
+              0.03);
+    EXPECT_LE(
+        testing::relative_difference(back_in_fp32.steps[i].loss, straight.steps[15 + i].loss),
+        0.03);
+  }
+  std::filesystem::remove_all(config.train.out_dir);
+}
+
+// Chunks of uneven tensors (7 and 3 elements over 3 members) pack rank-major and come back.
+TEST(ShardLayout, ChunksPackAndGatherBack) {
+  const auto a = at::arange(7, at::kFloat).reshape({7}), b = at::arange(10, 13, at::kFloat);
+  const auto packed = parallel::pack_rank_major({a, b}, 3);  // chunks of 3 and 1
+  EXPECT_TRUE(at::equal(packed, at::tensor({0.f, 1.f, 2.f, 10.f, 3.f, 4.f, 5.f, 11.f, 6.f, 0.f, 0.f, 12.f})));
+  EXPECT_TRUE(at::equal(parallel::chunk_of(a, 3, 2), at::tensor({6.f, 0.f, 0.f})));
+  std::vector<at::Tensor> targets = {at::zeros({7}, at::kBFloat16), at::zeros({3})};
+  parallel::unpack_rank_major(packed.view({3, 4}), targets);
+  EXPECT_TRUE(at::equal(targets[0].to(at::kFloat), a));
+  EXPECT_TRUE(at::equal(targets[1], b));
+  const auto gathered = at::stack({parallel::chunk_of(a, 3, 0), parallel::chunk_of(a, 3, 1),
+                                   parallel::chunk_of(a, 3, 2)});
+  EXPECT_TRUE(at::equal(parallel::whole_from_chunks(gathered, {7}), a));
+}
+
+}  // namespace
+}  // namespace moeforge
