@@ -35,7 +35,9 @@ inline std::vector<StepMetrics> train_steps_on(MPI_Comm comm, Config config, int
                                                std::optional<std::string> resume = std::nullopt,
                                                bool write = false) {
   config.parallel.ep_size = ep;
-  parallel::MpiCommunicator world(comm);
+  MPI_Comm own = comm;  // the communicator frees what it holds: give it a copy of a split
+  if (comm != MPI_COMM_WORLD) MPI_Comm_dup(comm, &own);
+  parallel::MpiCommunicator world(own);
   const auto groups = parallel::make_process_groups(world, ep);
   RunOptions options = quiet_run(write);
   options.stop_at_step = stop_at;

@@ -49,9 +49,9 @@ void MetricsLog::write_row(const std::string& json) {
 std::string MetricsLog::console_line(const StepMetrics& m) {
   return fmt::format(
              "step {:>5}/{} | loss {:.4f} | aux {:.4f} | z {:.3f} | lr {:.2e} | gnorm {:.3f} | "
-             "{:>8.0f} tok/s | maxvio {:.3f}",
+             "{:>8.0f} tok/s | maxvio {:.3f} | peak {:.0f} MiB",
              m.step, m.total_steps, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
-             m.max_vio) +
+             m.max_vio, m.peak_memory_mib) +
          (m.skipped ? " | SKIPPED: gradients not finite, no update" : "");
 }
 
@@ -66,6 +66,7 @@ void MetricsLog::log(const StepMetrics& m) {
                       {"grad_norm", m.grad_norm},
                       {"tokens_per_s", m.tokens_per_s},
                       {"step_seconds", m.step_seconds},
+                      {"peak_memory_mib", m.peak_memory_mib},
                       {"max_vio", m.max_vio},
                       {"max_vio_micro", m.max_vio_micro}};
   auto layers = nlohmann::json::array();

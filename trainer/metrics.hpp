@@ -33,6 +33,7 @@ struct StepMetrics {
   double grad_norm = 0.0;  // before clipping
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
+  double peak_memory_mib = 0.0;  // max over ranks of the peak so far (CUDA allocator / RSS)
   double max_vio = 0.0;         // max over MoE layers of the global-batch MaxVio
   double max_vio_micro = 0.0;   // max over MoE layers of the mean micro-batch MaxVio
   bool skipped = false;         // gradients were not finite: no update this step

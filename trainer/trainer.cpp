@@ -20,6 +20,7 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/device.hpp"
+#include "trainer/memory_report.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/stop_signal.hpp"
 
@@ -487,6 +488,9 @@ StepMetrics Trainer::train_step() {
   m.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   m.tokens_per_s =
       static_cast<double>(world * t.grad_accum * t.micro_batch_size * t.seq_len) / m.step_seconds;
+  auto peak = at::tensor({static_cast<double>(peak_memory_bytes(device_))}, at::kDouble);
+  groups_.world->all_reduce(peak, parallel::ReduceOp::kMax);
+  m.peak_memory_mib = peak.item<double>() / (1 << 20);
   for (size_t i = 0; i < sums.layers.size(); ++i) {
     m.layers.push_back(layer_metrics(i, sums.layers[i], global_load[i]));
     m.max_vio = std::max(m.max_vio, m.layers.back().max_vio);
@@ -584,7 +588,15 @@ RunSummary Trainer::run() {
                      groups_.world->size(), groups_.ep_size, t.steps,
                      groups_.world->size() * t.grad_accum * t.micro_batch_size * t.seq_len,
                      t.out_dir)
-              << std::endl;
+              << "\n"
+              << fmt::format("precision {}{}{} | ", enum_text(t.precision),
+                             config_.parallel.distributed_optimizer
+                                 ? ", distributed optimizer (ZeRO-1)"
+                                 : "",
+                             config_.parallel.grad_reduce_dtype == Precision::kBf16
+                                 ? ", bf16 gradient reduction"
+                                 : "")
+              << describe(memory_report(config_, *optimizer_)) << std::endl;
   const int64_t end_step =
       options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
   const TraceWindow trace(config_.logging, state_.step, end_step);

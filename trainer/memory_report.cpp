@@ -1,0 +1,67 @@
+#include "trainer/memory_report.hpp"
+
+#include <ATen/core/Tensor.h>
+#include <fmt/format.h>
+
+#include "trainer/model/model.hpp"
+
+namespace moeforge {
+namespace {
+
+int64_t bytes_of(const at::Tensor& tensor) { return tensor.numel() * tensor.element_size(); }
+
+std::string mib(int64_t bytes) {
+  return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20));
+}
+
+// SwiGLU of width `ffn` on one token: normed input is counted by the caller.
+int64_t swiglu_bytes(int64_t ffn, int64_t b) { return b * 4 * ffn; }
+
+}  // namespace
+
+int64_t activation_bytes_per_token(const Config& config) {
+  const auto& m = config.model;
+  const auto& moe = config.moe;
+  const int64_t b = config.train.precision == Precision::kBf16 ? 2 : 4;
+  const int64_t hidden = m.hidden_size, head_dim = head_dim_of(m);
+  const int64_t q = m.num_heads * head_dim, kv = m.num_kv_heads * head_dim;
+  const int64_t pool = moe.num_experts + moe.router.num_null_experts;
+  int64_t total = (b + 8) * m.vocab_size;
+  for (int64_t block = 0; block < m.num_layers; ++block) {
+    total += b * hidden + 4 * hidden + b * (hidden + 2 * q + 2 * kv);
+    if (!is_moe_block(moe, block)) {
+      total += b * hidden + swiglu_bytes(m.ffn_size, b);
+      continue;
+    }
+    total += b * hidden + 4 * 2 * pool;
+    total += moe.top_k * (b * hidden + swiglu_bytes(moe.expert_ffn_size, b) + 4 * hidden);
+    total += moe.num_shared_experts * swiglu_bytes(moe::shared_expert_size(moe), b);
+  }
+  return total;
+}
+
+MemoryReport memory_report(const Config& config, const AdamW& optimizer) {
+  MemoryReport report;
+  for (const auto& slot : optimizer.slots()) {
+    report.parameters += bytes_of(slot.param);
+    const bool sixteen_bit = slot.param.element_size() == 2;
+    report.gradients += sixteen_bit ? slot.param.numel() * 4 : bytes_of(slot.param);
+    report.optimizer += bytes_of(slot.exp_avg) + bytes_of(slot.exp_avg_sq) +
+                        (slot.master.is_same(slot.param) ? 0 : bytes_of(slot.master));
+  }
+  const int64_t tokens = config.train.micro_batch_size * config.train.seq_len;
+  report.activations_per_micro_batch = tokens * activation_bytes_per_token(config);
+  return report;
+}
+
+std::string describe(const MemoryReport& report) {
+  return fmt::format(
+      "memory per rank: parameters {} | gradients {} | optimizer state {} | activations ~{} "
+      "per micro-batch (estimate) | total ~{}",
+      mib(report.parameters), mib(report.gradients), mib(report.optimizer),
+      mib(report.activations_per_micro_batch),
+      mib(report.parameters + report.gradients + report.optimizer +
+          report.activations_per_micro_batch));
+}
+
+}  // namespace moeforge
