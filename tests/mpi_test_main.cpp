@@ -5,7 +5,10 @@
 
 #include <cstdlib>
 
+#include "trainer/common/host_allocator.hpp"
+
 int main(int argc, char** argv) {
+  moeforge::bound_onednn_primitive_cache();  // as the trainer's main does
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
   ::testing::InitGoogleTest(&argc, argv);

@@ -23,4 +23,14 @@ inline void tune_host_allocator() {
   mallopt(M_TOP_PAD, 64 << 20);        // grow the heap in 64 MiB steps (fewer brk calls)
 }
 
+// oneDNN (LibTorch's CPU kernels for bf16 matmuls) caches a compiled primitive, with its own
+// scratch memory, for every distinct shape, up to 1024 of them by default. MoE experts see new
+// row counts every step, so under train.precision: bf16 the cache grew resident memory by
+// ~100 MiB per step on configs/small.yaml for its first ~20 steps. 64 entries bound it at no
+// measurable speed cost (docs/benchmarks.md). A user's ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
+// Call before the first bf16 matmul.
+inline void bound_onednn_primitive_cache() {
+  setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64", /*overwrite=*/0);
+}
+
 }  // namespace moeforge
