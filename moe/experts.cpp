@@ -51,7 +51,7 @@ at::Tensor GroupedExpertsImpl::forward(const at::Tensor& x,
             grouped_matmul(at::silu(gate) * up, weight(w_down, gate), rows_per_expert)};  // [R, H]
       };
   if (!recompute_activation_) return activation_and_down({gate, up})[0];
-  return parallel::recompute_in_backward(activation_and_down, {gate, up})[0];
+  return parallel::recompute_in_backward(activation_and_down, {gate, up}, {w_down})[0];
 }
 
 }  // namespace moeforge::moe

@@ -58,7 +58,7 @@ MoeOutput MoeLayerImpl::forward_recomputed(const at::Tensor& x, int64_t seq_len,
     *counters = std::move(out.counters);
     return std::vector<at::Tensor>{out.y, out.aux_loss, out.z_loss};
   };
-  auto outputs = parallel::recompute_in_backward(region, {x});
+  auto outputs = parallel::recompute_in_backward(region, {x}, parameters());
   return {outputs[0], outputs[1], outputs[2], *counters};
 }
 

@@ -145,6 +145,7 @@ struct RegionState : torch::CustomClassHolder {
   AutocastState autocast;
   GeneratorStates generators;
   std::vector<bool> input_requires_grad;
+  size_t num_inputs = 0;  // the saved tensors are the inputs, then the parameters
 };
 
 c10::intrusive_ptr<RegionState> region_state(AutogradContext* ctx) {
@@ -152,24 +153,30 @@ c10::intrusive_ptr<RegionState> region_state(AutogradContext* ctx) {
 }
 
 // Inputs of the recompute: the saved inputs cut off from the forward graph, requiring grad as
-// the originals did, so the region's backward stops at them and leaves their gradients there.
-std::vector<at::Tensor> detached_inputs(const variable_list& saved,
-                                        const std::vector<bool>& requires_grad) {
+// the originals did, so the region's backward stops at them.
+std::vector<at::Tensor> detached_inputs(const variable_list& saved, const RegionState& state) {
   std::vector<at::Tensor> detached;
-  for (size_t i = 0; i < saved.size(); ++i)
-    detached.push_back(saved[i].detach().requires_grad_(requires_grad[i]));
+  for (size_t i = 0; i < state.num_inputs; ++i)
+    detached.push_back(saved[i].detach().requires_grad_(state.input_requires_grad[i]));
   return detached;
 }
 
 class RecomputedRegion : public torch::autograd::Function<RecomputedRegion> {
  public:
+  // The parameters are inputs of this node, so their gradients leave through its edges into
+  // their AccumulateGrad nodes in the outer graph: a parameter used by several regions (the
+  // experts of every pipeline chunk) is accumulated once, its contributions summed first, as
+  // without recompute — and the gradient synchronisers' hooks fire once.
   static variable_list forward(AutogradContext* ctx, c10::intrusive_ptr<RegionState> state,
-                               at::TensorList inputs) {
+                               at::TensorList inputs, at::TensorList parameters) {
     // Function::apply runs this with gradients off: nothing inside is kept for backward.
     state->autocast = AutocastState::current();
     state->generators = GeneratorStates::current(generator_devices(inputs));
     for (const auto& input : inputs) state->input_requires_grad.push_back(input.requires_grad());
-    ctx->save_for_backward(inputs.vec());
+    state->num_inputs = inputs.size();
+    auto saved = inputs.vec();
+    saved.insert(saved.end(), parameters.begin(), parameters.end());
+    ctx->save_for_backward(saved);
     ctx->set_materialize_grads(false);  // outputs nobody used get no gradient, not zeros
     variable_list outputs;
     {
@@ -183,7 +190,8 @@ class RecomputedRegion : public torch::autograd::Function<RecomputedRegion> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto state = region_state(ctx);
-    auto inputs = detached_inputs(ctx->get_saved_variables(), state->input_requires_grad);
+    const auto saved = ctx->get_saved_variables();
+    const auto inputs = detached_inputs(saved, *state);
     const auto outputs = rerun(*state, inputs);
     std::vector<at::Tensor> roots, grads;
     for (size_t i = 0; i < outputs.size(); ++i) {
@@ -191,11 +199,23 @@ class RecomputedRegion : public torch::autograd::Function<RecomputedRegion> {
       roots.push_back(outputs[i]);
       grads.push_back(grad_outputs[i]);
     }
-    // Accumulates into every leaf reached: the parameters (through their own AccumulateGrad
-    // nodes and hooks) and the detached inputs, whose gradients are this node's result.
-    if (!roots.empty()) torch::autograd::backward(roots, grads);
+    // Gradients of everything this node has edges to: the inputs, then the parameters.
+    std::vector<at::Tensor> targets(inputs.begin(), inputs.end());
+    targets.insert(targets.end(), saved.begin() + static_cast<int64_t>(state->num_inputs),
+                   saved.end());
     variable_list result = {at::Tensor()};  // the state argument
-    for (const auto& input : inputs) result.push_back(input.grad());
+    std::vector<at::Tensor> wrt;
+    std::vector<size_t> wrt_index;
+    for (size_t i = 0; i < targets.size(); ++i)
+      if (targets[i].requires_grad()) {
+        wrt.push_back(targets[i]);
+        wrt_index.push_back(i);
+      }
+    result.resize(1 + targets.size());
+    if (roots.empty() || wrt.empty()) return result;
+    const auto computed = torch::autograd::grad(roots, wrt, grads, /*retain_graph=*/false,
+                                                /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t j = 0; j < wrt.size(); ++j) result[1 + wrt_index[j]] = computed[j];
     return result;
   }
 
@@ -216,13 +236,16 @@ class RecomputedRegion : public torch::autograd::Function<RecomputedRegion> {
 }  // namespace
 
 std::vector<at::Tensor> recompute_in_backward(const Region& region,
-                                              const std::vector<at::Tensor>& inputs) {
+                                              const std::vector<at::Tensor>& inputs,
+                                              const std::vector<at::Tensor>& parameters) {
   bool needs_grad = false;
-  for (const auto& input : inputs) needs_grad = needs_grad || input.requires_grad();
+  for (const auto& t : inputs) needs_grad = needs_grad || t.requires_grad();
+  for (const auto& t : parameters) needs_grad = needs_grad || t.requires_grad();
   if (!at::GradMode::is_enabled() || !needs_grad) return region(inputs);
   auto state = c10::make_intrusive<RegionState>();
   state->region = region;
-  return RecomputedRegion::apply(std::move(state), at::TensorList(inputs));
+  return RecomputedRegion::apply(std::move(state), at::TensorList(inputs),
+                                 at::TensorList(parameters));
 }
 
 at::Tensor replayed_exchange(const at::Tensor& local, const std::function<at::Tensor()>& exchange) {

@@ -5,10 +5,11 @@
 //
 //   auto outs = recompute_in_backward(region, {x});   // region: inputs -> outputs
 //
-// Parameters used inside the region get their gradients through their usual AccumulateGrad
-// nodes (the recompute's backward accumulates into every leaf), so gradient hooks, bucketed
-// all-reduces and gradient accumulation behave as without recompute. The recompute runs under
-// the autocast state and with the default generators' state of the forward.
+// The region's parameters are named: their gradients leave the recompute through the region's
+// node into their usual AccumulateGrad nodes, so a parameter used by several regions (or several
+// times) is accumulated once with its contributions summed first, exactly as without recompute,
+// and gradient hooks, bucketed all-reduces and gradient accumulation behave as without. The
+// recompute runs under the autocast state and with the default generators' state of the forward.
 //
 // Collectives whose results decide the region's shapes (the MoE counts exchange) must not run
 // again: a rank that re-agreed on different counts would deadlock or misplace rows, and it
@@ -25,13 +26,16 @@ namespace moeforge::parallel {
 
 using Region = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
 
-// Runs `region(inputs)`. When gradients are enabled and some input requires grad, the forward
-// runs without storing activations and backward recomputes them; otherwise it is a plain call.
-// Outputs that need no gradient (counters) should be returned through the region's captures,
-// not as outputs. The region must outlive backward (capture by value or shared ownership) and
-// compute the same thing every time it runs (it gets the same inputs, parameters and seeds).
+// Runs `region(inputs)`. When gradients are enabled and some input or parameter requires grad,
+// the forward runs without storing activations and backward recomputes them; otherwise it is a
+// plain call. `parameters`: every leaf the region uses that needs a gradient (a leaf left out
+// gets none from the region). Outputs that need no gradient (counters) should be returned
+// through the region's captures, not as outputs. The region must outlive backward (capture by
+// value or shared ownership) and compute the same thing every time it runs (it gets the same
+// inputs, parameters and seeds).
 std::vector<at::Tensor> recompute_in_backward(const Region& region,
-                                              const std::vector<at::Tensor>& inputs);
+                                              const std::vector<at::Tensor>& inputs,
+                                              const std::vector<at::Tensor>& parameters);
 
 // The result of `exchange()` (a collective), recorded when a recomputed region first runs and
 // read back when it is recomputed, instead of exchanging again. `local` is this rank's

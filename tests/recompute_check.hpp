@@ -92,7 +92,8 @@ inline std::vector<std::pair<std::string, RecomputeConfig>> recompute_options() 
 }
 
 // A config that exercises what recompute must replay: router jitter, capacity drops, aux and
-// z losses, shared experts, a dense first block, gradient accumulation; 5 steps.
+// z losses, shared experts, a dense first block, gradient accumulation, two pipeline chunks;
+// 5 steps.
 inline Config recompute_test_config() {
   Config c = small_test_config();
   c.model.num_layers = 3;
@@ -102,6 +103,7 @@ inline Config recompute_test_config() {
   c.train.steps = 5;
   c.train.warmup_steps = 1;
   c.train.grad_accum = 2;
+  c.parallel.overlap_degree = 2;  // experts of two pipeline chunks share their weights
   return c;
 }
 

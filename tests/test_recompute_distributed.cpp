@@ -1,5 +1,5 @@
 // train.recompute across ranks: bitwise the same training as none at ep_size 1 (data parallel)
-// and ep_size = world, with the communication worker, overlap_degree 2, gradient accumulation
+// and ep_size = world, with the communication worker, overlap_degree 3, gradient accumulation
 // and bucketed gradient sync during backward; a recomputed MoE layer replays the forward's
 // counts exchange and reruns only the row all-to-alls.
 #include <gtest/gtest.h>
@@ -67,7 +67,7 @@ int world_size() {
 Config distributed_recompute_config(int ep) {
   auto config = testing::recompute_test_config();
   config.parallel.ep_size = ep;
-  config.parallel.overlap_degree = 2;
+  config.parallel.overlap_degree = 3;
   config.parallel.bucket_mb = 0.005;  // many buckets: some are all-reduced during backward
   return config;
 }

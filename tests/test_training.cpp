@@ -185,9 +185,10 @@ TEST(Recompute, Bf16AutocastGivesTheSameGradients) {
   }
 }
 
-// The mechanism alone: the region runs twice (forward without a graph, then in backward), the
-// parameter's gradient arrives once through its AccumulateGrad node, and a replayed exchange is
-// served from the forward's record.
+// The mechanism alone: each region runs twice (forward without a graph, then in backward), a
+// parameter used by two regions gets one AccumulateGrad call with both contributions (the
+// gradient synchronisers count those calls), and a replayed exchange is served from the
+// forward's record.
 TEST(Recompute, RegionRunsAgainInBackwardAndReplaysExchanges) {
   auto runs = std::make_shared<int>(0);
   auto exchanges = std::make_shared<int>(0);
@@ -210,14 +211,15 @@ TEST(Recompute, RegionRunsAgainInBackwardAndReplaysExchanges) {
         ++hook_calls;
         return outputs;
       }));
-  const auto y = parallel::recompute_in_backward(region, {x})[0];
-  EXPECT_EQ(*runs, 1);
-  y.sum().backward();
+  const auto y = parallel::recompute_in_backward(region, {x}, {weight})[0] +
+                 parallel::recompute_in_backward(region, {x}, {weight})[0];
   EXPECT_EQ(*runs, 2);
-  EXPECT_EQ(*exchanges, 1);
+  y.sum().backward();
+  EXPECT_EQ(*runs, 4);
+  EXPECT_EQ(*exchanges, 2);
   EXPECT_EQ(hook_calls, 1);
-  const auto expected_x = (weight * (x * weight).cos() * 50).detach();
-  const auto expected_w = (x * (x * weight).cos() * 50).detach();
+  const auto expected_x = (weight * (x * weight).cos() * 100).detach();
+  const auto expected_w = (x * (x * weight).cos() * 100).detach();
   EXPECT_TRUE(at::allclose(x.grad(), expected_x));
   EXPECT_TRUE(at::allclose(weight.grad(), expected_w));
 }
@@ -232,7 +234,7 @@ TEST(Recompute, ReplayDetectsARegionThatRecomputedDifferently) {
     return std::vector<at::Tensor>{in[0] * (received.item<double>() + 1)};
   };
   const auto x = at::ones({2}).requires_grad_();
-  const auto y = parallel::recompute_in_backward(region, {x})[0];
+  const auto y = parallel::recompute_in_backward(region, {x}, {})[0];
   try {
     y.sum().backward();
     FAIL() << "no error";

@@ -156,7 +156,7 @@ DecoderBlockImpl::Result DecoderBlockImpl::forward_recomputed(const at::Tensor& 
     *counters = std::move(result.counters);
     return std::vector<at::Tensor>{result.h, result.aux_loss, result.z_loss};
   };
-  const auto outputs = parallel::recompute_in_backward(region, {x});
+  const auto outputs = parallel::recompute_in_backward(region, {x}, parameters());
   if (!moe_mlp) return Result::dense(outputs[0]);
   return {outputs[0], outputs[1], outputs[2], *counters};
 }
@@ -166,7 +166,7 @@ at::Tensor DecoderBlockImpl::attention(const at::Tensor& normed) {
   const parallel::Region region = [attn = attn.ptr()](const std::vector<at::Tensor>& in) {
     return std::vector<at::Tensor>{attn->forward(in[0])};
   };
-  return parallel::recompute_in_backward(region, {normed})[0];
+  return parallel::recompute_in_backward(region, {normed}, attn->parameters())[0];
 }
 
 DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) {
