@@ -11,8 +11,6 @@
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -20,6 +18,7 @@
 #include <functional>
 #include <vector>
 
+#include "child_process.hpp"
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
 #include "trainer/common/host_allocator.hpp"
@@ -33,16 +32,6 @@ struct Shape {
   int64_t tokens, hidden, experts, top_k, ffn;
 };
 
-long current_rss_kb() {
-  FILE* f = fopen("/proc/self/statm", "r");
-  long pages = 0, resident = 0;
-  if (f) {
-    if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    fclose(f);
-  }
-  return resident * (sysconf(_SC_PAGESIZE) / 1024);
-}
-
 struct Measurement {
   double seconds = 0;   // median per iteration
   double peak_mib = 0;  // peak RSS growth over the baseline
@@ -52,12 +41,8 @@ struct Measurement {
 // timed runs; reports the median time and the peak RSS growth through a pipe. All ATen work
 // happens in the child, so no OpenMP thread pool is ever forked.
 Measurement measure(const std::function<std::function<void()>()>& make_body, int iterations) {
-  int fds[2];
-  if (pipe(fds) != 0) return {};
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    const long baseline = current_rss_kb();
+  return bench::run_in_child<Measurement>([&] {
+    const long baseline = bench::current_rss_kb();
     const auto body = make_body();
     body();  // warm-up (allocations, caches)
     std::vector<double> times;
@@ -70,16 +55,8 @@ Measurement measure(const std::function<std::function<void()>()>& make_body, int
     std::sort(times.begin(), times.end());
     struct rusage usage {};
     getrusage(RUSAGE_SELF, &usage);
-    Measurement m{times[times.size() / 2], (usage.ru_maxrss - baseline) / 1024.0};
-    if (write(fds[1], &m, sizeof(m)) != sizeof(m)) _exit(1);
-    _exit(0);
-  }
-  close(fds[1]);
-  Measurement m;
-  if (read(fds[0], &m, sizeof(m)) != sizeof(m)) m = {};
-  close(fds[0]);
-  waitpid(pid, nullptr, 0);
-  return m;
+    return Measurement{times[times.size() / 2], (usage.ru_maxrss - baseline) / 1024.0};
+  });
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include "moe/compute_precision.hpp"
 #include "moe/grouped_matmul.hpp"
+#include "parallel/recompute.hpp"
 
 namespace moeforge::moe {
 
@@ -36,10 +37,21 @@ at::Tensor GroupedExpertsImpl::forward(const at::Tensor& x,
   // Same SwiGLU as swiglu(), with every matmul grouped over the local experts; under autocast
   // in its dtype (grouped_matmul is not an autocast op, so the casts are explicit).
   const auto rows = to_compute_dtype(x, x);
-  const auto weight = [&](const at::Tensor& w) { return to_compute_dtype(w, x).transpose(1, 2); };
-  const auto gate = at::silu(grouped_matmul(rows, weight(w_gate), rows_per_expert));  // [R, F]
-  const auto up = grouped_matmul(rows, weight(w_up), rows_per_expert);                // [R, F]
-  return grouped_matmul(gate * up, weight(w_down), rows_per_expert);                  // [R, H]
+  const auto weight = [](const at::Tensor& w, const at::Tensor& like) {
+    return to_compute_dtype(w, like).transpose(1, 2);
+  };
+  const auto gate = grouped_matmul(rows, weight(w_gate, x), rows_per_expert);  // [R, F]
+  const auto up = grouped_matmul(rows, weight(w_up, x), rows_per_expert);      // [R, F]
+  // Captures the parameter, not this module: the region outlives the forward in the graph.
+  const parallel::Region activation_and_down =
+      [w_down = w_down, weight, rows_per_expert](const std::vector<at::Tensor>& in) {
+        const auto& gate = in[0];
+        const auto& up = in[1];
+        return std::vector<at::Tensor>{
+            grouped_matmul(at::silu(gate) * up, weight(w_down, gate), rows_per_expert)};  // [R, H]
+      };
+  if (!recompute_activation_) return activation_and_down({gate, up})[0];
+  return parallel::recompute_in_backward(activation_and_down, {gate, up}, {w_down})[0];
 }
 
 }  // namespace moeforge::moe

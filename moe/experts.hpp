@@ -28,9 +28,15 @@ class GroupedExpertsImpl : public torch::nn::Module {
 
   // x [R, H] with rows_per_expert[e] consecutive rows for local expert e -> [R, H].
   at::Tensor forward(const at::Tensor& x, const std::vector<int64_t>& rows_per_expert);
+  // Recompute silu(gate)·up and the second GEMM in backward instead of storing the activation
+  // (train.recompute: moe_act): keeps the two [R, F] GEMM outputs instead of four [R, F].
+  void set_recompute_activation(bool recompute) { recompute_activation_ = recompute; }
 
   at::Tensor w_gate, w_up;  // [El, F, H]
   at::Tensor w_down;        // [El, H, F]
+
+ private:
+  bool recompute_activation_ = false;
 };
 TORCH_MODULE(GroupedExperts);
 

@@ -5,6 +5,7 @@
 #include "moe/capacity.hpp"
 #include "moe/compute_precision.hpp"
 #include "moe/load_balancing.hpp"
+#include "parallel/recompute.hpp"
 
 namespace moeforge::moe {
 
@@ -36,8 +37,34 @@ void MoeLayerImpl::mark(const char* phase) const {
   if (observer_) observer_->phase_done(phase);
 }
 
-// The MoE step, spine steps 1-7 (docs/architecture.md, "One MoE layer").
+void MoeLayerImpl::set_recompute(MoeRecompute recompute) {
+  recompute_ = recompute;
+  experts->set_recompute_activation(recompute.expert_activation);
+}
+
 MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs) {
+  return recompute_.layer ? forward_recomputed(x, seq_len, inputs)
+                          : forward_stored(x, seq_len, inputs);
+}
+
+// The whole layer as one recomputed region: only x is kept. The recompute routes with the same
+// jitter seed and replays the forward's counts exchange (TokenDispatcher::counts_on_host); the
+// row all-to-alls run again. The counters (no gradient) come from the forward.
+MoeOutput MoeLayerImpl::forward_recomputed(const at::Tensor& x, int64_t seq_len,
+                                           const RoutingInputs& inputs) {
+  auto counters = std::make_shared<RoutingCounters>();
+  const auto region = [this, seq_len, inputs, counters](const std::vector<at::Tensor>& in) {
+    auto out = forward_stored(in[0], seq_len, inputs);
+    *counters = std::move(out.counters);
+    return std::vector<at::Tensor>{out.y, out.aux_loss, out.z_loss};
+  };
+  auto outputs = parallel::recompute_in_backward(region, {x}, parameters());
+  return {outputs[0], outputs[1], outputs[2], *counters};
+}
+
+// The MoE step, spine steps 1-7 (docs/architecture.md, "One MoE layer").
+MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
+                                       const RoutingInputs& inputs) {
   if (observer_) observer_->forward_started();
   const double factor = capacity_factor(config_.capacity, config_.router.routing, is_training());
   const RouterOutput route = router->forward(x, factor, inputs.noise_seed);  // ids, gates [T, k]

@@ -19,6 +19,13 @@
 
 namespace moeforge::moe {
 
+// Which activations of the layer are recomputed in backward instead of stored
+// (train.recompute; parallel/recompute.hpp). Results are bitwise the same either way.
+struct MoeRecompute {
+  bool layer = false;              // the whole layer: router, dispatch, experts, combine
+  bool expert_activation = false;  // the routed experts' SwiGLU activation + second GEMM
+};
+
 // Per-forward inputs besides the tokens.
 struct RoutingInputs {
   // Global-batch aux scope: f over the whole global batch ([P] fractions, no gradient);
@@ -68,6 +75,7 @@ class MoeLayerImpl : public torch::nn::Module {
 
   // Pipeline chunks of dispatch / experts / combine (parallel.overlap_degree).
   void set_overlap_degree(int64_t chunks) { overlap_degree_ = chunks; }
+  void set_recompute(MoeRecompute recompute);
   // Tracing / timing of the phases (not owned; null = none).
   void set_observer(PhaseObserver* observer) { observer_ = observer; }
 
@@ -81,6 +89,8 @@ class MoeLayerImpl : public torch::nn::Module {
     int64_t capacity = 0;  // per expert; 0 = dropless
   };
   void mark(const char* phase) const;
+  MoeOutput forward_stored(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs);
+  MoeOutput forward_recomputed(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs);
   MoeOutput balance(const RouterOutput& route, int64_t seq_len,
                     const at::Tensor& global_load_fraction) const;
   Kept keep_mask(const RouterOutput& route, int64_t tokens) const;
@@ -92,6 +102,7 @@ class MoeLayerImpl : public torch::nn::Module {
   MoeConfig config_;
   TokenDispatcher dispatcher_;
   int64_t overlap_degree_ = 1;
+  MoeRecompute recompute_;
   PhaseObserver* observer_ = nullptr;
 };
 TORCH_MODULE(MoeLayer);

@@ -6,6 +6,7 @@
 
 #include "moe/load_balancing.hpp"
 #include "parallel/all_to_all.hpp"
+#include "parallel/recompute.hpp"
 
 namespace moeforge::moe {
 
@@ -85,6 +86,12 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
 }
 
 at::Tensor TokenDispatcher::counts_on_host(const at::Tensor& counts) const {
+  // Inside a recomputed region (train.recompute) the forward's counts are replayed instead of
+  // exchanged again: the recompute must lay rows out exactly as the forward did.
+  return parallel::replayed_exchange(counts, [&] { return exchange_counts(counts); });
+}
+
+at::Tensor TokenDispatcher::exchange_counts(const at::Tensor& counts) const {
   // The layer's one host synchronisation: this rank's [chunks, E] counts, then what every EP
   // rank sends here ([ep, chunks, El]), exchanged in one all-to-all and copied in one transfer.
   const int64_t ep = ep_.size(), chunks = counts.size(0);

@@ -69,7 +69,9 @@ class TokenDispatcher {
  private:
   // [chunks, E] counts (any device) -> host int64: these counts flattened, then the
   // [ep, chunks, E/ep] counts each EP rank sends to this one.
+  // Replayed inside a recomputed region (parallel::replayed_exchange).
   at::Tensor counts_on_host(const at::Tensor& counts) const;
+  at::Tensor exchange_counts(const at::Tensor& counts) const;
   parallel::Communicator& ep_;
   int64_t num_experts_;
   int64_t num_local_experts_;

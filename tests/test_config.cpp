@@ -45,6 +45,23 @@ INSTANTIATE_TEST_SUITE_P(
                   "moe:\n  num_experts: 8\n  topk: 2\n",
                   {},
                   {"bad.yaml:3", "unknown key 'moe.topk'", "did you mean 'moe.top_k'"}},
+        BadConfig{"unknown_recompute_module",
+                  "train:\n  recompute: [moe_act, mlp]\n",
+                  {},
+                  {"bad.yaml:2", "train.recompute",
+                   "must be any of none | moe_act | moe | attention | block", "'mlp'"}},
+        BadConfig{"recompute_none_combined",
+                  "train:\n  recompute: none, block\n",
+                  {},
+                  {"bad.yaml:2", "train.recompute", "'none' combined with other names"}},
+        BadConfig{"recompute_map",
+                  "train:\n  recompute: {block: true}\n",
+                  {},
+                  {"bad.yaml:2", "train.recompute", "got a map"}},
+        BadConfig{"recompute_override",
+                  "",
+                  {"train.recompute=moe,atention"},
+                  {"--set train.recompute=moe,atention", "'atention'"}},
         BadConfig{"unknown_section",
                   "modle:\n  hidden_size: 64\n",
                   {},
@@ -262,6 +279,29 @@ TEST(Config, ResolvedYamlRoundTrips) {
   EXPECT_EQ(again.train.out_dir, "runs/x y");
   EXPECT_NE(text.find("moe:"), std::string::npos);
   EXPECT_NE(text.find("expert_ffn_size:"), std::string::npos);  // defaults are written out
+}
+
+// train.recompute: a YAML list or one string of names (spaces or commas), any combination.
+TEST(Config, RecomputeModulesCombine) {
+  const auto none = load_config_from_string("train:\n  seed: 1\n", "x.yaml");
+  EXPECT_FALSE(none.train.recompute.any());
+  const auto list =
+      load_config_from_string("train:\n  recompute: [moe_act, attention]\n", "x.yaml");
+  EXPECT_TRUE(list.train.recompute.moe_act && list.train.recompute.attention);
+  EXPECT_FALSE(list.train.recompute.moe || list.train.recompute.block);
+  const auto text = load_config_from_string("train:\n  recompute: block, moe\n", "x.yaml");
+  EXPECT_TRUE(text.train.recompute.block && text.train.recompute.moe);
+  EXPECT_FALSE(text.train.recompute.moe_act || text.train.recompute.attention);
+  const auto spaced = load_config_from_string("", "x.yaml", {"train.recompute=moe_act block"});
+  EXPECT_TRUE(spaced.train.recompute.moe_act && spaced.train.recompute.block);
+  const auto listed = load_config_from_string("", "x.yaml", {"train.recompute=[moe]"});
+  EXPECT_TRUE(listed.train.recompute.moe);
+  EXPECT_FALSE(load_config_from_string("train: {recompute: none}", "x.yaml").train.recompute.any());
+  EXPECT_FALSE(load_config_from_string("train: {recompute: []}", "x.yaml").train.recompute.any());
+  const auto resolved = to_yaml(list);
+  EXPECT_NE(resolved.find("recompute: \"moe_act attention\""), std::string::npos) << resolved;
+  EXPECT_EQ(to_yaml(load_config_from_string(resolved, "resolved.yaml")), resolved);
+  EXPECT_NE(to_yaml(none).find("recompute: \"none\""), std::string::npos);
 }
 
 TEST(Config, WorldSizeRules) {

@@ -1,11 +1,15 @@
 // Single-process training behaviour: determinism, exact resume, checkpoint integrity and
 // layout, and that a small model learns the built-in corpus.
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <filesystem>
 #include <fstream>
 
 #include "parallel/process_groups.hpp"
+#include "parallel/recompute.hpp"
+#include "recompute_check.hpp"
 #include "test_support.hpp"
 #include "trainer/checkpoint/checkpoint.hpp"
 #include "trainer/checkpoint/safetensors.hpp"
@@ -144,6 +148,100 @@ TEST(Training, SmallModelLearnsTheBuiltinCorpus) {
   EXPECT_GT(summary.steps.front().loss, 5.0);
   EXPECT_LT(summary.final_train_loss, summary.unigram_entropy);
   EXPECT_LT(summary.final_val_loss, summary.steps.front().loss - 2.0);
+}
+
+// train.recompute changes memory, never results: every option (and nested combinations) gives
+// bitwise the same losses, gradient norms, gradients and weights as none over 5 steps, with
+// router jitter, capacity drops, a dense block and gradient accumulation (ep 1, one process).
+TEST(Recompute, EveryOptionIsBitwiseTheSameAsNone) {
+  const auto groups = parallel::make_single_process_groups();
+  const auto config = testing::recompute_test_config();
+  const auto reference = testing::trace_training(config, groups);
+  for (const auto& [name, recompute] : testing::recompute_options()) {
+    auto c = config;
+    c.train.recompute = recompute;
+    const int64_t replays_before = parallel::replayed_exchanges();
+    testing::expect_same_training(testing::trace_training(c, groups), reference, name);
+    if (recompute.moe || recompute.block) {
+      EXPECT_GT(parallel::replayed_exchanges(), replays_before) << name << ": counts not replayed";
+    }
+  }
+}
+
+// Under bf16 autocast the recompute runs in the forward's precision, and every parameter still
+// gets its gradient (autocast's weight cache would otherwise hand the recompute a bf16 copy
+// made without a graph).
+TEST(Recompute, Bf16AutocastGivesTheSameGradients) {
+  const auto groups = parallel::make_single_process_groups();
+  auto config = testing::recompute_test_config();
+  config.train.precision = Precision::kBf16;
+  config.train.steps = 2;
+  const auto reference = testing::trace_training(config, groups);
+  config.train.recompute = {.moe_act = true, .attention = true, .block = true};
+  const auto recomputed = testing::trace_training(config, groups);
+  for (const auto& [name, grad] : reference.first_gradients) {
+    ASSERT_TRUE(recomputed.first_gradients.at(name).defined()) << name;
+    EXPECT_LE(testing::relative_error(recomputed.first_gradients.at(name), grad), 1e-6) << name;
+  }
+}
+
+// The mechanism alone: each region runs twice (forward without a graph, then in backward), a
+// parameter used by two regions gets one AccumulateGrad call with both contributions (the
+// gradient synchronisers count those calls), and a replayed exchange is served from the
+// forward's record.
+TEST(Recompute, RegionRunsAgainInBackwardAndReplaysExchanges) {
+  auto runs = std::make_shared<int>(0);
+  auto exchanges = std::make_shared<int>(0);
+  const auto weight = at::full({3}, 2.0).requires_grad_();
+  const parallel::Region region = [runs, exchanges, weight](const std::vector<at::Tensor>& in) {
+    ++*runs;
+    const auto local = at::full({1}, 5, at::kLong);
+    const auto received = parallel::replayed_exchange(local, [&] {
+      ++*exchanges;
+      return local * 10;
+    });
+    return std::vector<at::Tensor>{(in[0] * weight).sin() * received.item<double>()};
+  };
+  const auto x = at::arange(3, at::kFloat).requires_grad_();
+  int hook_calls = 0;  // as the gradient synchronisers count finished gradients
+  const auto accumulator = torch::autograd::impl::grad_accumulator(weight);
+  accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+      [&hook_calls](const torch::autograd::variable_list& outputs,
+                    const torch::autograd::variable_list&) {
+        ++hook_calls;
+        return outputs;
+      }));
+  const auto y = parallel::recompute_in_backward(region, {x}, {weight})[0] +
+                 parallel::recompute_in_backward(region, {x}, {weight})[0];
+  EXPECT_EQ(*runs, 2);
+  y.sum().backward();
+  EXPECT_EQ(*runs, 4);
+  EXPECT_EQ(*exchanges, 2);
+  EXPECT_EQ(hook_calls, 1);
+  const auto expected_x = (weight * (x * weight).cos() * 100).detach();
+  const auto expected_w = (x * (x * weight).cos() * 100).detach();
+  EXPECT_TRUE(at::allclose(x.grad(), expected_x));
+  EXPECT_TRUE(at::allclose(weight.grad(), expected_w));
+}
+
+// A recompute whose contribution to a replayed exchange differs from the forward's (it routed
+// differently) fails loudly instead of laying rows out by a stale plan.
+TEST(Recompute, ReplayDetectsARegionThatRecomputedDifferently) {
+  auto runs = std::make_shared<int64_t>(0);
+  const parallel::Region region = [runs](const std::vector<at::Tensor>& in) {
+    const auto local = at::full({1}, (*runs)++, at::kLong);  // differs in the recompute
+    const auto received = parallel::replayed_exchange(local, [&] { return local; });
+    return std::vector<at::Tensor>{in[0] * (received.item<double>() + 1)};
+  };
+  const auto x = at::ones({2}).requires_grad_();
+  const auto y = parallel::recompute_in_backward(region, {x}, {})[0];
+  try {
+    y.sum().backward();
+    FAIL() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("did not recompute identically"), std::string::npos)
+        << e.what();
+  }
 }
 
 }  // namespace

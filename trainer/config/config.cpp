@@ -91,13 +91,48 @@ std::string describe(const YAML::Node& node) {
   }
 }
 
+UserError value_error(const KeySpec& key, const std::string& where, const std::string& got) {
+  return UserError(
+      fmt::format("{}: {}: must be {}, got {}", where, key.path, key.allowed_text(), got));
+}
+
+// The names of a combinable key's value: a YAML list of names, or one string of names
+// separated by spaces or commas.
+std::vector<std::string> combination_names(const KeySpec& key, const YAML::Node& node,
+                                           const std::string& where) {
+  std::vector<std::string> names;
+  if (node.IsSequence()) {
+    for (const auto& item : node) {
+      if (!item.IsScalar()) throw value_error(key, where, describe(item) + " in the list");
+      names.push_back(item.Scalar());
+    }
+    return names;
+  }
+  if (!node.IsScalar()) throw value_error(key, where, describe(node));
+  std::string text = node.Scalar();
+  std::replace(text.begin(), text.end(), ',', ' ');
+  std::stringstream words(text);
+  for (std::string word; words >> word;) names.push_back(word);
+  return names;
+}
+
+void set_combination(Config& config, const KeySpec& key, const YAML::Node& node,
+                     const std::string& where) {
+  const auto names = combination_names(key, node, where);
+  for (const auto& name : names)
+    if (std::find(key.choices.begin(), key.choices.end(), name) == key.choices.end())
+      throw value_error(key, where, fmt::format("'{}'", name));
+  const auto& alone = key.choices.front();
+  if (names.size() > 1 && std::find(names.begin(), names.end(), alone) != names.end())
+    throw value_error(key, where, fmt::format("'{}' combined with other names", alone));
+  key.set_text(config, fmt::format("{}", fmt::join(names, " ")));
+}
+
 // Parses one leaf value into `config`; throws UserError "<where>: <key>: must be ..., got ...".
 void set_value(Config& config, const KeySpec& key, const YAML::Node& node,
                const std::string& where) {
-  auto fail = [&](const std::string& got) {
-    return UserError(
-        fmt::format("{}: {}: must be {}, got {}", where, key.path, key.allowed_text(), got));
-  };
+  auto fail = [&](const std::string& got) { return value_error(key, where, got); };
+  if (key.combinable) return set_combination(config, key, node, where);
   if (!node.IsScalar()) throw fail(describe(node));
   const std::string text = node.Scalar();
   switch (key.type) {

@@ -88,6 +88,17 @@ struct ParallelConfig {
   SimulatedLinkConfig simulated_link;
 };
 
+// train.recompute: regions whose activations are recomputed in backward instead of stored
+// (selective activation checkpointing, like Megatron-Core's --recompute-modules). Any
+// combination; none by default. Results are bitwise the same as without.
+struct RecomputeConfig {
+  bool moe_act = false;    // routed experts' SwiGLU activation and second GEMM
+  bool moe = false;        // the whole MoE layer: router, dispatch, experts, combine
+  bool attention = false;  // the attention module: q/k/v projections to o_proj
+  bool block = false;      // the whole decoder block
+  bool any() const { return moe_act || moe || attention || block; }
+};
+
 struct TrainConfig {
   int64_t steps = 200;
   int64_t max_skipped_steps = 5;  // consecutive non-finite-gradient steps before stopping
@@ -108,6 +119,7 @@ struct TrainConfig {
   int64_t threads_per_rank = 0;            // 0 = leave torch's default (OMP_NUM_THREADS)
   DeviceKind device = DeviceKind::kCpu;    // one GPU per rank, by node-local rank
   Precision precision = Precision::kFp32;  // bf16: bf16 parameters, fp32 masters + optimizer
+  RecomputeConfig recompute;
   std::string out_dir = "runs/tiny";
 };
 

@@ -4,7 +4,9 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
+#include <sstream>
 
 namespace moeforge {
 namespace {
@@ -77,6 +79,41 @@ KeySpec enum_key(const char* path, std::function<E&(Config&)> field, const char*
   return k;
 }
 
+// train.recompute's names, in the order the resolved config lists them.
+constexpr std::array<std::pair<const char*, bool RecomputeConfig::*>, 4> kRecomputeNames = {{
+    {"moe_act", &RecomputeConfig::moe_act},
+    {"moe", &RecomputeConfig::moe},
+    {"attention", &RecomputeConfig::attention},
+    {"block", &RecomputeConfig::block},
+}};
+
+KeySpec recompute_key(const char* path, std::function<RecomputeConfig&(Config&)> field,
+                      const char* doc) {
+  KeySpec k;
+  k.path = path;
+  k.type = KeyType::kString;
+  k.doc = doc;
+  k.combinable = true;
+  k.choices.push_back("none");
+  for (const auto& [name, member] : kRecomputeNames) k.choices.push_back(name);
+  k.get_text = [field](const Config& c) {
+    const auto& recompute = field(const_cast<Config&>(c));
+    std::vector<std::string> names;
+    for (const auto& [name, member] : kRecomputeNames)
+      if (recompute.*member) names.push_back(name);
+    return names.empty() ? std::string("none") : fmt::format("{}", fmt::join(names, " "));
+  };
+  k.set_text = [field](Config& c, const std::string& text) {  // names checked first
+    auto& recompute = field(c);
+    recompute = {};
+    std::stringstream words(text);
+    for (std::string word; words >> word;)
+      for (const auto& [name, member] : kRecomputeNames)
+        if (word == name) recompute.*member = true;
+  };
+  return k;
+}
+
 }  // namespace
 
 std::string KeySpec::allowed_text() const {
@@ -93,6 +130,9 @@ std::string KeySpec::allowed_text() const {
       return "true or false";
     case KeyType::kString:
       if (choices.empty()) return "a string";
+      if (combinable)
+        return fmt::format("any of {} (a list, or names separated by spaces or commas)",
+                           fmt::join(choices, " | "));
       return fmt::format("one of {}", fmt::join(choices, " | "));
   }
   return "";
@@ -254,6 +294,12 @@ const std::vector<KeySpec>& config_schema() {
           "experts, the all-to-all), fp32 master weights, AdamW moments and gradient "
           "accumulation, router, norms' math and losses in fp32 (no loss scaling: bf16 has "
           "fp32's range). Checkpoints hold the fp32 masters either way"),
+      recompute_key(
+          KEY(train.recompute),
+          "Activations recomputed in backward instead of stored (less memory, more compute; "
+          "results unchanged): moe_act = the routed experts' SwiGLU activation, moe = the whole "
+          "MoE layer (the forward's counts exchange is replayed, the row all-to-alls rerun), "
+          "attention = the attention module, block = each whole decoder block; combinable"),
       string_key(KEY(train.out_dir),
                  "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
       // data

@@ -26,6 +26,9 @@ struct KeySpec {
   std::function<void(Config&, const std::string&)> set_text;
   double min = 0, max = 0;           // numeric range, inclusive
   std::vector<std::string> choices;  // allowed strings; empty = any
+  // Choices may be combined: a YAML list, or one string of names separated by spaces or
+  // commas; set_text receives them space-separated. choices.front() ("none") stands alone.
+  bool combinable = false;
   std::string allowed_text() const;  // "an integer in [1, 64]", "one of softmax | sigmoid"
 };
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "parallel/recompute.hpp"
 #include "trainer/common/hashing.hpp"
 
 namespace moeforge {
@@ -107,14 +108,15 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   return o_proj->forward(attended.transpose(1, 2).reshape({batch, seq, num_heads_ * head_dim_}));
 }
 
-DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index,
-                                   parallel::Communicator& ep) {
+DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index, parallel::Communicator& ep)
+    : recompute_(config.train.recompute) {
   const auto& m = config.model;
   attn_norm = register_module("attn_norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
   attn = register_module("attn", Attention(m));
   mlp_norm = register_module("mlp_norm", RMSNorm(m.hidden_size, m.rms_norm_eps));
   if (is_moe_block(config.moe, index)) {
     moe_mlp = register_module("mlp", moe::MoeLayer(m.hidden_size, config.moe, ep));
+    moe_mlp->set_recompute({.layer = recompute_.moe, .expert_activation = recompute_.moe_act});
   } else {
     dense_mlp = register_module("mlp", moe::FeedForward(m.hidden_size, m.ffn_size));
   }
@@ -122,15 +124,49 @@ DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index,
 
 at::Tensor DecoderBlockImpl::forward(const at::Tensor& x, const moe::RoutingInputs& routing,
                                      LmOutput& out) {
-  auto h = x + attn->forward(attn_norm->forward(x));
+  auto result = recompute_.block ? forward_recomputed(x, routing) : forward_stored(x, routing);
+  if (moe_mlp) {
+    out.aux_loss = out.aux_loss + result.aux_loss;
+    out.z_loss = out.z_loss + result.z_loss;
+    out.routing.push_back(std::move(result.counters));
+  }
+  return result.h;
+}
+
+DecoderBlockImpl::Result DecoderBlockImpl::forward_stored(const at::Tensor& x,
+                                                          const moe::RoutingInputs& routing) {
+  auto h = x + attention(attn_norm->forward(x));
   const auto normed = mlp_norm->forward(h);
-  if (dense_mlp) return h + dense_mlp->forward(normed);
+  if (dense_mlp) return Result::dense(h + dense_mlp->forward(normed));
   const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);
   auto moe_out = moe_mlp->forward(normed.reshape({batch * seq, hidden}), seq, routing);  // [T, H]
-  out.aux_loss = out.aux_loss + moe_out.aux_loss;
-  out.z_loss = out.z_loss + moe_out.z_loss;
-  out.routing.push_back(std::move(moe_out.counters));
-  return h + moe_out.y.view({batch, seq, hidden});
+  return {h + moe_out.y.view({batch, seq, hidden}), moe_out.aux_loss, moe_out.z_loss,
+          std::move(moe_out.counters)};
+}
+
+// The region's outputs are the block's differentiable results; the routing counters (no
+// gradient) come from the forward through `counters`. A MoE layer inside replays the forward's
+// counts exchange when recomputed (parallel::replayed_exchange).
+DecoderBlockImpl::Result DecoderBlockImpl::forward_recomputed(const at::Tensor& x,
+                                                              const moe::RoutingInputs& routing) {
+  auto counters = std::make_shared<moe::RoutingCounters>();
+  const auto region = [this, routing, counters](const std::vector<at::Tensor>& in) {
+    auto result = forward_stored(in[0], routing);
+    if (!moe_mlp) return std::vector<at::Tensor>{result.h};
+    *counters = std::move(result.counters);
+    return std::vector<at::Tensor>{result.h, result.aux_loss, result.z_loss};
+  };
+  const auto outputs = parallel::recompute_in_backward(region, {x}, parameters());
+  if (!moe_mlp) return Result::dense(outputs[0]);
+  return {outputs[0], outputs[1], outputs[2], *counters};
+}
+
+at::Tensor DecoderBlockImpl::attention(const at::Tensor& normed) {
+  if (!recompute_.attention) return attn->forward(normed);
+  const parallel::Region region = [attn = attn.ptr()](const std::vector<at::Tensor>& in) {
+    return std::vector<at::Tensor>{attn->forward(in[0])};
+  };
+  return parallel::recompute_in_backward(region, {normed}, attn->parameters())[0];
 }
 
 DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) {

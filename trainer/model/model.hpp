@@ -66,6 +66,19 @@ class DecoderBlockImpl : public torch::nn::Module {
   Attention attn{nullptr};
   moe::FeedForward dense_mlp{nullptr};  // registered as "mlp" when the block is dense
   moe::MoeLayer moe_mlp{nullptr};       // registered as "mlp" when the block is MoE
+
+ private:
+  struct Result {
+    at::Tensor h;                   // [B, S, H]
+    at::Tensor aux_loss, z_loss;    // MoE blocks only
+    moe::RoutingCounters counters;  // MoE blocks only
+    static Result dense(at::Tensor h) { return {std::move(h), {}, {}, {}}; }
+  };
+  Result forward_stored(const at::Tensor& x, const moe::RoutingInputs& routing);
+  // train.recompute: block — only x is kept; the whole block runs again in backward.
+  Result forward_recomputed(const at::Tensor& x, const moe::RoutingInputs& routing);
+  at::Tensor attention(const at::Tensor& normed);  // recomputed when train.recompute: attention
+  RecomputeConfig recompute_;
 };
 TORCH_MODULE(DecoderBlock);
 
