@@ -130,12 +130,31 @@ class GroupedMatmul : public torch::autograd::Function<GroupedMatmul> {
 
 }  // namespace
 
+PaddedGroups pad_groups(const std::vector<int64_t>& rows_per_group, int64_t padded_rows_of_group,
+                        int64_t multiple, const at::Device& device) {
+  PaddedGroups padded;
+  std::vector<int64_t> positions;
+  for (const int64_t count : rows_per_group) {
+    const int64_t size = std::max(count, padded_rows_of_group);
+    for (int64_t r = 0; r < count; ++r) positions.push_back(padded.rows + r);
+    padded.counts.push_back((size + multiple - 1) / multiple * multiple);
+    padded.rows += padded.counts.back();
+  }
+  padded.positions = at::tensor(positions, at::kLong).to(device);
+  return padded;
+}
+
 at::Tensor grouped_matmul(const at::Tensor& x, const at::Tensor& w,
                           const std::vector<int64_t>& rows_per_group) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && x.size(1) == w.size(1) &&
                   static_cast<int64_t>(rows_per_group.size()) == w.size(0),
               "grouped_matmul: x [R, K] and w [G, K, N] with G row groups expected");
-  return GroupedMatmul::apply(x.contiguous(), w, rows_per_group);
+  const bool bounded_shapes = x.is_cpu() && x.element_size() == 2;  // see the header
+  if (!bounded_shapes) return GroupedMatmul::apply(x.contiguous(), w, rows_per_group);
+  const auto padded = pad_groups(rows_per_group, 0, 64, x.device());
+  const auto spread = at::zeros({padded.rows, x.size(1)}, x.options())
+                          .index_copy(0, padded.positions, x.contiguous());
+  return GroupedMatmul::apply(spread, w, padded.counts).index_select(0, padded.positions);
 }
 
 }  // namespace moeforge::moe

@@ -4,6 +4,7 @@
 
 #include "moe/capacity.hpp"
 #include "moe/compute_precision.hpp"
+#include "moe/grouped_matmul.hpp"
 #include "moe/load_balancing.hpp"
 #include "parallel/recompute.hpp"
 
@@ -182,19 +183,10 @@ at::Tensor MoeLayerImpl::padded_experts_forward(const at::Tensor& rows,
   // Static shapes: every local expert gets ep·capacity rows (each source sends ≤ capacity),
   // the real rows first, zero rows after; only the real rows' outputs are kept.
   const int64_t ep = static_cast<int64_t>(dispatcher_.ep_size());
-  std::vector<int64_t> padded_counts;
-  std::vector<int64_t> positions;
-  int64_t padded_offset = 0;
-  for (const int64_t count : rows_per_expert) {
-    const int64_t padded = std::max(count, ep * capacity);
-    for (int64_t r = 0; r < count; ++r) positions.push_back(padded_offset + r);
-    padded_counts.push_back(padded);
-    padded_offset += padded;
-  }
-  const auto index = at::tensor(positions, at::kLong).to(rows.device());
-  const auto padded_rows =
-      at::zeros({padded_offset, rows.size(1)}, rows.options()).index_copy(0, index, rows);
-  return experts->forward(padded_rows, padded_counts).index_select(0, index);
+  const auto padded = pad_groups(rows_per_expert, ep * capacity, 1, rows.device());
+  const auto padded_rows = at::zeros({padded.rows, rows.size(1)}, rows.options())
+                               .index_copy(0, padded.positions, rows);
+  return experts->forward(padded_rows, padded.counts).index_select(0, padded.positions);
 }
 
 }  // namespace moeforge::moe

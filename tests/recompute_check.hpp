@@ -24,12 +24,14 @@ struct RecomputeTrace {
   int64_t buckets_during_backward = 0;
 };
 
-inline std::map<std::string, at::Tensor> cloned(DecoderLMImpl& model, bool gradients) {
+inline std::map<std::string, at::Tensor> cloned(Trainer& trainer, bool gradients) {
   std::map<std::string, at::Tensor> result;
-  for (const auto& p : model.named_parameters()) {
-    const auto& t = gradients ? p.value().grad() : p.value();
-    result[p.key()] = t.defined() ? t.detach().clone() : at::Tensor();
+  if (gradients) {
+    for (const auto& [name, grad] : trainer.gradients()) result[name] = grad.detach().clone();
+    return result;
   }
+  for (const auto& p : trainer.model().named_parameters())
+    result[p.key()] = p.value().detach().clone();
   return result;
 }
 
@@ -43,10 +45,10 @@ inline RecomputeTrace trace_training(const Config& config, const parallel::Proce
   RecomputeTrace trace;
   trainer.compute_gradients(0);
   trace.buckets_during_backward = trainer.buckets_launched_during_backward();
-  trace.first_gradients = cloned(trainer.model(), true);
+  trace.first_gradients = cloned(trainer, true);
   trace.steps = trainer.run().steps;
-  trace.final_weights = cloned(trainer.model(), false);
-  trace.final_gradients = cloned(trainer.model(), true);
+  trace.final_weights = cloned(trainer, false);
+  trace.final_gradients = cloned(trainer, true);
   return trace;
 }
 

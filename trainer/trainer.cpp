@@ -260,6 +260,13 @@ std::vector<at::Tensor> Trainer::synced_gradients() const {
   return grads;
 }
 
+std::map<std::string, at::Tensor> Trainer::gradients() const {
+  std::map<std::string, at::Tensor> named;
+  const auto grads = synced_gradients();
+  for (size_t i = 0; i < grads.size(); ++i) named[optimizer_->slots()[i].name] = grads[i];
+  return named;
+}
+
 void Trainer::apply_update(double lr) {
   optimizer_->step(lr, synced_gradients());
   if (!config_.parallel.distributed_optimizer) return;

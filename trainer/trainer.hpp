@@ -6,6 +6,7 @@
 // Parallelism is applied from outside (process groups); the loop only sequences.
 // Collective: every rank of the world runs it together.
 #include <array>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -65,6 +66,9 @@ class Trainer {
   double evaluate();
 
   DecoderLMImpl& model() { return *model_; }
+  // Every parameter's gradient as the optimizer sees it after the last synchronisation (fp32
+  // for bf16 parameters; this rank's chunk when the optimizer is sharded), by parameter name.
+  std::map<std::string, at::Tensor> gradients() const;
   const c10::Device& device() const { return device_; }
   // Gradient buckets all-reduced while the last backward was still running (overlap proof).
   int64_t buckets_launched_during_backward() const {
