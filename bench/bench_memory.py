@@ -27,6 +27,10 @@ BANNER = re.compile(r"parameters ([\d.]+) MiB \| gradients ([\d.]+) MiB \| "
 MODES = [
     ("fp32", 1, []),
     ("bf16", 1, ["train.precision=bf16"]),
+    ("bf16 + recompute moe_act", 1, ["train.precision=bf16", "train.recompute=moe_act"]),
+    ("bf16 + recompute moe", 1, ["train.precision=bf16", "train.recompute=moe"]),
+    ("bf16 + recompute attention", 1, ["train.precision=bf16", "train.recompute=attention"]),
+    ("bf16 + recompute block", 1, ["train.precision=bf16", "train.recompute=block"]),
     ("fp32", 2, []),
     ("bf16 + ZeRO-1", 2, ["train.precision=bf16", "parallel.distributed_optimizer=true"]),
     ("fp32", 4, []),
