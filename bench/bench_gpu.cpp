@@ -170,10 +170,11 @@ TrainResult time_training(const at::Device& device, const std::string& path, int
 int main(int argc, char** argv) {
   CLI::App app{"moeforge GPU benchmarks"};
   std::string device_name = "cuda", json_path, train_config, profile_dir;
-  bool quick = false;
+  bool quick = false, skip_layers = false;
   int64_t train_steps = 12;
   app.add_option("--device", device_name)->check(CLI::IsMember({"cuda", "cpu"}));
   app.add_flag("--quick", quick, "tiny shapes (CPU rehearsal)");
+  app.add_flag("--skip-layers", skip_layers, "only the peak matmul and the training section");
   app.add_option("--json", json_path, "append one JSON object per result to FILE");
   app.add_option("--train-config", train_config, "whole-model training section on this config");
   app.add_option("--train-steps", train_steps);
@@ -202,6 +203,7 @@ int main(int argc, char** argv) {
                                {"deepseek-v2-lite T16k", 2048, 64, 6, 1408, 16384},
                                {"deepseek-v3-shard T8k", 7168, 64, 8, 2048, 8192}};
   if (quick) shapes = {{"tiny", 64, 8, 2, 128, 512}, {"tiny-fine", 64, 16, 4, 32, 512}};
+  if (skip_layers) shapes.clear();
   std::cout << fmt::format("{:<24} {:>9} {:>9} {:>12} {:>12} {:>9}\n", "MoE layer bf16", "fwd ms",
                            "f+b ms", "TFLOP/s", "matmul TF/s", "fraction");
   for (size_t i = 0; i < shapes.size(); ++i) {

@@ -170,8 +170,9 @@ void GradientSynchronizer::zero_grad() {
 
 void GradientSynchronizer::all_gather_parameters(const std::vector<at::Tensor>& chunks) {
   at::NoGradGuard no_grad;
-  // One gather per bucket and parameter dtype (a bf16 model keeps fp32 norms: their chunks
-  // travel in fp32, the bf16 weights' in bf16), all in flight, then unpacked in order.
+  // One gather per bucket and parameter dtype (buckets group gradients, which are fp32 for
+  // both fp32 and bf16 parameters; each chunk travels in its parameter's dtype), all in flight,
+  // then unpacked in order.
   std::vector<std::vector<size_t>> groups;
   for (const auto& bucket : buckets_) {
     std::vector<std::vector<size_t>> by_dtype;

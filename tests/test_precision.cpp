@@ -49,6 +49,30 @@ TEST(MixedPrecision, RouterAndLossesStayFp32InABf16Layer) {
   EXPECT_EQ(out.z_loss.scalar_type(), at::kFloat);
 }
 
+// Megatron's --bf16: every weight is stored in bf16 for the compute, and the optimizer updates
+// a separate fp32 master of each (taken before the cast, so it holds the initial fp32 values).
+TEST(MixedPrecision, Bf16WeightsHaveFp32Masters) {
+  auto config = bf16(testing::small_test_config());
+  config.train.steps = 1;
+  Trainer trainer(config, parallel::make_single_process_groups(),
+                  TokenDataset::open(config.data, config.model.vocab_size, config.train.seq_len),
+                  quiet_run());
+  auto fp32_config = config;
+  fp32_config.train.precision = Precision::kFp32;
+  Trainer reference(fp32_config, parallel::make_single_process_groups(),
+                    TokenDataset::open(config.data, config.model.vocab_size, config.train.seq_len),
+                    quiet_run());
+  const auto& slots = trainer.optimizer().slots();
+  ASSERT_EQ(slots.size(), reference.optimizer().slots().size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    EXPECT_EQ(slots[i].param.scalar_type(), at::kBFloat16) << slots[i].name;
+    EXPECT_EQ(slots[i].master.scalar_type(), at::kFloat) << slots[i].name;
+    EXPECT_FALSE(slots[i].master.is_same(slots[i].param)) << slots[i].name;
+    EXPECT_TRUE(at::equal(slots[i].master, reference.optimizer().slots()[i].master))
+        << slots[i].name << ": the master is not the fp32 initialisation";
+  }
+}
+
 // 256 + 1 is not a bf16 number (8 significant bits): accumulated in bf16 the second
 // micro-batch's gradient would vanish; the fp32 buffer keeps it.
 TEST(MixedPrecision, Bf16GradientsAccumulateInFp32) {
@@ -73,7 +97,8 @@ double mean_loss(const RunSummary& run, size_t first, size_t count) {
 
 // Same seed, same data: bf16 follows the fp32 loss curve for 100 steps. Single steps of this
 // tiny batch (32 tokens) are noisy and the two trajectories drift apart like any two seeds of
-// rounding, so the curves are compared as means over windows of 10 steps: within 2% each.
+// rounding, so the curves are compared as means over windows of 10 steps: within 1% each
+// (measured: ≤ 0.3%; with the masters mistakenly in bf16 the gap grew to 2.5%).
 TEST(MixedPrecision, Bf16FollowsTheFp32CurveFor100Steps) {
   auto config = testing::small_test_config();
   config.train.steps = 100;
@@ -86,7 +111,7 @@ TEST(MixedPrecision, Bf16FollowsTheFp32CurveFor100Steps) {
                                                     mean_loss(fp32, window, 10));
     std::printf("steps %zu-%zu: fp32 %.4f bf16 %.4f (%.2f%%)\n", window + 1, window + 10,
                 mean_loss(fp32, window, 10), mean_loss(mixed, window, 10), 100 * gap);
-    EXPECT_LE(gap, 0.02) << "steps " << window + 1 << "-" << window + 10;
+    EXPECT_LE(gap, 0.01) << "steps " << window + 1 << "-" << window + 10;
   }
   EXPECT_LT(mean_loss(mixed, 90, 10), mean_loss(mixed, 0, 10) - 1.0);  // it learned
 }

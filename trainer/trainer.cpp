@@ -46,19 +46,12 @@ std::vector<at::Tensor> sum_loads(parallel::Communicator& group,
   return result;
 }
 
-// Whether a parameter is stored in bf16 under train.precision: bf16. Norm weights and the
-// router stay fp32: both compute in fp32 anyway and are tiny (H and H·E values), and norm weights
-// rounded to bf16 (±0.4% around 1) cost a small model 2% of loss in tests/test_precision.cpp.
-bool computes_in_bf16(const std::string& name) {
-  return parameter_role(name) != ParameterRole::kNorm && !is_router_parameter(name);
-}
-
-// Stores the parameters that compute in bf16 in `type`; buffers (expert biases, RoPE tables)
-// keep theirs. Done before gradient hooks exist, so set_data keeps each parameter's identity.
+// Stores every parameter in `type` (train.precision: bf16; the router and RMSNorm upcast to
+// fp32 inside); buffers (expert biases, RoPE tables) keep theirs. Done after the optimizer took
+// its fp32 masters and before gradient hooks exist, so set_data keeps each parameter's identity.
 void cast_parameters(DecoderLMImpl& model, at::ScalarType type) {
   at::NoGradGuard no_grad;
-  for (auto& item : model.named_parameters())
-    if (computes_in_bf16(item.key())) item.value().set_data(item.value().to(type));
+  for (auto& param : model.parameters()) param.set_data(param.to(type));
 }
 
 std::vector<at::Tensor> select_parameters(DecoderLMImpl& model, bool experts) {
@@ -228,7 +221,7 @@ void Trainer::build_optimizer() {
   std::vector<ParameterToOptimize> parameters;
   for (const auto& [name, param] : named_parameter_list(*model_)) {
     auto* group = is_expert_parameter(name) ? groups_.edp.get() : groups_.world.get();
-    parameters.push_back({name, param, shard ? group : nullptr});
+    parameters.push_back({name, param, shard ? group : nullptr, /*separate_master=*/bf16_});
   }
   optimizer_ = std::make_unique<AdamW>(parameters, config_.train);
 }

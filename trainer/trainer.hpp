@@ -66,6 +66,7 @@ class Trainer {
   double evaluate();
 
   DecoderLMImpl& model() { return *model_; }
+  const AdamW& optimizer() const { return *optimizer_; }
   // Every parameter's gradient as the optimizer sees it after the last synchronisation (fp32
   // for bf16 parameters; this rank's chunk when the optimizer is sharded), by parameter name.
   std::map<std::string, at::Tensor> gradients() const;

@@ -229,10 +229,6 @@ ParameterRole parameter_role(const std::string& name) {
   return ParameterRole::kMatrix;
 }
 
-bool is_router_parameter(const std::string& name) {
-  return name.find(".mlp.router.") != std::string::npos;
-}
-
 bool is_expert_parameter(const std::string& name) {
   return name.find(".mlp.experts.") != std::string::npos;
 }

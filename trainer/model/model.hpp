@@ -117,8 +117,6 @@ ParameterRole parameter_role(const std::string& name);
 
 // True for parameters sharded over the EP group (their gradients sync over EDP, not world).
 bool is_expert_parameter(const std::string& name);
-// The MoE router's weight (layers.N.mlp.router.weight).
-bool is_router_parameter(const std::string& name);
 
 // Deterministic initialisation independent of ep_size and construction order: every tensor
 // (and every global expert's slice) is drawn from a generator seeded by (seed, global name).

@@ -26,7 +26,7 @@ at::Tensor whole_of(const at::Tensor& part, parallel::Communicator* shard_group,
 std::vector<ParameterToOptimize> unsharded(
     const std::vector<std::pair<std::string, at::Tensor>>& named_parameters) {
   std::vector<ParameterToOptimize> result;
-  for (const auto& [name, param] : named_parameters) result.push_back({name, param, nullptr});
+  for (const auto& [name, param] : named_parameters) result.push_back({name, param});
   return result;
 }
 
@@ -42,13 +42,14 @@ AdamW::AdamW(const std::vector<ParameterToOptimize>& parameters, const TrainConf
       eps_(config.eps),
       weight_decay_(config.weight_decay) {
   at::NoGradGuard no_grad;
-  for (const auto& [name, param, shard_group] : parameters) {
+  for (const auto& [name, param, shard_group, separate_master] : parameters) {
     OptimizerSlot slot;
     slot.name = name;
     slot.param = param;
     slot.decay = decays(name);
     slot.shard_group = shard_group;
-    const bool own_master = shard_group == nullptr && param.scalar_type() == at::kFloat;
+    const bool own_master =
+        shard_group == nullptr && !separate_master && param.scalar_type() == at::kFloat;
     slot.master = own_master ? param : own_part(param.detach().to(at::kFloat), shard_group).clone();
     slot.exp_avg = at::zeros_like(slot.master, at::kFloat);
     slot.exp_avg_sq = at::zeros_like(slot.master, at::kFloat);

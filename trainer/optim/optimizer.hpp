@@ -22,6 +22,7 @@ struct ParameterToOptimize {
   std::string name;  // local parameter name (experts stacked)
   at::Tensor param;  // fp32 when the optimizer is built: its values become the masters
   parallel::Communicator* shard_group = nullptr;  // set: keep only this member's chunk
+  bool separate_master = false;  // the caller will store `param` in 16 bits: keep an fp32 copy
 };
 
 struct OptimizerSlot {
