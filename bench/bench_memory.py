@@ -66,6 +66,7 @@ def main():
                         default=["configs/small.yaml", "configs/cpu_240m.yaml"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-ranks", type=int, default=4)
+    parser.add_argument("--ranks", type=int, nargs="+", help="only modes at these rank counts")
     args = parser.parse_args()
     for config in args.configs:
         print(f"\n## {config} ({args.steps} steps per mode)\n")
@@ -75,7 +76,7 @@ def main():
         baseline = {}
         with tempfile.TemporaryDirectory() as scratch:
             for label, ranks, overrides in MODES:
-                if ranks > args.max_ranks:
+                if ranks > args.max_ranks or (args.ranks and ranks not in args.ranks):
                     continue
                 r = run_mode(os.path.join(ROOT, config), ranks, overrides, args.steps,
                              os.path.join(scratch, f"{ranks}-{len(baseline)}"))

@@ -14,6 +14,8 @@
 # carried packages (a rehearsal's build-gpu/, copied to .deps/gpu-bin/), which saves the
 # build's minutes of GPU time.
 # MOEFORGE_GPU_TESTS_ONLY=1 stops after the CUDA tests (a build check in less device time).
+# MOEFORGE_GPU_TRAIN_ONLY=1 runs the CUDA tests and then only bench_gpu's peak matmul and
+# whole-model training (no layer sweep, traces or reference): a short device budget.
 # Exit status: non-zero when a step fails (the failing step is named last in the log).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,6 +107,12 @@ if [[ "${MOEFORGE_GPU_TESTS_ONLY:-0}" == 1 ]]; then  # build + CUDA tests only
   exit "$status"
 fi
 rm -rf "$OUT/bench.jsonl" "$OUT/reference.jsonl" "$OUT/traces"
+if [[ "${MOEFORGE_GPU_TRAIN_ONLY:-0}" == 1 ]]; then
+  step bench_gpu 240 "$BENCH_GPU" --json "$OUT/bench.jsonl" --skip-layers "${BENCH_ARGS[@]}" ||
+    status=1
+  say "done (status $status, tests and training only)"
+  exit "$status"
+fi
 mkdir -p "$OUT/traces"  # Chrome traces of one layer f+b per traced shape and one training step
 step bench_gpu 240 "$BENCH_GPU" --json "$OUT/bench.jsonl" --profile "$OUT/traces" \
   "${BENCH_ARGS[@]}" || status=1
