@@ -184,8 +184,8 @@ at::Tensor MoeLayerImpl::padded_experts_forward(const at::Tensor& rows,
   // the real rows first, zero rows after; only the real rows' outputs are kept.
   const int64_t ep = static_cast<int64_t>(dispatcher_.ep_size());
   const auto padded = pad_groups(rows_per_expert, ep * capacity, 1, rows.device());
-  const auto padded_rows = at::zeros({padded.rows, rows.size(1)}, rows.options())
-                               .index_copy(0, padded.positions, rows);
+  const auto padded_rows =
+      at::zeros({padded.rows, rows.size(1)}, rows.options()).index_copy(0, padded.positions, rows);
   return experts->forward(padded_rows, padded.counts).index_select(0, padded.positions);
 }
 

@@ -11,7 +11,9 @@
 namespace moeforge::parallel {
 namespace {
 
-bool is_16_bit(at::ScalarType type) { return type == at::kBFloat16 || type == at::kHalf; }
+bool is_16_bit(at::ScalarType type) {
+  return type == at::kBFloat16 || type == at::kHalf;
+}
 
 }  // namespace
 
@@ -180,14 +182,16 @@ void GradientSynchronizer::all_gather_parameters(const std::vector<at::Tensor>& 
       auto same = std::find_if(by_dtype.begin(), by_dtype.end(), [&](const auto& group) {
         return parameters_[group.front()].scalar_type() == type;
       });
-      if (same == by_dtype.end()) by_dtype.push_back({index});
-      else same->push_back(index);
+      if (same == by_dtype.end())
+        by_dtype.push_back({index});
+      else
+        same->push_back(index);
     }
     groups.insert(groups.end(), by_dtype.begin(), by_dtype.end());
   }
   // Two in flight: the next bucket travels while this one is unpacked, and the gathered
-  // buffers never add up to a second copy of the model (all at once did: +0.85 GiB peak RSS per rank
-  // on configs/cpu_240m.yaml).
+  // buffers never add up to a second copy of the model (all at once did: +0.85 GiB peak RSS per
+  // rank on configs/cpu_240m.yaml).
   constexpr size_t kInFlight = 2;
   std::vector<Work> gathers(groups.size());
   const auto launch_gather = [&](size_t g) {

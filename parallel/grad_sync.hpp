@@ -82,9 +82,9 @@ class GradientSynchronizer {
   void finish(size_t bucket);
 
   std::vector<at::Tensor> parameters_;
-  std::vector<bool> fp32_buffer_;            // per parameter: accumulates into fp32_grads_
-  std::vector<at::Tensor> fp32_grads_;       // defined once its first gradient arrived
-  std::vector<at::Tensor> synced_;           // per parameter: see gradient()
+  std::vector<bool> fp32_buffer_;             // per parameter: accumulates into fp32_grads_
+  std::vector<at::Tensor> fp32_grads_;        // defined once its first gradient arrived
+  std::vector<at::Tensor> synced_;            // per parameter: see gradient()
   std::vector<std::vector<size_t>> buckets_;  // indices into parameters_, one gradient dtype
   Communicator& group_;
   int world_size_;

@@ -197,8 +197,8 @@ void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
   if (size_ == 1 || tensor.numel() == 0) return;
   MPI_Request request;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
-                           reduction_type(tensor.scalar_type()), mpi_op(op, tensor.scalar_type()), comm_,
-                           &request),
+                           reduction_type(tensor.scalar_type()), mpi_op(op, tensor.scalar_type()),
+                           comm_, &request),
             "MPI_Iallreduce");
   wait(request, "MPI_Iallreduce");
 }
@@ -323,9 +323,9 @@ at::Tensor MpiCommunicator::reduce_scatter(const at::Tensor& input) {
   if (count == 0) return output;
   const auto type = source.scalar_type();
   MPI_Request request;
-  check_mpi(MPI_Ireduce_scatter_block(source.data_ptr(), output.data_ptr(),
-                                      static_cast<int>(count), reduction_type(type),
-                                      mpi_op(ReduceOp::kSum, type), comm_, &request),
+  check_mpi(MPI_Ireduce_scatter_block(source.data_ptr(), output.data_ptr(), static_cast<int>(count),
+                                      reduction_type(type), mpi_op(ReduceOp::kSum, type), comm_,
+                                      &request),
             "MPI_Ireduce_scatter_block");
   wait(request, "MPI_Ireduce_scatter_block");
   return output;

@@ -16,7 +16,9 @@
 namespace moeforge::parallel {
 
 // Elements per member for a tensor of `numel` elements: ceil(numel / parts), padding included.
-inline int64_t chunk_elements(int64_t numel, int parts) { return (numel + parts - 1) / parts; }
+inline int64_t chunk_elements(int64_t numel, int parts) {
+  return (numel + parts - 1) / parts;
+}
 
 // Member `part`'s chunk of `tensor` (flattened, zero-padded), as a new tensor.
 at::Tensor chunk_of(const at::Tensor& tensor, int parts, int part);

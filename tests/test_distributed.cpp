@@ -12,10 +12,10 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
-#include "training_support.hpp"
 #include "trainer/data/builtin_corpus.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
+#include "training_support.hpp"
 
 namespace moeforge {
 namespace {
@@ -284,7 +284,8 @@ TEST_P(ResidentMemory, FlatAcrossExpertParallelSteps) {
   const auto groups = parallel::make_process_groups(world_comm, world);
   Trainer trainer(config, groups, open_data(config), testing::quiet_run());
   // bf16 first compiles oneDNN's kernels for the (bounded) set of shapes: ~25 steps here.
-  const int64_t n = GetParam() == Precision::kBf16 ? 30 : 12, per_step = config.train.micro_batch_size * world;
+  const int64_t n = GetParam() == Precision::kBf16 ? 30 : 12,
+                per_step = config.train.micro_batch_size * world;
   int64_t samples = 0;
   const auto steps = [&](int64_t count) {
     for (int64_t i = 0; i < count; ++i, samples += per_step) trainer.compute_gradients(samples);

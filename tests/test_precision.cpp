@@ -107,8 +107,8 @@ TEST(MixedPrecision, Bf16FollowsTheFp32CurveFor100Steps) {
   ASSERT_EQ(mixed.steps.size(), 100u);
   EXPECT_LE(testing::relative_difference(mixed.steps[0].loss, fp32.steps[0].loss), 0.005);
   for (size_t window = 0; window < 100; window += 10) {
-    const double gap = testing::relative_difference(mean_loss(mixed, window, 10),
-                                                    mean_loss(fp32, window, 10));
+    const double gap =
+        testing::relative_difference(mean_loss(mixed, window, 10), mean_loss(fp32, window, 10));
     std::printf("steps %zu-%zu: fp32 %.4f bf16 %.4f (%.2f%%)\n", window + 1, window + 10,
                 mean_loss(fp32, window, 10), mean_loss(mixed, window, 10), 100 * gap);
     EXPECT_LE(gap, 0.01) << "steps " << window + 1 << "-" << window + 10;
@@ -152,9 +152,8 @@ TEST(MixedPrecision, PrecisionCanChangeOnResume) {
   for (size_t i = 0; i < 5; ++i) {
     EXPECT_LE(testing::relative_difference(in_bf16.steps[i].loss, straight.steps[10 + i].loss),
               0.03);
-    EXPECT_LE(
-        testing::relative_difference(back_in_fp32.steps[i].loss, straight.steps[15 + i].loss),
-        0.03);
+    EXPECT_LE(testing::relative_difference(back_in_fp32.steps[i].loss, straight.steps[15 + i].loss),
+              0.03);
   }
   std::filesystem::remove_all(config.train.out_dir);
 }
@@ -163,14 +162,15 @@ TEST(MixedPrecision, PrecisionCanChangeOnResume) {
 TEST(ShardLayout, ChunksPackAndGatherBack) {
   const auto a = at::arange(7, at::kFloat).reshape({7}), b = at::arange(10, 13, at::kFloat);
   const auto packed = parallel::pack_rank_major({a, b}, 3);  // chunks of 3 and 1
-  EXPECT_TRUE(at::equal(packed, at::tensor({0.f, 1.f, 2.f, 10.f, 3.f, 4.f, 5.f, 11.f, 6.f, 0.f, 0.f, 12.f})));
+  EXPECT_TRUE(at::equal(
+      packed, at::tensor({0.f, 1.f, 2.f, 10.f, 3.f, 4.f, 5.f, 11.f, 6.f, 0.f, 0.f, 12.f})));
   EXPECT_TRUE(at::equal(parallel::chunk_of(a, 3, 2), at::tensor({6.f, 0.f, 0.f})));
   std::vector<at::Tensor> targets = {at::zeros({7}, at::kBFloat16), at::zeros({3})};
   parallel::unpack_rank_major(packed.view({3, 4}), targets);
   EXPECT_TRUE(at::equal(targets[0].to(at::kFloat), a));
   EXPECT_TRUE(at::equal(targets[1], b));
-  const auto gathered = at::stack({parallel::chunk_of(a, 3, 0), parallel::chunk_of(a, 3, 1),
-                                   parallel::chunk_of(a, 3, 2)});
+  const auto gathered = at::stack(
+      {parallel::chunk_of(a, 3, 0), parallel::chunk_of(a, 3, 1), parallel::chunk_of(a, 3, 2)});
   EXPECT_TRUE(at::equal(parallel::whole_from_chunks(gathered, {7}), a));
 }
 

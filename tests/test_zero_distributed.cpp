@@ -95,12 +95,16 @@ TEST(DistributedOptimizer, CheckpointsMoveBetweenTwoAndFourRanks) {
     auto& reader = from_four ? two : four;
     writer.train.out_dir = reader.train.out_dir = testing::shared_scratch_dir("zero-reshard");
     const auto straight = train_steps_on(MPI_COMM_WORLD, four, 2);
-    if (from_four) train_steps_on(MPI_COMM_WORLD, four, 2, 10, std::nullopt, true);
-    else if (in_pair) train_steps_on(pair, two, 1, 10, std::nullopt, true);
+    if (from_four)
+      train_steps_on(MPI_COMM_WORLD, four, 2, 10, std::nullopt, true);
+    else if (in_pair)
+      train_steps_on(pair, two, 1, 10, std::nullopt, true);
     MPI_Barrier(MPI_COMM_WORLD);
     std::vector<StepMetrics> resumed;
-    if (!from_four) resumed = train_steps_on(MPI_COMM_WORLD, four, 2, 0, std::string("latest"));
-    else if (in_pair) resumed = train_steps_on(pair, two, 1, 0, std::string("latest"));
+    if (!from_four)
+      resumed = train_steps_on(MPI_COMM_WORLD, four, 2, 0, std::string("latest"));
+    else if (in_pair)
+      resumed = train_steps_on(pair, two, 1, 0, std::string("latest"));
     if (!from_four || in_pair)
       expect_same_curve(resumed, {straight.begin() + 10, straight.end()}, what);
     MPI_Barrier(MPI_COMM_WORLD);

@@ -8,14 +8,18 @@
 namespace moeforge {
 namespace {
 
-int64_t bytes_of(const at::Tensor& tensor) { return tensor.numel() * tensor.element_size(); }
+int64_t bytes_of(const at::Tensor& tensor) {
+  return tensor.numel() * tensor.element_size();
+}
 
 std::string mib(int64_t bytes) {
   return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20));
 }
 
 // SwiGLU of width `ffn` on one token: normed input is counted by the caller.
-int64_t swiglu_bytes(int64_t ffn, int64_t b) { return b * 4 * ffn; }
+int64_t swiglu_bytes(int64_t ffn, int64_t b) {
+  return b * 4 * ffn;
+}
 
 }  // namespace
 

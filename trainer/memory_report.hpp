@@ -23,9 +23,9 @@
 namespace moeforge {
 
 struct MemoryReport {
-  int64_t parameters = 0;            // the model's weights in their compute dtype
-  int64_t gradients = 0;             // gradient buffers while backward runs
-  int64_t optimizer = 0;             // fp32 masters (when separate) and AdamW moments
+  int64_t parameters = 0;                   // the model's weights in their compute dtype
+  int64_t gradients = 0;                    // gradient buffers while backward runs
+  int64_t optimizer = 0;                    // fp32 masters (when separate) and AdamW moments
   int64_t activations_per_micro_batch = 0;  // estimate (see above)
 };
 

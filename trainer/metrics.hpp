@@ -34,10 +34,10 @@ struct StepMetrics {
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
   double peak_memory_mib = 0.0;  // max over ranks of the peak so far (CUDA allocator / RSS)
-  double max_vio = 0.0;         // max over MoE layers of the global-batch MaxVio
-  double max_vio_micro = 0.0;   // max over MoE layers of the mean micro-batch MaxVio
-  bool skipped = false;         // gradients were not finite: no update this step
-  bool stop_requested = false;  // a rank received a stop signal (agreed by every rank)
+  double max_vio = 0.0;          // max over MoE layers of the global-batch MaxVio
+  double max_vio_micro = 0.0;    // max over MoE layers of the mean micro-batch MaxVio
+  bool skipped = false;          // gradients were not finite: no update this step
+  bool stop_requested = false;   // a rank received a stop signal (agreed by every rank)
   std::vector<MoeLayerMetrics> layers;
 };
 

@@ -234,10 +234,10 @@ void Trainer::build_gradient_synchronizers() {
   options.shard = config_.parallel.distributed_optimizer;
   options.reduce_in_bf16 = config_.parallel.grad_reduce_dtype == Precision::kBf16;
   const int world = groups_.world->size();
-  dense_sync_ = std::make_unique<parallel::GradientSynchronizer>(
-      select_parameters(*model_, false), *groups_.world, world, options);
-  expert_sync_ = std::make_unique<parallel::GradientSynchronizer>(
-      select_parameters(*model_, true), *groups_.edp, world, options);
+  dense_sync_ = std::make_unique<parallel::GradientSynchronizer>(select_parameters(*model_, false),
+                                                                 *groups_.world, world, options);
+  expert_sync_ = std::make_unique<parallel::GradientSynchronizer>(select_parameters(*model_, true),
+                                                                  *groups_.edp, world, options);
   // Slots follow the model's parameter order; each synchronizer holds its subset in that order.
   size_t dense = 0, expert = 0;
   for (const auto& slot : optimizer_->slots()) {
@@ -457,8 +457,7 @@ StepMetrics Trainer::train_step() {
   const double lr = learning_rate(t, state_.step);
 
   const auto totals = forward_backward(state_.samples_consumed);
-  if (nan_grad_steps_.count(state_.step + 1))
-    dense_sync_->gradient(0).fill_(std::nan(""));
+  if (nan_grad_steps_.count(state_.step + 1)) dense_sync_->gradient(0).fill_(std::nan(""));
   double grad_norm = 0.0;
   bool update = false;
   {

@@ -77,13 +77,13 @@ struct SimulatedLinkConfig {
 
 struct ParallelConfig {
   int64_t ep_size = 1;
-  double bucket_mb = 25.0;        // gradient all-reduce bucket size
-  bool comm_worker = true;        // run collectives on the communication worker thread
-  int64_t overlap_degree = 1;     // MoE dispatch/experts/combine pipeline chunks
-  bool overlap_grad_sync = true;  // all-reduce gradient buckets during backward
+  double bucket_mb = 25.0;             // gradient all-reduce bucket size
+  bool comm_worker = true;             // run collectives on the communication worker thread
+  int64_t overlap_degree = 1;          // MoE dispatch/experts/combine pipeline chunks
+  bool overlap_grad_sync = true;       // all-reduce gradient buckets during backward
   bool distributed_optimizer = false;  // ZeRO-1: masters and AdamW state sharded over DP
   Precision grad_reduce_dtype = Precision::kFp32;  // dtype of the gradient collectives
-  BackendChoice backend = BackendChoice::kAuto;  // auto: nccl when train.device is cuda
+  BackendChoice backend = BackendChoice::kAuto;    // auto: nccl when train.device is cuda
   double timeout_s = 600.0;  // a collective idle this long aborts the job (0 = never)
   SimulatedLinkConfig simulated_link;
 };
@@ -125,10 +125,10 @@ struct TrainConfig {
 
 struct DataConfig {
   DataSource source = DataSource::kBuiltin;
-  std::string path;   // file for text / bin; dataset prefix (PREFIX.bin/.idx) for megatron
-  std::string blend;  // megatron: "0.7 prefix_a 0.3 prefix_b" (Megatron's --data-path)
-  int64_t eod_token_id = -1;         // end-of-document token (-1 = none)
-  bool mask_loss_after_eod = false;  // no loss on predicting the token after an EOD
+  std::string path;           // file for text / bin; dataset prefix (PREFIX.bin/.idx) for megatron
+  std::string blend;          // megatron: "0.7 prefix_a 0.3 prefix_b" (Megatron's --data-path)
+  int64_t eod_token_id = -1;  // end-of-document token (-1 = none)
+  bool mask_loss_after_eod = false;        // no loss on predicting the token after an EOD
   TokenWidth dtype = TokenWidth::kUint16;  // bin token width
   double val_fraction = 0.05;
   int64_t builtin_bytes = 2000000;  // size of the generated built-in corpus
