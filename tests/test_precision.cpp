@@ -11,6 +11,7 @@
 #include "parallel/grad_sync.hpp"
 #include "parallel/shard_layout.hpp"
 #include "test_support.hpp"
+#include "trainer/memory_report.hpp"
 #include "training_support.hpp"
 
 namespace moeforge {
@@ -156,6 +157,35 @@ TEST(MixedPrecision, PrecisionCanChangeOnResume) {
               0.03);
   }
   std::filesystem::remove_all(config.train.out_dir);
+}
+
+// The activation estimate of the start banner against a hand count for one dense block, and
+// every recompute option lowering it for the MoE test model.
+TEST(MemoryReport, ActivationEstimateMatchesHandCountAndFollowsRecompute) {
+  Config dense;
+  dense.model.vocab_size = 256;
+  dense.model.hidden_size = 32;
+  dense.model.num_layers = 1;
+  dense.model.num_heads = 4;
+  dense.model.num_kv_heads = 2;
+  dense.model.ffn_size = 64;
+  dense.moe.first_k_dense = 1;  // no MoE block
+  // fp32 (b = 4): LM head (4 + 8)·256; block: residual, fp32 norm input and normed input 3·4·32,
+  // q k v out 4·(2·32 + 2·16); MLP normed input 4·32 and SwiGLU 4·4·64.
+  const int64_t hand = 12 * 256 + 3 * 4 * 32 + 4 * (2 * 32 + 2 * 16) + 4 * 32 + 4 * 4 * 64;
+  EXPECT_EQ(activation_bytes_per_token(dense), hand);
+  auto config = testing::small_test_config();
+  const int64_t none = activation_bytes_per_token(config);
+  EXPECT_LT(activation_bytes_per_token(bf16(config)), none);
+  for (const auto& [name, recompute] :
+       std::vector<std::pair<std::string, RecomputeConfig>>{{"moe_act", {.moe_act = true}},
+                                                            {"moe", {.moe = true}},
+                                                            {"attention", {.attention = true}},
+                                                            {"block", {.block = true}}}) {
+    auto with = config;
+    with.train.recompute = recompute;
+    EXPECT_LT(activation_bytes_per_token(with), none) << name;
+  }
 }
 
 // Chunks of uneven tensors (7 and 3 elements over 3 members) pack rank-major and come back.

@@ -3,6 +3,8 @@
 #include <ATen/core/Tensor.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "trainer/model/model.hpp"
 
 namespace moeforge {
@@ -21,27 +23,39 @@ int64_t swiglu_bytes(int64_t ffn, int64_t b) {
   return b * 4 * ffn;
 }
 
+// One block's activations per token, with the recompute options that act inside a block.
+int64_t block_bytes(const Config& config, int64_t block, int64_t b) {
+  const auto& m = config.model;
+  const auto& moe = config.moe;
+  const auto& recompute = config.train.recompute;
+  const int64_t hidden = m.hidden_size, head_dim = head_dim_of(m);
+  const int64_t q = m.num_heads * head_dim, kv = m.num_kv_heads * head_dim;
+  const int64_t pool = moe.num_experts + moe.router.num_null_experts;
+  int64_t total = b * hidden + 4 * hidden + b * hidden;  // residual, norm input, normed input
+  total += recompute.attention ? 0 : b * (2 * q + 2 * kv);
+  if (!is_moe_block(moe, block)) return total + b * hidden + swiglu_bytes(m.ffn_size, b);
+  total += b * hidden;  // the MoE layer's normed input
+  if (recompute.moe) return total;
+  // moe_act keeps gate|up (2·F) and recomputes the activation and its product (2·F).
+  const int64_t expert_ffn =
+      recompute.moe_act ? b * 2 * moe.expert_ffn_size : swiglu_bytes(moe.expert_ffn_size, b);
+  total += 4 * 2 * pool + moe.top_k * (b * hidden + expert_ffn + 4 * hidden);
+  return total + moe.num_shared_experts * swiglu_bytes(moe::shared_expert_size(moe), b);
+}
+
 }  // namespace
 
 int64_t activation_bytes_per_token(const Config& config) {
   const auto& m = config.model;
-  const auto& moe = config.moe;
   const int64_t b = config.train.precision == Precision::kBf16 ? 2 : 4;
-  const int64_t hidden = m.hidden_size, head_dim = head_dim_of(m);
-  const int64_t q = m.num_heads * head_dim, kv = m.num_kv_heads * head_dim;
-  const int64_t pool = moe.num_experts + moe.router.num_null_experts;
-  int64_t total = (b + 8) * m.vocab_size;
+  int64_t total = (b + 8) * m.vocab_size, largest_block = 0;
   for (int64_t block = 0; block < m.num_layers; ++block) {
-    total += b * hidden + 4 * hidden + b * (hidden + 2 * q + 2 * kv);
-    if (!is_moe_block(moe, block)) {
-      total += b * hidden + swiglu_bytes(m.ffn_size, b);
-      continue;
-    }
-    total += b * hidden + 4 * 2 * pool;
-    total += moe.top_k * (b * hidden + swiglu_bytes(moe.expert_ffn_size, b) + 4 * hidden);
-    total += moe.num_shared_experts * swiglu_bytes(moe::shared_expert_size(moe), b);
+    const int64_t bytes = block_bytes(config, block, b);
+    largest_block = std::max(largest_block, bytes);
+    // block recompute keeps each block's input; one block's activations live during backward.
+    total += config.train.recompute.block ? b * m.hidden_size : bytes;
   }
-  return total;
+  return config.train.recompute.block ? total + largest_block : total;
 }
 
 MemoryReport memory_report(const Config& config, const AdamW& optimizer) {
