@@ -85,7 +85,7 @@ class GradientSynchronizer {
   std::vector<bool> fp32_buffer_;             // per parameter: accumulates into fp32_grads_
   std::vector<at::Tensor> fp32_grads_;        // defined once its first gradient arrived
   std::vector<at::Tensor> synced_;            // per parameter: see gradient()
-  std::vector<std::vector<size_t>> buckets_;  // indices into parameters_, one gradient dtype
+  std::vector<std::vector<size_t>> buckets_;  // indices into parameters_, one parameter dtype
   Communicator& group_;
   int world_size_;
   GradSyncOptions options_;

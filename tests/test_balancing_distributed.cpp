@@ -12,6 +12,7 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
+#include "training_support.hpp"
 
 namespace moeforge {
 namespace {
@@ -25,13 +26,6 @@ int world_rank_and_size(int* size) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, size);
   return rank;
-}
-
-RunOptions quiet() {
-  RunOptions o;
-  o.write_outputs = false;
-  o.print = false;
-  return o;
 }
 
 TokenDataset open_data(const Config& c) {
@@ -54,7 +48,7 @@ GradientResult gradients_in_groups(const Config& base, int group_size) {
   auto config = base;
   config.train.grad_accum = base.train.grad_accum / group_size;
   const auto groups = parallel::make_process_groups(group, 1);
-  Trainer trainer(config, groups, open_data(config), quiet());
+  Trainer trainer(config, groups, open_data(config), testing::quiet_run());
   GradientResult result;
   result.terms = trainer.compute_gradients(0);
   for (const auto& p : trainer.model().named_parameters())
@@ -78,7 +72,7 @@ TEST(GlobalBatchAuxLoss, IndependentOfHowTheBatchIsSplit) {
   whole.train.micro_batch_size = config.train.micro_batch_size * world;
   whole.train.grad_accum = 1;
   const auto self = parallel::make_single_process_groups();
-  Trainer reference_trainer(whole, self, open_data(whole), quiet());
+  Trainer reference_trainer(whole, self, open_data(whole), testing::quiet_run());
   const auto reference_terms = reference_trainer.compute_gradients(0);
   std::map<std::string, at::Tensor> reference;
   for (const auto& p : reference_trainer.model().named_parameters())
@@ -117,7 +111,7 @@ TEST(ExpertBias, UpdatedOncePerStepFromWorldCounts) {
   config.parallel.ep_size = world >= 2 ? 2 : 1;
   parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
   const auto groups = parallel::make_process_groups(world_comm, config.parallel.ep_size);
-  Trainer distributed(config, groups, open_data(config), quiet());
+  Trainer distributed(config, groups, open_data(config), testing::quiet_run());
   const auto steps = distributed.run().steps;
   ASSERT_EQ(steps.size(), 1u);
 
@@ -125,7 +119,7 @@ TEST(ExpertBias, UpdatedOncePerStepFromWorldCounts) {
   single_config.parallel.ep_size = 1;
   single_config.train.grad_accum = 2 * world;
   const auto self = parallel::make_single_process_groups();
-  Trainer single(single_config, self, open_data(single_config), quiet());
+  Trainer single(single_config, self, open_data(single_config), testing::quiet_run());
   const auto single_steps = single.run().steps;
 
   const auto layers = distributed.model().moe_layers();
@@ -202,7 +196,7 @@ TEST(Balancing, EveryCombinationParsesAndRunsOneStepUnderEp2) {
             Config config;
             ASSERT_NO_THROW(config = load_config_from_string(yaml, "combination", overrides))
                 << what;
-            Trainer trainer(config, groups, open_data(config), quiet());
+            Trainer trainer(config, groups, open_data(config), testing::quiet_run());
             const auto steps = trainer.run().steps;
             ASSERT_EQ(steps.size(), 1u) << what;
             EXPECT_TRUE(std::isfinite(steps[0].loss) && std::isfinite(steps[0].aux_loss) &&

@@ -23,12 +23,7 @@ namespace {
 using testing::relative_difference;
 using testing::relative_error;
 using testing::small_test_config;
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using testing::world_size;
 
 TokenDataset open_data(const Config& c) {
   return TokenDataset::open(c.data, c.model.vocab_size, c.train.seq_len);

@@ -14,25 +14,14 @@
 #include "test_support.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
+#include "training_support.hpp"
 
 namespace moeforge {
 namespace {
 
 using testing::relative_difference;
 using testing::relative_error;
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
-
-RunOptions quiet() {
-  RunOptions o;
-  o.write_outputs = false;
-  o.print = false;
-  return o;
-}
+using testing::world_size;
 
 struct Mode {
   const char* name;
@@ -147,13 +136,13 @@ TEST(Overlap, GradientSyncDuringBackwardEqualsBlockingSync) {
     {
       auto blocking = config;
       blocking.parallel.overlap_grad_sync = false;
-      Trainer trainer(blocking, groups, open_data(blocking), quiet());
+      Trainer trainer(blocking, groups, open_data(blocking), testing::quiet_run());
       blocking_loss = trainer.compute_gradients(0).loss;
       EXPECT_EQ(trainer.buckets_launched_during_backward(), 0);
       for (const auto& p : trainer.model().named_parameters())
         blocking_grads[p.key()] = p.value().grad().clone();
     }
-    Trainer trainer(config, groups, open_data(config), quiet());
+    Trainer trainer(config, groups, open_data(config), testing::quiet_run());
     EXPECT_EQ(trainer.compute_gradients(0).loss, blocking_loss);
     EXPECT_GT(trainer.buckets_launched_during_backward(), 0) << "nothing overlapped backward";
     for (const auto& p : trainer.model().named_parameters())
@@ -171,9 +160,11 @@ TEST(Overlap, TrainingIsTheSameWithAndWithoutTheWorker) {
   const auto groups = parallel::make_process_groups(world_comm, world);
   auto blocking = config;
   blocking.parallel.comm_worker = false;
-  const auto reference = Trainer(blocking, groups, open_data(blocking), quiet()).run().steps;
+  const auto reference =
+      Trainer(blocking, groups, open_data(blocking), testing::quiet_run()).run().steps;
   config.parallel.overlap_degree = 3;
-  const auto overlapped = Trainer(config, groups, open_data(config), quiet()).run().steps;
+  const auto overlapped =
+      Trainer(config, groups, open_data(config), testing::quiet_run()).run().steps;
   ASSERT_EQ(overlapped.size(), reference.size());
   for (size_t i = 0; i < reference.size(); ++i) {
     EXPECT_LE(relative_difference(overlapped[i].loss, reference[i].loss), 1e-6) << "step " << i;

@@ -18,11 +18,6 @@ namespace moeforge {
 namespace {
 
 using testing::quiet_run;
-using testing::train_on;
-
-RunSummary run(const Config& config, RunOptions options) {
-  return train_on(config, parallel::make_single_process_groups(), std::move(options));
-}
 
 Config bf16(Config config) {
   config.train.precision = Precision::kBf16;
@@ -103,8 +98,8 @@ double mean_loss(const RunSummary& run, size_t first, size_t count) {
 TEST(MixedPrecision, Bf16FollowsTheFp32CurveFor100Steps) {
   auto config = testing::small_test_config();
   config.train.steps = 100;
-  const auto fp32 = run(config, quiet_run());
-  const auto mixed = run(bf16(config), quiet_run());
+  const auto fp32 = testing::train_single(config, quiet_run());
+  const auto mixed = testing::train_single(bf16(config), quiet_run());
   ASSERT_EQ(mixed.steps.size(), 100u);
   EXPECT_LE(testing::relative_difference(mixed.steps[0].loss, fp32.steps[0].loss), 0.005);
   for (size_t window = 0; window < 100; window += 10) {
@@ -122,13 +117,9 @@ TEST(MixedPrecision, Bf16ResumeIsBitwiseExact) {
   auto config = bf16(testing::small_test_config());
   config.train.grad_accum = 2;
   config.train.out_dir = testing::shared_scratch_dir("bf16-resume");
-  const auto straight = run(config, quiet_run());
-  auto first_half = quiet_run(true);
-  first_half.stop_at_step = 10;
-  run(config, first_half);
-  auto second_half = quiet_run(true);
-  second_half.resume = "latest";
-  const auto resumed = run(config, second_half);
+  const auto straight = testing::train_single(config, quiet_run());
+  testing::train_to_checkpoint(config, 10);
+  const auto resumed = testing::resume_latest(config);
   testing::expect_identical_curve(
       resumed.steps, {straight.steps.begin() + 10, straight.steps.end()}, "bf16 resume");
   std::filesystem::remove_all(config.train.out_dir);
@@ -138,16 +129,10 @@ TEST(MixedPrecision, Bf16ResumeIsBitwiseExact) {
 TEST(MixedPrecision, PrecisionCanChangeOnResume) {
   auto config = testing::small_test_config();
   config.train.out_dir = testing::shared_scratch_dir("precision-switch");
-  const auto straight = run(config, quiet_run());
-  auto first_half = quiet_run(true);
-  first_half.stop_at_step = 10;
-  run(config, first_half);
-  auto second_half = quiet_run(true);
-  second_half.resume = "latest";
-  second_half.stop_at_step = 15;
-  const auto in_bf16 = run(bf16(config), second_half);
-  second_half.stop_at_step = 0;
-  const auto back_in_fp32 = run(config, second_half);
+  const auto straight = testing::train_single(config, quiet_run());
+  testing::train_to_checkpoint(config, 10);
+  const auto in_bf16 = testing::resume_latest(bf16(config), 15);
+  const auto back_in_fp32 = testing::resume_latest(config);
   ASSERT_EQ(in_bf16.steps.size(), 5u);
   ASSERT_EQ(back_in_fp32.steps.size(), 5u);
   for (size_t i = 0; i < 5; ++i) {

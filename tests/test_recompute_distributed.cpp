@@ -16,6 +16,7 @@
 namespace moeforge {
 namespace {
 
+using testing::world_size;
 // Forwards every call to `inner`, counting the all-to-alls: all_to_all_v carries the MoE counts
 // exchange, all_to_all_blocks the rows.
 class CountingCommunicator : public parallel::Communicator {
@@ -57,12 +58,6 @@ class CountingCommunicator : public parallel::Communicator {
  private:
   std::shared_ptr<Communicator> inner_;
 };
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
 
 Config distributed_recompute_config(int ep) {
   auto config = testing::recompute_test_config();

@@ -80,6 +80,19 @@ inline void write_indexed_dataset(const std::string& prefix,
   std::ofstream(prefix + ".bin", std::ios::binary) << bin;
 }
 
+// This process's rank and the number of ranks in MPI_COMM_WORLD.
+inline int world_rank() {
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+inline int world_size() {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  return size;
+}
+
 // A fresh directory with the same path on every rank of MPI_COMM_WORLD.
 inline std::string shared_scratch_dir(const std::string& tag) {
   int rank = 0;

@@ -16,36 +16,24 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/trainer.hpp"
+#include "training_support.hpp"
 
 namespace fs = std::filesystem;
 
 namespace moeforge {
 namespace {
 
-RunSummary run(const Config& config, RunOptions options) {
-  const auto groups = parallel::make_single_process_groups();
-  Trainer trainer(config, groups,
-                  TokenDataset::open(config.data, config.model.vocab_size, config.train.seq_len),
-                  options);
-  return trainer.run();
-}
-
-RunOptions quiet(bool write = false) {
-  RunOptions o;
-  o.print = false;
-  o.write_outputs = write;
-  return o;
-}
+using testing::train_single;
 
 TEST(Training, SameSeedSameLosses) {
   auto config = testing::small_test_config();
   config.train.steps = 6;
-  const auto a = run(config, quiet());
-  const auto b = run(config, quiet());
+  const auto a = train_single(config, testing::quiet_run());
+  const auto b = train_single(config, testing::quiet_run());
   ASSERT_EQ(a.steps.size(), 6u);
   for (size_t i = 0; i < a.steps.size(); ++i) EXPECT_EQ(a.steps[i].loss, b.steps[i].loss);
   config.train.seed = 99;
-  const auto c = run(config, quiet());
+  const auto c = train_single(config, testing::quiet_run());
   EXPECT_NE(a.steps[0].loss, c.steps[0].loss);
 }
 
@@ -54,13 +42,9 @@ TEST(Training, TwentyStraightStepsEqualTenResumeTen) {
   config.moe.balancing.expert_bias.rate = 0.001;  // the bias must survive the checkpoint too
   config.train.grad_accum = 2;
   config.train.out_dir = testing::shared_scratch_dir("resume");
-  const auto straight = run(config, quiet());
-  auto first_half = quiet(true);
-  first_half.stop_at_step = 10;
-  run(config, first_half);
-  auto second_half = quiet(true);
-  second_half.resume = "latest";
-  const auto resumed = run(config, second_half);
+  const auto straight = train_single(config, testing::quiet_run());
+  testing::train_to_checkpoint(config, 10);
+  const auto resumed = testing::resume_latest(config);
   ASSERT_EQ(resumed.steps.size(), 10u);
   for (size_t i = 0; i < 10; ++i) {
     EXPECT_EQ(resumed.steps[i].step, straight.steps[10 + i].step);
@@ -84,7 +68,7 @@ TEST(Checkpoint, GlobalExpertNamesAndChecksumRefusal) {
   auto config = testing::small_test_config();
   config.train.steps = 2;
   config.train.out_dir = testing::shared_scratch_dir("ckpt");
-  const auto summary = run(config, quiet(true));
+  const auto summary = train_single(config, testing::quiet_run(true));
   const fs::path dir = summary.last_checkpoint;
   ASSERT_TRUE(fs::exists(dir / "checkpoint.json"));
   EXPECT_FALSE(fs::exists(fs::path(dir.string() + ".tmp")));
@@ -110,10 +94,10 @@ TEST(Checkpoint, GlobalExpertNamesAndChecksumRefusal) {
     f.seekp(static_cast<std::streamoff>(fs::file_size(victim) / 2));
     f.write(&byte, 1);
   }
-  auto resume = quiet();
+  auto resume = testing::quiet_run();
   resume.resume = dir.string();
   try {
-    run(config, resume);
+    train_single(config, resume);
     FAIL() << "a corrupt checkpoint was accepted";
   } catch (const UserError& e) {
     EXPECT_NE(std::string(e.what()).find("checksum mismatch"), std::string::npos) << e.what();
@@ -125,10 +109,10 @@ TEST(Checkpoint, GlobalExpertNamesAndChecksumRefusal) {
 TEST(Checkpoint, ResumeWithoutCheckpointIsAClearError) {
   auto config = testing::small_test_config();
   config.train.out_dir = testing::shared_scratch_dir("nockpt");
-  auto resume = quiet();
+  auto resume = testing::quiet_run();
   resume.resume = "latest";
   try {
-    run(config, resume);
+    train_single(config, resume);
     FAIL() << "expected an error";
   } catch (const UserError& e) {
     EXPECT_NE(std::string(e.what()).find("no checkpoint to resume from"), std::string::npos);
@@ -143,7 +127,7 @@ TEST(Training, SmallModelLearnsTheBuiltinCorpus) {
   config.train.seq_len = 32;
   config.train.eval_every = 0;
   config.train.eval_batches = 2;
-  const auto summary = run(config, quiet());
+  const auto summary = train_single(config, testing::quiet_run());
   // Starts near ln(256) = 5.55; must end well below it and below the unigram entropy.
   EXPECT_GT(summary.steps.front().loss, 5.0);
   EXPECT_LT(summary.final_train_loss, summary.unigram_entropy);

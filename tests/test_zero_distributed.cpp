@@ -15,18 +15,8 @@ namespace {
 
 using testing::expect_same_curve;
 using testing::train_steps_on;
-
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using testing::world_rank;
+using testing::world_size;
 
 Config sharded(Config config) {
   config.parallel.distributed_optimizer = true;

@@ -29,6 +29,27 @@ inline RunSummary train_on(const Config& config, const parallel::ProcessGroups& 
   return trainer.run();
 }
 
+// One process (no MPI groups needed).
+inline RunSummary train_single(const Config& config, RunOptions options) {
+  return train_on(config, parallel::make_single_process_groups(), std::move(options));
+}
+
+// One process: trains `config` from scratch up to `step` and checkpoints there.
+inline void train_to_checkpoint(const Config& config, int64_t step) {
+  auto options = quiet_run(true);
+  options.stop_at_step = step;
+  train_single(config, options);
+}
+
+// One process: resumes the newest checkpoint of config.train.out_dir, up to `stop_at` (0 = the
+// configured end).
+inline RunSummary resume_latest(const Config& config, int64_t stop_at = 0) {
+  auto options = quiet_run(true);
+  options.resume = "latest";
+  options.stop_at_step = stop_at;
+  return train_single(config, options);
+}
+
 // Trains on the ranks of `comm` (MPI_COMM_WORLD or a sub-communicator) with `ep` experts-ranks.
 inline std::vector<StepMetrics> train_steps_on(MPI_Comm comm, Config config, int ep,
                                                int64_t stop_at = 0,
