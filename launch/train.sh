@@ -2,6 +2,11 @@
 # Sets up (first run only), then trains under mpirun.
 #
 #   launch/train.sh CONFIG [moeforge train options...]
+#   launch/train.sh --help
+#
+# When the job fails, moeforge's own error is printed last and the launcher's abort banner is
+# left out of the terminal (it is kept in a log file, named at the end); the exit code is
+# mpirun's.
 #
 # Environment:
 #   NP=2                 ranks (default 2)
@@ -13,8 +18,18 @@
 # Example: NP=4 HOSTFILE=hosts launch/train.sh configs/small.yaml --set parallel.ep_size=2
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 if [[ $# -lt 1 ]]; then
-  echo "usage: launch/train.sh CONFIG [--set key=value ...] [--resume [PATH]]" >&2
+  usage >&2
+  exit 2
+fi
+if [[ "$1" == -h || "$1" == --help ]]; then
+  usage
+  echo "moeforge train options: build/moeforge train --help"
+  exit 0
+fi
+if [[ "$1" == -* ]]; then
+  echo "launch/train.sh: the first argument is the config file, got option '$1' (launch/train.sh --help)" >&2
   exit 2
 fi
 CONFIG="$1"; shift
@@ -32,4 +47,33 @@ ARGS+=(--oversubscribe)
 EXTRA=(${MPIRUN_ARGS:-})
 CMD=(mpirun "${ARGS[@]}" "${EXTRA[@]}" "$ROOT/build/moeforge" train --config "$CONFIG" "$@")
 echo "[train] ${CMD[*]}"
-exec "${CMD[@]}"
+
+# The launcher's abort banners are blocks between lines of dashes; drop those that are
+# boilerplate, pass everything else through as it comes.
+LOG="$(mktemp "${TMPDIR:-/tmp}/moeforge-train.XXXXXX.log")"
+filter_launcher_noise() {
+  awk '
+    /^-----------------*$/ { if (inblock) { if (!noise) printf "%s", block; inblock = 0; block = ""; next }
+                 inblock = 1; noise = 0; block = $0 "\n"; next }
+    inblock { block = block $0 "\n"
+              if ($0 ~ /MPI_ABORT|exited due to|non-zero status|process returned|Primary job|aborted|prterun|mpirun has exited|was killed/) noise = 1
+              next }
+    /^moeforge: (error|stopped)/ { next }  # printed last, once, from the log
+    /^\[[^]]*\] [0-9]+ more process(es)? ha(s|ve) sent help message/ { next }
+    /^\[[^]]*\] Set MCA parameter "orte_base_help_aggregate"/ { next }
+    { print; fflush() }
+    END { if (inblock && !noise) printf "%s", block }'
+}
+set +e
+"${CMD[@]}" 2> >(tee "$LOG" | filter_launcher_noise >&2)
+rc=$?
+set -e
+wait 2>/dev/null || true  # the filter finishes writing
+if [[ $rc -ne 0 ]]; then
+  errors="$(grep -E '^moeforge: (error|stopped)' "$LOG" | awk '!seen[$0]++' || true)"
+  [[ -n "$errors" ]] && printf '%s\n' "$errors" >&2
+  echo "[train] failed with exit code $rc (the launcher's full report: $LOG)" >&2
+else
+  rm -f "$LOG"
+fi
+exit $rc

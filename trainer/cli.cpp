@@ -4,8 +4,10 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <mpi.h>
+#include <torch/version.h>
 
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <iostream>
@@ -15,12 +17,16 @@
 #include "parallel/process_groups.hpp"
 #include "trainer/checkpoint/checkpoint.hpp"
 #include "trainer/checkpoint/run_directory.hpp"
+#include "trainer/collective_command.hpp"
+#include "trainer/common/spelling.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/config/config.hpp"
 #include "trainer/convert/convert_commands.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/data/data_info.hpp"
+#include "trainer/inference/inference_commands.hpp"
+#include "trainer/optim/optimizer.hpp"
 #include "trainer/stop_signal.hpp"
 #include "trainer/trainer.hpp"
 
@@ -35,35 +41,27 @@ struct TrainArgs {
   bool overwrite = false;
 };
 
-// Everything checked before any collective: on failure, a message and an exit code.
-struct LocalCheck {
-  int exit_code = 0;  // 0 = fine
-  std::string message;
-};
-
 void print_summary(const RunSummary& s) {
+  const int64_t last = s.steps.empty() ? s.first_step - 1 : s.steps.back().step;
   std::cout
       << "\n== summary ==\n"
-      << fmt::format("final train loss   {:.4f}  (mean of the last steps)\n", s.final_train_loss)
-      << fmt::format("final val loss     {:.4f}\n", s.final_val_loss)
-      << fmt::format("unigram entropy    {:.4f}  (loss of a model that ignores context)\n",
-                     s.unigram_entropy)
-      << fmt::format("throughput         {:.0f} tokens/s\n", s.tokens_per_s)
+      << fmt::format(
+             "trained            steps {}–{} in {} (wall time of the training loop, "
+             "evaluations and checkpoints included)\n",
+             s.first_step, last, format_duration(s.wall_seconds))
+      << fmt::format("final train loss   {:.4f} nats/token  (mean of the last {} steps)\n",
+                     s.final_train_loss, s.loss_steps_averaged)
+      << fmt::format("final val loss     {:.4f} nats/token  (perplexity {:.3f})\n",
+                     s.final_val_loss, std::exp(s.final_val_loss))
+      << fmt::format(
+             "unigram entropy    {:.4f} nats/token  (loss of a model that ignores "
+             "context)\n",
+             s.unigram_entropy)
+      << fmt::format("throughput         {:.0f} tokens/s  (mean over steps after the first)\n",
+                     s.tokens_per_s)
       << fmt::format("outputs            {}/ (config.resolved.yaml, metrics.jsonl)\n", s.out_dir)
       << fmt::format("last checkpoint    {}\n", s.last_checkpoint.empty() ? "-" : s.last_checkpoint)
       << std::flush;
-}
-
-// Agrees across the world on whether any rank failed locally; returns the exit code (0 = go on).
-int agree_on_local_failures(const LocalCheck& check, int rank) {
-  int failing_rank = check.exit_code != 0 ? rank : std::numeric_limits<int>::max();
-  int lowest = 0;
-  MPI_Allreduce(&failing_rank, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  if (lowest == std::numeric_limits<int>::max()) return 0;
-  int code = check.exit_code;
-  MPI_Bcast(&code, 1, MPI_INT, lowest, MPI_COMM_WORLD);
-  if (rank == lowest && !check.message.empty()) std::cerr << check.message << std::endl;
-  return code;
 }
 
 // Everything a run needs that can be checked on each rank alone: the config, the data, and
@@ -89,6 +87,21 @@ void check_checkpoint_matches(const std::string& dir, const Config& config, cons
         dir, use, fmt::join(differences, "; ")));
 }
 
+// A resumed run whose train.steps differs from the checkpoint's: the LR schedule (warmup, then
+// cosine to train.steps) follows the new length from here on, so the LR jumps. Said up front.
+void note_schedule_change(const std::string& checkpoint, int64_t step, Config& config) {
+  const auto stored =
+      load_config_from_string(checkpoint_config_yaml(checkpoint), checkpoint + "/checkpoint.json");
+  if (stored.train.steps == config.train.steps) return;
+  config.notes.push_back(fmt::format(
+      "train.steps is {} here but {} in the checkpoint: the learning-rate schedule now ends at "
+      "step {}, so the LR at step {} is {:.3g} (the old schedule gave {:.3g}); to keep the LR "
+      "continuous set train.lr / train.min_lr for the new tail, or start a new run with "
+      "--init-from",
+      config.train.steps, stored.train.steps, config.train.steps, step + 1,
+      learning_rate(config.train, step), learning_rate(stored.train, step)));
+}
+
 void prepare_start_point(const TrainArgs& args, PreparedRun& run) {
   const auto& config = run.config;
   const auto checkpoints = (std::filesystem::path(config.train.out_dir) / "checkpoints").string();
@@ -98,9 +111,10 @@ void prepare_start_point(const TrainArgs& args, PreparedRun& run) {
     const auto step = checkpoint_info(*run.options.resume).step;
     if (step >= config.train.steps)
       throw UserError(fmt::format(
-          "{}: the checkpoint is at step {} and train.steps is {}: nothing left to train; "
-          "raise train.steps to continue the run",
-          *run.options.resume, step, config.train.steps));
+          "{}: run already complete at step {} (train.steps = {}): nothing left to train; raise "
+          "train.steps (e.g. --set train.steps={}) to continue it",
+          *run.options.resume, step, config.train.steps, 2 * step));
+    note_schedule_change(*run.options.resume, step, run.config);
   } else {
     check_fresh_run_directory(config.train.out_dir, args.overwrite);
   }
@@ -161,31 +175,9 @@ int run_training(PreparedRun& run, const TrainArgs& args, int rank) {
 }
 
 int train_command(const TrainArgs& args, int rank, int world_size) {
-  LocalCheck check;
   std::optional<PreparedRun> run;
-  try {
-    run.emplace(prepare_run(args, rank, world_size));
-  } catch (const UserError& e) {
-    check = {2, fmt::format("moeforge: error: {}", e.what())};
-  } catch (const std::exception& e) {
-    check = {1, fmt::format("moeforge: error on rank {}: {}", rank, e.what())};
-  }
-  if (const int code = agree_on_local_failures(check, rank); code != 0) return code;
-
-  // From here on ranks meet in collectives. An error raised identically on every rank stops the
-  // job cleanly (printed once); any other aborts it (exit 2 for bad input found only now, e.g.
-  // a checkpoint tensor of the wrong shape; 1 otherwise).
-  try {
-    return run_training(*run, args, rank);
-  } catch (const CollectiveError& e) {
-    if (rank == 0) std::cerr << "moeforge: error: " << e.what() << std::endl;
-    return 1;
-  } catch (const std::exception& e) {
-    const bool user_error = dynamic_cast<const UserError*>(&e) != nullptr;
-    std::cerr << fmt::format("moeforge: error on rank {}: {}", rank, e.what()) << std::endl;
-    if (world_size > 1) MPI_Abort(MPI_COMM_WORLD, user_error ? 2 : 1);
-    return user_error ? 2 : 1;
-  }
+  return run_collective_command([&] { run.emplace(prepare_run(args, rank, world_size)); },
+                                [&] { return run_training(*run, args, rank); }, rank, world_size);
 }
 
 // Conversions are single-process: rank 0 works, a wider launch is refused.
@@ -280,17 +272,22 @@ void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& 
   cmds.export_cmd = app.add_subcommand("export", "moeforge checkpoint -> Hugging Face directory");
   cmds.forward_cmd =
       app.add_subcommand("forward", "Logits of a model for the token ids in a safetensors file");
-  for (auto* cmd : {cmds.import_cmd, cmds.upcycle_cmd, cmds.export_cmd, cmds.forward_cmd}) {
+  const std::pair<CLI::App*, const char*> outputs[] = {
+      {cmds.import_cmd, "Run directory to create (config.yaml + checkpoints/)"},
+      {cmds.upcycle_cmd, "Run directory to create (config.yaml + checkpoints/)"},
+      {cmds.export_cmd, "Hugging Face directory to write"},
+      {cmds.forward_cmd, "safetensors file to write the logits to"}};
+  for (const auto& [cmd, out_help] : outputs) {
     cmd->add_option("--from", convert.from, "Source directory")->required();
-    cmd->add_option("--out", convert.out, "Output directory (forward: output file)")->required();
+    cmd->add_option("--out", convert.out, out_help)->required();
   }
-  for (auto* cmd : {cmds.import_cmd, cmds.upcycle_cmd}) {
-    cmd->add_option("--config", convert.config_path,
-                    cmd == cmds.upcycle_cmd ? "The MoE model's YAML config"
-                                            : "YAML for the non-model sections (train, data, ...)");
+  cmds.upcycle_cmd->add_option("--config", convert.config_path, "The MoE model's YAML config")
+      ->required();
+  cmds.import_cmd->add_option("--config", convert.config_path,
+                              "YAML for the non-model sections (train, data, ...)");
+  for (auto* cmd : {cmds.import_cmd, cmds.upcycle_cmd})
     cmd->add_option("--set", convert.overrides, "Override a config key (repeatable)")
         ->type_name("KEY=VALUE");
-  }
   add_upcycle_options(cmds.upcycle_cmd, convert, cmds.no_shared_from_dense);
   cmds.export_cmd
       ->add_option("--format", convert.format,
@@ -302,34 +299,139 @@ void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& 
       ->capture_default_str();
   cmds.export_cmd->add_flag("--drop-expert-bias", convert.drop_expert_bias,
                             "Export even if a non-zero expert bias is lost (routing changes)");
-  cmds.forward_cmd
-      ->add_option("--tokens", convert.tokens, "safetensors file with I64 'tokens' [B, S]")
-      ->required();
+  auto* tokens = cmds.forward_cmd->add_option("--tokens", convert.tokens,
+                                              "safetensors file with I64 'tokens' [B, S]");
+  auto* text = cmds.forward_cmd->add_option(
+      "--text", convert.text,
+      "Text file, tokenised like the model's data (bytes or its tokenizer)");
+  auto* prompt = cmds.forward_cmd->add_option("--prompt", convert.prompt, "Text, as --text");
+  tokens->excludes(text)->excludes(prompt);
+  text->excludes(prompt);
+  cmds.forward_cmd->add_option("--tokenizer", convert.tokenizer,
+                               "Tokenizer directory for --text/--prompt (default: the model's)");
   cmds.forward_cmd->add_option("--dtype", convert.dtype, "float32 | float64 (default float32)");
 }
 
+struct InferenceCommands {
+  CLI::App *generate_cmd, *eval_cmd;
+  GenerateArgs generate;
+  EvalArgs eval;
+};
+
+void add_generate_command(CLI::App& app, InferenceCommands& cmds) {
+  auto* cmd = cmds.generate_cmd = app.add_subcommand(
+      "generate", "Continue a prompt with a trained model (greedy or sampled; KV cache)");
+  auto& args = cmds.generate;
+  cmd->add_option("--from", args.from, "Run, checkpoint or Hugging Face directory")->required();
+  cmd->add_option("--prompt", args.prompt, "Prompt text");
+  cmd->add_option("--prompt-file", args.prompt_file, "File holding the prompt text");
+  cmd->add_option("--max-tokens", args.sampling.max_new_tokens, "Tokens to generate")
+      ->capture_default_str();
+  cmd->add_option("--temperature", args.sampling.temperature, "0 = greedy (argmax)")
+      ->capture_default_str();
+  cmd->add_option("--top-k", args.sampling.top_k, "Sample among the k likeliest (0 = all)")
+      ->capture_default_str();
+  cmd->add_option("--top-p", args.sampling.top_p, "Sample within this probability mass")
+      ->capture_default_str();
+  cmd->add_option("--seed", args.sampling.seed, "Sampling seed")->capture_default_str();
+  cmd->add_option("--tokenizer", args.tokenizer,
+                  "Tokenizer directory (default: the model's own; bytes without one)");
+  cmd->add_flag("--no-cache", args.no_cache, "Recompute the whole prefix for every token");
+  cmd->add_flag("--ids", args.print_ids, "Also print the generated token ids");
+}
+
+void add_eval_command(CLI::App& app, InferenceCommands& cmds) {
+  auto* cmd = cmds.eval_cmd = app.add_subcommand(
+      "eval", "Loss, perplexity and routing statistics of a model on data (any ranks, ep_size)");
+  auto& args = cmds.eval;
+  cmd->add_option("--from", args.from, "Run, checkpoint or Hugging Face directory")->required();
+  auto* text = cmd->add_option("--text", args.text, "Evaluate on this text file's bytes");
+  auto* data =
+      cmd->add_option("--data", args.data, "Evaluate on this Megatron dataset (PREFIX.bin/.idx)");
+  text->excludes(data);
+  cmd->add_option("--split", args.split,
+                  "val | train | all (default: val of the run's data; all for --text/--data)");
+  cmd->add_option("--windows", args.windows, "At most this many sequences per split (default all)");
+  cmd->add_option("--micro-batch", args.micro_batch_size,
+                  "Sequences per rank per forward (default: train.micro_batch_size)");
+  cmd->add_option("--ep-size", args.ep_size, "Expert-parallel group size")->capture_default_str();
+  cmd->add_option("--set", args.overrides, "Override a config key (repeatable)")
+      ->type_name("KEY=VALUE");
+  cmd->add_option("--json", args.json_out, "Also write the results as JSON to this file");
+}
+
+struct Commands {
+  CLI::App* doc = nullptr;
+  TrainArgs train_args;
+  TrainCommand train;
+  ConvertArgs convert;
+  ConvertCommands convert_cmds;
+  InferenceCommands inference;
+};
+
+void add_commands(CLI::App& app, Commands& cmds) {
+  app.require_subcommand(1);
+#ifdef MOEFORGE_CUDA
+  constexpr const char* kBuild = "CUDA + NCCL";
+#else
+  constexpr const char* kBuild = "CPU only";
+#endif
+  app.set_version_flag("--version", fmt::format("moeforge {} (LibTorch {}, {} build)",
+                                                MOEFORGE_VERSION, TORCH_VERSION, kBuild));
+  add_train_command(app, cmds.train_args, cmds.train);
+  add_generate_command(app, cmds.inference);
+  add_eval_command(app, cmds.inference);
+  cmds.doc = app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
+  add_convert_commands(app, cmds.convert, cmds.convert_cmds);
+}
+
 // The parsed subcommand, run; every rank returns the same exit code.
-int dispatch(const CLI::App* doc, const TrainCommand& train, TrainArgs& train_args,
-             const ConvertCommands& cmds, ConvertArgs& convert, int rank, int world_size) {
-  if (doc->parsed()) {
+int dispatch(Commands& cmds, int rank, int world_size) {
+  if (cmds.doc->parsed()) {
     if (rank == 0) std::cout << config_reference_markdown();
     return 0;
   }
+  auto& train = cmds.train;
   if (train.command->parsed()) {
-    if (train.resume->count() > 0) train_args.resume = train.resume_path;
-    if (train.init_from->count() > 0) train_args.init_from = train.init_path;
-    return train_command(train_args, rank, world_size);
+    if (train.resume->count() > 0) cmds.train_args.resume = train.resume_path;
+    if (train.init_from->count() > 0) cmds.train_args.init_from = train.init_path;
+    return train_command(cmds.train_args, rank, world_size);
   }
-  if (cmds.data_info_cmd->parsed()) {
-    const auto info = [&cmds](const ConvertArgs&) { return data_info_command(cmds.data_info); };
+  if (cmds.inference.eval_cmd->parsed()) return eval_command(cmds.inference.eval, rank, world_size);
+  auto& convert = cmds.convert;
+  const auto& convert_cmds = cmds.convert_cmds;
+  if (cmds.inference.generate_cmd->parsed()) {
+    const auto generate = [&cmds](const ConvertArgs&) {
+      return generate_command(cmds.inference.generate);
+    };
+    return run_single_process(generate, convert, rank, world_size);
+  }
+  if (convert_cmds.data_info_cmd->parsed()) {
+    const auto info = [&convert_cmds](const ConvertArgs&) {
+      return data_info_command(convert_cmds.data_info);
+    };
     return run_single_process(info, convert, rank, world_size);
   }
-  convert.upcycle.shared_from_dense = !cmds.no_shared_from_dense;
-  return run_single_process(cmds.import_cmd->parsed()    ? import_command
-                            : cmds.upcycle_cmd->parsed() ? upcycle_command
-                            : cmds.export_cmd->parsed()  ? export_command
-                                                         : forward_command,
+  convert.upcycle.shared_from_dense = !convert_cmds.no_shared_from_dense;
+  return run_single_process(convert_cmds.import_cmd->parsed()    ? import_command
+                            : convert_cmds.upcycle_cmd->parsed() ? upcycle_command
+                            : convert_cmds.export_cmd->parsed()  ? export_command
+                                                                 : forward_command,
                             convert, rank, world_size);
+}
+
+// A first argument that names no command: say so, suggest the closest, list them. Empty = fine.
+std::string unknown_command_message(const CLI::App& app, const std::string& first) {
+  if (first.empty() || first[0] == '-') return "";
+  std::vector<std::string> commands;
+  for (const auto* command : app.get_subcommands({})) commands.push_back(command->get_name());
+  if (std::find(commands.begin(), commands.end(), first) != commands.end()) return "";
+  const auto closest = closest_spelling(first, commands);
+  return fmt::format(
+      "moeforge: error: unknown command '{}'{}; the commands are {} (moeforge "
+      "--help)",
+      first, closest.empty() ? "" : fmt::format(" (did you mean '{}'?)", closest),
+      fmt::join(commands, ", "));
 }
 
 }  // namespace
@@ -343,34 +445,18 @@ int run_cli(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &world_size);
 
   CLI::App app{"moeforge: Mixture-of-Experts training on LibTorch"};
-  app.require_subcommand(1);
-  TrainArgs train_args;
-  TrainCommand train;
-  add_train_command(app, train_args, train);
-  auto* doc =
-      app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
-  ConvertArgs convert;
-  ConvertCommands cmds;
-  add_convert_commands(app, convert, cmds);
-
-  if (argc > 1 && argv[1][0] != '-') {  // a command that does not exist: say so, list them
-    std::vector<std::string> commands;
-    for (const auto* command : app.get_subcommands({})) commands.push_back(command->get_name());
-    if (std::find(commands.begin(), commands.end(), argv[1]) == commands.end()) {
-      if (rank == 0)
-        std::cerr << fmt::format(
-                         "moeforge: error: unknown command '{}'; the commands are {} "
-                         "(moeforge --help)",
-                         argv[1], fmt::join(commands, ", "))
-                  << std::endl;
-      MPI_Finalize();
-      return 2;
-    }
+  Commands cmds;
+  add_commands(app, cmds);
+  if (const auto message = unknown_command_message(app, argc > 1 ? argv[1] : "");
+      !message.empty()) {
+    if (rank == 0) std::cerr << message << std::endl;
+    MPI_Finalize();
+    return 2;
   }
   int code = 0;
   try {
     app.parse(argc, argv);
-    code = dispatch(doc, train, train_args, cmds, convert, rank, world_size);
+    code = dispatch(cmds, rank, world_size);
   } catch (const CLI::ParseError& e) {
     // Every rank parses the same arguments; rank 0 speaks for all.
     code = rank == 0 ? app.exit(e) : e.get_exit_code();

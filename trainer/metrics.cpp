@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -46,12 +47,21 @@ void MetricsLog::write_row(const std::string& json) {
                       path_));
 }
 
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const auto whole = static_cast<int64_t>(std::llround(seconds));
+  if (whole >= 3600) return fmt::format("{}h{:02}m", whole / 3600, (whole % 3600) / 60);
+  if (whole >= 60) return fmt::format("{}m{:02}s", whole / 60, whole % 60);
+  return fmt::format("{:.1f}s", seconds);
+}
+
 std::string MetricsLog::console_line(const StepMetrics& m) {
   return fmt::format(
              "step {:>5}/{} | loss {:.4f} | aux {:.4f} | z {:.3f} | lr {:.2e} | gnorm {:.3f} | "
-             "{:>8.0f} tok/s | maxvio {:.3f} | peak {:.0f} MiB",
+             "{:>8.0f} tok/s | maxvio {:.3f} | peak {:.0f} MiB | {} elapsed, ETA {}",
              m.step, m.total_steps, m.loss, m.aux_loss, m.z_loss, m.lr, m.grad_norm, m.tokens_per_s,
-             m.max_vio, m.peak_memory_mib) +
+             m.max_vio, m.peak_memory_mib, format_duration(m.elapsed_seconds),
+             format_duration(m.eta_seconds)) +
          (m.skipped ? " | SKIPPED: gradients not finite, no update" : "");
 }
 
@@ -66,6 +76,7 @@ void MetricsLog::log(const StepMetrics& m) {
                       {"grad_norm", m.grad_norm},
                       {"tokens_per_s", m.tokens_per_s},
                       {"step_seconds", m.step_seconds},
+                      {"elapsed_seconds", m.elapsed_seconds},
                       {"peak_memory_mib", m.peak_memory_mib},
                       {"max_vio", m.max_vio},
                       {"max_vio_micro", m.max_vio_micro}};

@@ -33,6 +33,8 @@ struct StepMetrics {
   double grad_norm = 0.0;  // before clipping
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
+  double elapsed_seconds = 0.0;  // since this invocation's first step started
+  double eta_seconds = 0.0;      // to the last step, at this invocation's mean step time
   double peak_memory_mib = 0.0;  // max over ranks of the peak so far (CUDA allocator / RSS)
   double max_vio = 0.0;          // max over MoE layers of the global-batch MaxVio
   double max_vio_micro = 0.0;    // max over MoE layers of the mean micro-batch MaxVio
@@ -45,6 +47,9 @@ struct EvalMetrics {
   int64_t step = 0;
   double val_loss = 0.0;
 };
+
+// "1h02m", "3m05s", "12.3s" ("?" when not finite).
+std::string format_duration(double seconds);
 
 class MetricsLog {
  public:

@@ -22,6 +22,7 @@
 #include "trainer/device.hpp"
 #include "trainer/memory_report.hpp"
 #include "trainer/model/model_weights.hpp"
+#include "trainer/run_banner.hpp"
 #include "trainer/stop_signal.hpp"
 
 namespace fs = std::filesystem;
@@ -156,6 +157,7 @@ void summarise(RunSummary& summary) {
   const size_t n = summary.steps.size();
   if (n > 0) {
     const size_t tail = std::min<size_t>(10, n);
+    summary.loss_steps_averaged = static_cast<int64_t>(tail);
     double loss = 0.0;
     for (size_t i = n - tail; i < n; ++i) loss += summary.steps[i].loss;
     summary.final_train_loss = loss / static_cast<double>(tail);
@@ -538,12 +540,7 @@ MoeLayerMetrics Trainer::layer_metrics(size_t index, const std::array<double, kR
 }
 
 at::Tensor Trainer::targets_of(const at::Tensor& batch) const {
-  const int64_t seq_len = config_.train.seq_len;
-  auto targets = batch.narrow(1, 1, seq_len);
-  if (!config_.data.mask_loss_after_eod) return targets;
-  // The token after an end-of-document token starts another document: not predictable from
-  // the context, so no loss there (cross-entropy ignores -100).
-  return targets.masked_fill(batch.narrow(1, 0, seq_len) == config_.data.eod_token_id, -100);
+  return next_token_targets(batch, config_.train.seq_len, config_.data);
 }
 
 double Trainer::evaluate() {
@@ -580,28 +577,23 @@ RunSummary Trainer::run() {
   MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",
                  options_.resume ? std::optional<int64_t>(state_.step) : std::nullopt, print);
   groups_.world->barrier();
-  if (print)
-    std::cout << fmt::format(
-                     "moeforge train: {} ranks (ep_size {}), {} steps × {} tokens/step, "
-                     "out_dir {}",
-                     groups_.world->size(), groups_.ep_size, t.steps,
-                     groups_.world->size() * t.grad_accum * t.micro_batch_size * t.seq_len,
-                     t.out_dir)
-              << "\n"
-              << fmt::format("precision {}{}{} | ", enum_text(t.precision),
-                             config_.parallel.distributed_optimizer
-                                 ? ", distributed optimizer (ZeRO-1)"
-                                 : "",
-                             config_.parallel.grad_reduce_dtype == Precision::kBf16
-                                 ? ", bf16 gradient reduction"
-                                 : "")
-              << describe(memory_report(config_, *optimizer_)) << std::endl;
   const int64_t end_step =
       options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
+  summary.first_step = state_.step + 1;
+  if (print)
+    std::cout << run_banner(config_, data_, *optimizer_,
+                            {groups_.world->size(), groups_.ep_size, state_.step, end_step})
+              << std::endl;
   const TraceWindow trace(config_.logging, state_.step, end_step);
+  const auto run_start = Clock::now();
+  const int64_t start_step = state_.step;
   while (state_.step < end_step) {
     trace.before_step(state_.step + 1);
-    const auto m = train_step();
+    auto m = train_step();
+    m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+    m.eta_seconds = m.elapsed_seconds / static_cast<double>(state_.step - start_step) *
+                    static_cast<double>(end_step - state_.step);
+    warn_if_unbalanced(m);
     trace.after_step(m.step, t.out_dir, groups_.world->rank(), print);
     summary.steps.push_back(m);
     summary.skipped_steps += m.skipped ? 1 : 0;
@@ -617,8 +609,28 @@ RunSummary Trainer::run() {
     }
     record_step(m, end_step, resolved, log, summary);
   }
+  summary.wall_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
   summarise(summary);
   return summary;
+}
+
+void Trainer::warn_if_unbalanced(const StepMetrics& m) {
+  const double threshold = config_.logging.max_vio_warning;
+  if (threshold <= 0 || m.layers.empty() || warned_unbalanced_) return;
+  unbalanced_steps_ = m.max_vio > threshold ? unbalanced_steps_ + 1 : 0;
+  if (unbalanced_steps_ < kUnbalancedStepsBeforeWarning) return;
+  warned_unbalanced_ = true;
+  if (!is_root_ || !options_.print) return;
+  const auto& balancing = config_.moe.balancing;
+  std::cout << fmt::format(
+                   "warning: step {}: MaxVio has been above {} for {} steps (now {:.2f}; 0 = "
+                   "every expert equally loaded, {} = all tokens on one expert): the router is "
+                   "collapsing onto a few experts. Balancing now: aux loss {}, expert bias rate "
+                   "{}; raise moe.balancing.aux_loss.coeff (e.g. 0.01) or set "
+                   "moe.balancing.expert_bias.rate (e.g. 0.001), see docs/balancing.md",
+                   m.step, threshold, unbalanced_steps_, m.max_vio, config_.moe.num_experts - 1,
+                   balancing.aux_loss.coeff, balancing.expert_bias.rate)
+            << std::endl;
 }
 
 void Trainer::record_step(const StepMetrics& m, int64_t end_step, const std::string& resolved,

@@ -37,7 +37,10 @@ struct RunOptions {
 struct RunSummary {
   std::vector<StepMetrics> steps;
   std::vector<EvalMetrics> evals;
-  double final_train_loss = 0.0;  // mean of the last (up to) 10 steps' loss
+  double final_train_loss = 0.0;  // mean of the last `loss_steps_averaged` (≤ 10) steps' loss
+  int64_t loss_steps_averaged = 0;
+  int64_t first_step = 0;     // the first step this invocation trained (1-based)
+  double wall_seconds = 0.0;  // of the training loop (evaluations and checkpoints included)
   double final_val_loss = 0.0;
   double tokens_per_s = 0.0;  // mean over steps after the first
   double unigram_entropy = 0.0;
@@ -128,6 +131,10 @@ class Trainer {
   void record_step(const StepMetrics& m, int64_t end_step, const std::string& resolved,
                    MetricsLog& log, RunSummary& summary);
   void update_expert_biases(const std::vector<at::Tensor>& global_load);
+  // Warns once (rank 0) when the global MaxVio stays above logging.max_vio_warning for
+  // kUnbalancedStepsBeforeWarning steps in a row: the router is collapsing.
+  void warn_if_unbalanced(const StepMetrics& m);
+  static constexpr int64_t kUnbalancedStepsBeforeWarning = 20;
   // AdamW over every parameter; sharded over world / EDP with parallel.distributed_optimizer.
   void build_optimizer();
   // Dense gradients over world, expert gradients over EDP; fp32 accumulation for bf16.
@@ -147,6 +154,8 @@ class Trainer {
   std::optional<std::pair<int, int64_t>> fail_at_;  // test hook MOEFORGE_FAIL_AT (rank, step)
   std::set<int64_t> nan_grad_steps_;  // test hook MOEFORGE_NAN_GRAD_AT (steps, every rank)
   int64_t consecutive_skips_ = 0;
+  int64_t unbalanced_steps_ = 0;  // consecutive steps with MaxVio above the warning threshold
+  bool warned_unbalanced_ = false;
   parallel::ProcessGroups groups_;  // with the communication worker / simulated link applied
   TokenDataset data_;
   RunOptions options_;

@@ -8,12 +8,14 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
 
 #include "trainer/common/file_io.hpp"
+#include "trainer/common/spelling.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/config/config_schema.hpp"
 
@@ -22,21 +24,6 @@ namespace {
 
 // Where each key's value came from, for messages: "file.yaml:12" or "--set k=v".
 using Locations = std::map<std::string, std::string>;
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t above = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = above;
-    }
-  }
-  return row[b.size()];
-}
 
 const KeySpec* find_key(const std::string& path) {
   for (const auto& key : config_schema())
@@ -283,8 +270,6 @@ void validate(const Config& c, const Locations& locations, const std::string& so
        fmt::format("{} is longer than model.max_seq_len = {}", c.train.seq_len, m.max_seq_len));
   rule(c.train.min_lr <= c.train.lr, "train.min_lr",
        fmt::format("{} is above train.lr = {}", c.train.min_lr, c.train.lr));
-  rule(c.train.warmup_steps <= c.train.steps, "train.warmup_steps",
-       fmt::format("{} is more than train.steps = {}", c.train.warmup_steps, c.train.steps));
   rule(c.data.source == DataSource::kBuiltin || !c.data.path.empty() ||
            (c.data.source == DataSource::kMegatron && !c.data.blend.empty()),
        "data.source",
@@ -325,6 +310,50 @@ void adopt_fixed_model(Config& config, const FixedModel& fixed, const Locations&
     config.train.seq_len = std::min(config.train.seq_len, config.model.max_seq_len);
 }
 
+bool has_moe_blocks(const Config& config) {
+  for (int64_t b = 0; b < config.model.num_layers; ++b)
+    if (is_moe_block(config.moe, b)) return true;
+  return false;
+}
+
+// Defaults that depend on other keys or on the file, each leaving a note for the banner.
+void derive_defaults(Config& config, const Locations& locations, const std::string& source) {
+  auto& balancing = config.moe.balancing;
+  const bool balancing_chosen = locations.count("moe.balancing.aux_loss.coeff") ||
+                                locations.count("moe.balancing.expert_bias.rate");
+  if (!balancing_chosen && config.moe.router.routing == moe::Routing::kTokenChoice &&
+      has_moe_blocks(config)) {
+    balancing.aux_loss.coeff = 0.01;  // an unbalanced router collapses onto few experts
+    config.notes.push_back(
+        "moe.balancing.aux_loss.coeff = 0.01 (default for token-choice routing; set it, or "
+        "moe.balancing.expert_bias.rate, to choose the balancing yourself)");
+  }
+  auto& train = config.train;
+  if (train.warmup_steps > train.steps) {
+    const int64_t asked = train.warmup_steps;
+    train.warmup_steps = train.steps / 10;
+    config.notes.push_back(fmt::format(
+        "train.warmup_steps = {} ({}) is more than train.steps = {}: warmup shortened to {} "
+        "steps (10% of the run)",
+        asked,
+        locations.count("train.warmup_steps") ? locations.at("train.warmup_steps") : "default",
+        train.steps, train.warmup_steps));
+  }
+  const std::filesystem::path file(source);
+  const bool from_file = std::filesystem::is_regular_file(file);
+  if (!locations.count("train.out_dir") && from_file)
+    train.out_dir = (std::filesystem::path("runs") / file.stem()).string();
+  auto& data = config.data;
+  if (locations.count("data.path")) data.path_origin = locations.at("data.path");
+  const std::filesystem::path data_path(data.path);
+  if (from_file && !data.path.empty() && data_path.is_relative()) {
+    const auto beside = file.parent_path() / data_path;
+    const std::string probe =
+        data.source == DataSource::kMegatron ? beside.string() + ".idx" : beside.string();
+    if (std::filesystem::exists(probe)) data.path = beside.lexically_normal().string();
+  }
+}
+
 Config parse(const YAML::Node& root, const std::string& source,
              const std::vector<std::string>& overrides, const std::optional<FixedModel>& fixed) {
   Config config;
@@ -338,6 +367,7 @@ Config parse(const YAML::Node& root, const std::string& source,
   if (root.IsMap()) parse_map(config, root, "", source, locations);  // empty file: defaults
   for (const auto& text : overrides) apply_override(config, text, locations);
   if (fixed) adopt_fixed_model(config, *fixed, locations);
+  derive_defaults(config, locations, source);
   validate(config, locations, source);
   return config;
 }
@@ -424,6 +454,23 @@ std::string to_yaml(const Config& config) {
   return std::string(out.c_str()) + "\n";
 }
 
+// Text in a Markdown table cell (GitHub): a bare '|' would end the cell, and <word> would be
+// taken for an HTML tag and vanish. Inside a code span only the '|' needs escaping.
+static std::string table_cell(const std::string& text, bool code) {
+  std::string cell;
+  for (const char c : text) {
+    if (c == '|')
+      cell += "\\|";
+    else if (c == '<' && !code)
+      cell += "&lt;";
+    else if (c == '>' && !code)
+      cell += "&gt;";
+    else
+      cell += c;
+  }
+  return code ? "`" + cell + "`" : cell;
+}
+
 std::string config_reference_markdown() {
   Config defaults;
   std::string text;
@@ -437,11 +484,9 @@ std::string config_reference_markdown() {
     }
     std::string value = format_value(key, defaults);
     if (key.type == KeyType::kString && value.empty()) value = "\"\"";
-    // A bare '|' would end the table cell ("one of a | b").
-    std::string allowed = key.allowed_text();
-    for (size_t at = allowed.find('|'); at != std::string::npos; at = allowed.find('|', at + 2))
-      allowed.replace(at, 1, "\\|");
-    text += fmt::format("| `{}` | `{}` | {} | {} |\n", key.path, value, allowed, key.doc);
+    text +=
+        fmt::format("| {} | {} | {} | {} |\n", table_cell(key.path, true), table_cell(value, true),
+                    table_cell(key.allowed_text(), false), table_cell(key.doc, false));
   }
   return text;
 }

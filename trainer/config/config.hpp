@@ -120,7 +120,7 @@ struct TrainConfig {
   DeviceKind device = DeviceKind::kCpu;    // one GPU per rank, by node-local rank
   Precision precision = Precision::kFp32;  // bf16: bf16 parameters, fp32 masters + optimizer
   RecomputeConfig recompute;
-  std::string out_dir = "runs/tiny";
+  std::string out_dir = "runs/run";  // loader: runs/<config file name> when not set
 };
 
 struct DataConfig {
@@ -132,6 +132,10 @@ struct DataConfig {
   TokenWidth dtype = TokenWidth::kUint16;  // bin token width
   double val_fraction = 0.05;
   int64_t builtin_bytes = 2000000;  // size of the generated built-in corpus
+  // Where data.path was set ("configs/x.yaml:33" or "--set data.path=..."), for messages; not
+  // part of the YAML. A relative path is resolved against the config file's directory when the
+  // file is there, else against the working directory (the loader rewrites `path`).
+  std::string path_origin;
 };
 
 struct CheckpointConfig {
@@ -142,8 +146,9 @@ struct CheckpointConfig {
 
 struct LoggingConfig {
   int64_t every = 1;
-  bool trace = false;       // Chrome trace-event JSON of compute and communication per rank
-  int64_t trace_steps = 3;  // steps traced (after the first, warm-up step)
+  bool trace = false;            // Chrome trace-event JSON of compute and communication per rank
+  int64_t trace_steps = 3;       // steps traced (after the first, warm-up step)
+  double max_vio_warning = 1.0;  // warn when MaxVio stays above this (0 = never)
 };
 
 struct Config {
@@ -156,6 +161,9 @@ struct Config {
   LoggingConfig logging;
 
   std::string source_file;  // where it was loaded from (for messages)
+  // What the loader decided for the user (a default derived from other keys, a value adjusted
+  // to fit); printed in the run's banner. Not part of the YAML.
+  std::vector<std::string> notes;
 };
 
 // YAML spelling of every enum value, for parsing, the resolved dump and messages.

@@ -200,7 +200,9 @@ const std::vector<KeySpec>& config_schema() {
       float_key(KEY(moe.router.jitter_eps), 0.0, 1.0,
                 "Router input jitter: x · U(1-eps, 1+eps) in training; 0 = off"),
       float_key(KEY(moe.balancing.aux_loss.coeff), 0.0, 1e3,
-                "Weight of the aux loss E·Σ f_i·P_i (summed over MoE layers); 0 = off"),
+                "Weight of the aux loss E·Σ f_i·P_i (summed over MoE layers); 0 = off. Default: "
+                "0.01 for token-choice routing unless moe.balancing.expert_bias.rate is set, "
+                "else 0"),
       enum_key<moe::AuxLossScope>(
           KEY(moe.balancing.aux_loss.scope),
           "Tokens f_i is counted over: the micro-batch, each sequence (averaged), or the "
@@ -301,7 +303,8 @@ const std::vector<KeySpec>& config_schema() {
           "MoE layer (the forward's counts exchange is replayed, the row all-to-alls rerun), "
           "attention = the attention module, block = each whole decoder block; combinable"),
       string_key(KEY(train.out_dir),
-                 "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/"),
+                 "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/. Default: "
+                 "runs/<config file name without .yaml>"),
       // data
       enum_key<DataSource>(KEY(data.source),
                            "Generated corpus, a text file (bytes), a flat token file, or "
@@ -335,6 +338,9 @@ const std::vector<KeySpec>& config_schema() {
                "<out_dir>/trace/rank-N.json (open in Perfetto or chrome://tracing)"),
       int_key(KEY(logging.trace_steps), 1, 1000, "Steps traced, after the first (warm-up) step"),
       int_key(KEY(logging.every), 1, 1LL << 40, "Print and record metrics every N steps"),
+      float_key(KEY(logging.max_vio_warning), 0.0, 1e6,
+                "Warn once when the global MaxVio stays above this for 20 steps in a row (the "
+                "router collapsing onto few experts); 0 = never"),
   };
   return schema;
 }

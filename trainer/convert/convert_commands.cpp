@@ -10,10 +10,12 @@
 #include "parallel/process_groups.hpp"
 #include "trainer/checkpoint/checkpoint.hpp"
 #include "trainer/checkpoint/safetensors.hpp"
+#include "trainer/common/file_io.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/convert/tokenizer_files.hpp"
+#include "trainer/inference/text_codec.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/optim/optimizer.hpp"
 
@@ -99,22 +101,43 @@ int export_command(const ConvertArgs& args) {
   return 0;
 }
 
-int forward_command(const ConvertArgs& args) {
-  require_arg(args.tokens, "--tokens", "forward");
-  const auto loaded = load_model_source(args.from, Config{});
+namespace {
+
+// [B, S] int64 from --tokens (safetensors), or [1, S] from --text / --prompt.
+at::Tensor forward_input(const ConvertArgs& args, int64_t vocab_size) {
+  const int given = !args.tokens.empty() + !args.text.empty() + !args.prompt.empty();
+  require(given == 1,
+          "moeforge forward: give exactly one of --tokens FILE, --text FILE or "
+          "--prompt TEXT");
+  if (args.tokens.empty()) {
+    const auto codec = make_text_codec(args.from, args.tokenizer, vocab_size);
+    const auto ids =
+        codec->encode(args.text.empty() ? args.prompt : read_file(args.text, "--text"));
+    require(!ids.empty(), "moeforge forward: the text is empty");
+    return at::tensor(ids, at::kLong).unsqueeze(0);
+  }
   const auto file = safetensors::File::open(args.tokens);
   require(file.contains("tokens"),
           fmt::format("{}: no tensor 'tokens' (expected I64 [batch, seq])", args.tokens));
   const auto tokens = file.load("tokens");
   require(tokens.scalar_type() == at::kLong && tokens.dim() == 2,
           fmt::format("{}: 'tokens' must be I64 [batch, seq]", args.tokens));
+  return tokens;
+}
+
+}  // namespace
+
+int forward_command(const ConvertArgs& args) {
+  const auto loaded = load_model_source(args.from, Config{});
+  const auto tokens = forward_input(args, loaded.config.model.vocab_size);
   require(
       tokens.min().item<int64_t>() >= 0 &&
           tokens.max().item<int64_t>() < loaded.config.model.vocab_size,
       fmt::format("{}: token ids must be in [0, {})", args.tokens, loaded.config.model.vocab_size));
   require(tokens.size(1) <= loaded.config.model.max_seq_len,
-          fmt::format("{}: {} tokens per sequence exceed model.max_seq_len {}", args.tokens,
-                      tokens.size(1), loaded.config.model.max_seq_len));
+          fmt::format("{}: {} tokens per sequence exceed model.max_seq_len {}",
+                      args.tokens.empty() ? "the text" : args.tokens, tokens.size(1),
+                      loaded.config.model.max_seq_len));
   auto model = model_from_weights(loaded.config, loaded.weights, loaded.description);
   const std::string dtype = args.dtype.empty() ? "float32" : args.dtype;
   require(dtype == "float32" || dtype == "float64",

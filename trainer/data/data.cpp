@@ -34,7 +34,14 @@ struct TokenDataset::Storage {
   }
 };
 
-namespace {}  // namespace
+namespace {
+
+// "configs/x.yaml:33: data.path" — where the user set the path, for messages.
+std::string data_path_label(const DataConfig& config) {
+  return config.path_origin.empty() ? "data.path" : config.path_origin + ": data.path";
+}
+
+}  // namespace
 
 TokenDataset TokenDataset::open_blend(const DataConfig& config, int64_t vocab_size,
                                       int64_t seq_len) {
@@ -65,14 +72,14 @@ TokenDataset TokenDataset::open(const DataConfig& config, int64_t vocab_size, in
       break;
     case DataSource::kText:
       what = fmt::format("data.path '{}'", config.path);
-      storage->owned = read_file(config.path, "data.path");
+      storage->owned = read_file(config.path, data_path_label(config));
       break;
     case DataSource::kMegatron:  // open_blend
       break;
     case DataSource::kBin:
       what = fmt::format("data.path '{}'", config.path);
       storage->width = config.dtype == TokenWidth::kUint32 ? 4 : 2;
-      storage->mapped = MappedFile::open(config.path, "data.path");
+      storage->mapped = MappedFile::open(config.path, data_path_label(config));
       if (storage->mapped.size() % storage->width != 0)
         throw UserError(fmt::format(
             "{}: {} bytes is not a whole number of {} tokens ({} bytes each); is data.dtype "
@@ -192,6 +199,12 @@ double TokenDataset::unigram_entropy_nats() const {
     entropy -= p * std::log(p);
   }
   return entropy;
+}
+
+at::Tensor next_token_targets(const at::Tensor& samples, int64_t seq_len, const DataConfig& data) {
+  auto targets = samples.narrow(1, 1, seq_len);
+  if (!data.mask_loss_after_eod) return targets;
+  return targets.masked_fill(samples.narrow(1, 0, seq_len) == data.eod_token_id, -100);
 }
 
 }  // namespace moeforge

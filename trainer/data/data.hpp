@@ -61,4 +61,9 @@ class TokenDataset {
   mutable std::vector<int64_t> cached_order_;
 };
 
+// Next-token targets of samples [B, seq_len+1]: tokens 1..seq_len, with -100 (no loss) after
+// an end-of-document token when data.mask_loss_after_eod (that token starts another document,
+// not predictable from the context).
+at::Tensor next_token_targets(const at::Tensor& samples, int64_t seq_len, const DataConfig& data);
+
 }  // namespace moeforge

@@ -51,11 +51,12 @@ at::Tensor apply_rope(const at::Tensor& x, double theta) {
       x, 1.0 / at::pow(theta, at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim)));
 }
 
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& inv_freq) {
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& inv_freq, int64_t first_position) {
   const int64_t seq = x.size(2);
   const int64_t dim = x.size(3);
-  const auto angles = at::outer(at::arange(seq, at::kDouble), inv_freq);  // [S, D/2]
-  const auto emb = at::cat({angles, angles}, -1);                         // [S, D]
+  const auto positions = at::arange(first_position, first_position + seq, at::kDouble);
+  const auto angles = at::outer(positions, inv_freq);  // [S, D/2]
+  const auto emb = at::cat({angles, angles}, -1);      // [S, D]
   const auto cos = emb.cos().to(x.options());  // computed in float64 on the host, then moved
   const auto sin = emb.sin().to(x.options());
   const auto first = x.narrow(-1, 0, dim / 2);
@@ -88,8 +89,9 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
   }
 }
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x) {
+at::Tensor AttentionImpl::forward(const at::Tensor& x, AttentionCache* cache) {
   const int64_t batch = x.size(0), seq = x.size(1);
+  const int64_t cached = cache ? cache->positions() : 0;
   // [B, S, heads·D] -> [B, heads, S, D]
   auto q = q_proj->forward(x).view({batch, seq, num_heads_, head_dim_}).transpose(1, 2);
   auto k = k_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
@@ -98,13 +100,29 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
     q = q_norm->forward(q);
     k = k_norm->forward(k);
   }
-  q = apply_rope(q, inv_freq_);
-  k = apply_rope(k, inv_freq_);
+  q = apply_rope(q, inv_freq_, cached);
+  k = apply_rope(k, inv_freq_, cached);
+  if (cache) {
+    if (cached > 0) {
+      k = at::cat({cache->keys, k}, 2);
+      v = at::cat({cache->values, v}, 2);
+    }
+    cache->keys = k;
+    cache->values = v;
+  }
   if (num_kv_heads_ != num_heads_) {  // grouped-query attention: share each kv head
     k = k.repeat_interleave(num_heads_ / num_kv_heads_, 1);
     v = v.repeat_interleave(num_heads_ / num_kv_heads_, 1);
   }
-  auto attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  at::Tensor attended;
+  if (cached == 0) {
+    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  } else {  // query i (position cached + i) sees keys 0 .. cached + i
+    const auto query_pos = at::arange(cached, cached + seq, x.options().dtype(at::kLong));
+    const auto key_pos = at::arange(cached + seq, x.options().dtype(at::kLong));
+    const auto visible = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1);  // [S, cached + S]
+    attended = at::scaled_dot_product_attention(q, k, v, visible, 0.0, /*is_causal=*/false);
+  }
   return o_proj->forward(attended.transpose(1, 2).reshape({batch, seq, num_heads_ * head_dim_}));
 }
 
@@ -123,8 +141,9 @@ DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index, parallel
 }
 
 at::Tensor DecoderBlockImpl::forward(const at::Tensor& x, const moe::RoutingInputs& routing,
-                                     LmOutput& out) {
-  auto result = recompute_.block ? forward_recomputed(x, routing) : forward_stored(x, routing);
+                                     LmOutput& out, AttentionCache* cache) {
+  auto result = recompute_.block && !cache ? forward_recomputed(x, routing)
+                                           : forward_stored(x, routing, cache);
   if (moe_mlp) {
     out.aux_loss = out.aux_loss + result.aux_loss;
     out.z_loss = out.z_loss + result.z_loss;
@@ -134,8 +153,10 @@ at::Tensor DecoderBlockImpl::forward(const at::Tensor& x, const moe::RoutingInpu
 }
 
 DecoderBlockImpl::Result DecoderBlockImpl::forward_stored(const at::Tensor& x,
-                                                          const moe::RoutingInputs& routing) {
-  auto h = x + attention(attn_norm->forward(x));
+                                                          const moe::RoutingInputs& routing,
+                                                          AttentionCache* cache) {
+  const auto normed_in = attn_norm->forward(x);
+  auto h = x + (cache ? attn->forward(normed_in, cache) : attention(normed_in));
   const auto normed = mlp_norm->forward(h);
   if (dense_mlp) return Result::dense(h + dense_mlp->forward(normed));
   const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);
@@ -183,17 +204,19 @@ DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) {
 }
 
 LmOutput DecoderLMImpl::forward(const at::Tensor& tokens,
-                                const std::vector<moe::RoutingInputs>& routing) {
+                                const std::vector<moe::RoutingInputs>& routing, KvCache* cache) {
   LmOutput out;
   const auto scalar = tokens.options().dtype(at::kFloat);
   out.aux_loss = at::zeros({}, scalar);
   out.z_loss = at::zeros({}, scalar);
   auto h = embed->forward(tokens);  // [B, S, H]
   const moe::RoutingInputs defaults;
-  for (const auto& layer : *layers) {
+  if (cache) cache->layers.resize(layers->size());
+  for (size_t block = 0; block < layers->size(); ++block) {
     const size_t moe_index = out.routing.size();  // MoE blocks seen so far
     const auto& inputs = moe_index < routing.size() ? routing[moe_index] : defaults;
-    h = layer->as<DecoderBlockImpl>()->forward(h, inputs, out);
+    h = layers[block]->as<DecoderBlockImpl>()->forward(h, inputs, out,
+                                                       cache ? &cache->layers[block] : nullptr);
   }
   h = norm->forward(h);
   out.logits = lm_head ? lm_head->forward(h) : at::matmul(h, embed->weight.t());

@@ -34,15 +34,30 @@ TORCH_MODULE(RMSNorm);
 at::Tensor rope_inverse_frequencies(const ModelConfig& config);
 
 // Rotary embedding (Hugging Face rotate_half convention): q·cos + rotate_half(q)·sin.
-// x: [B, heads, S, D]; positions 0..S-1; inv_freq [D/2].
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& inv_freq);
+// x: [B, heads, S, D]; positions first_position .. first_position+S-1; inv_freq [D/2].
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& inv_freq, int64_t first_position = 0);
 // The same with unscaled frequencies of base `theta`.
 at::Tensor apply_rope(const at::Tensor& x, double theta);
+
+// One attention layer's keys and values of the positions seen so far (generation): each new
+// token attends to them instead of recomputing the whole prefix.
+struct AttentionCache {
+  at::Tensor keys, values;  // [B, kv_heads, positions, D] after RoPE; undefined when empty
+  int64_t positions() const { return keys.defined() ? keys.size(2) : 0; }
+};
+
+// The caches of every block, in block order (DecoderLM::forward with a cache fills it).
+struct KvCache {
+  std::vector<AttentionCache> layers;
+  int64_t positions() const { return layers.empty() ? 0 : layers.front().positions(); }
+};
 
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const ModelConfig& config);
-  at::Tensor forward(const at::Tensor& x);  // [B, S, H] -> [B, S, H], causal
+  // [B, S, H] -> [B, S, H], causal. With `cache`, x holds the positions after the cached ones:
+  // they attend to the cache and themselves, and are appended to it.
+  at::Tensor forward(const at::Tensor& x, AttentionCache* cache = nullptr);
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};  // per head, when model.qk_norm (Qwen3)
@@ -59,8 +74,9 @@ class DecoderBlockImpl : public torch::nn::Module {
  public:
   DecoderBlockImpl(const Config& config, int64_t index, parallel::Communicator& ep);
   // x [B, S, H]; a MoE block routes with `routing` and adds its aux/z losses and routing
-  // counters to `out`.
-  at::Tensor forward(const at::Tensor& x, const moe::RoutingInputs& routing, LmOutput& out);
+  // counters to `out`. `cache`: attention's KV cache (inference; no recompute then).
+  at::Tensor forward(const at::Tensor& x, const moe::RoutingInputs& routing, LmOutput& out,
+                     AttentionCache* cache = nullptr);
 
   RMSNorm attn_norm{nullptr}, mlp_norm{nullptr};
   Attention attn{nullptr};
@@ -74,7 +90,8 @@ class DecoderBlockImpl : public torch::nn::Module {
     moe::RoutingCounters counters;  // MoE blocks only
     static Result dense(at::Tensor h) { return {std::move(h), {}, {}, {}}; }
   };
-  Result forward_stored(const at::Tensor& x, const moe::RoutingInputs& routing);
+  Result forward_stored(const at::Tensor& x, const moe::RoutingInputs& routing,
+                        AttentionCache* cache = nullptr);
   // train.recompute: block — only x is kept; the whole block runs again in backward.
   Result forward_recomputed(const at::Tensor& x, const moe::RoutingInputs& routing);
   at::Tensor attention(const at::Tensor& normed);  // recomputed when train.recompute: attention
@@ -94,7 +111,9 @@ class DecoderLMImpl : public torch::nn::Module {
   // `ep`: expert-parallel group; experts are sharded over it. Not owned; must outlive the model.
   DecoderLMImpl(const Config& config, parallel::Communicator& ep);
   // tokens [B, S] int64; `routing`: one entry per MoE block (empty = defaults for all).
-  LmOutput forward(const at::Tensor& tokens, const std::vector<moe::RoutingInputs>& routing = {});
+  // `cache` (inference): tokens continue the cached positions, and are appended to the cache.
+  LmOutput forward(const at::Tensor& tokens, const std::vector<moe::RoutingInputs>& routing = {},
+                   KvCache* cache = nullptr);
 
   std::vector<moe::MoeLayer> moe_layers() const;
   // Global id of this rank's first expert (every MoE layer holds the same range); 0 if none.
