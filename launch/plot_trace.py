@@ -164,19 +164,19 @@ def trace_figure(trace_dir, step_window_ms=0.0):
         height = 0.8 if coarse else 0.55
         ax.broken_barh([(start - begin, dur)], (row - height / 2, height), facecolor=colour,
                        hatch=hatch, edgecolor="white" if hatch else "none", linewidth=0,
-                       zorder=1 if coarse else 2)
-    # Step boundaries: rank 0's step spans (all ranks start a step within the same collective).
-    step_rank = min(rank for rank, *_ in steps) if steps else None
-    boundaries = 0
-    for rank, _, start, dur, name in sorted(steps, key=lambda s: s[2]):
-        if rank != step_rank or start + dur < begin:
-            continue
-        for edge in (start, start + dur):
-            if edge >= begin:
-                ax.axvline(edge - begin, color="black", linestyle="--", linewidth=0.8, zorder=3)
-                boundaries += 1
-        ax.text(max(start, begin) - begin, -0.6, f" {name}", fontsize=8, va="bottom",
-                ha="left")
+                       zorder=1 if coarse else 2, gid=phase(name))
+    # Step boundaries: the first rank's "step N" spans (all ranks meet in the step's collectives),
+    # a line where each step starts and one where the last ends.
+    first_rank = min(rank for rank, *_ in steps) if steps else None
+    own = sorted((s for s in steps if s[0] == first_rank and s[2] + s[3] >= begin),
+                 key=lambda s: s[2])
+    edges = [s[2] for s in own] + ([own[-1][2] + own[-1][3]] if own else [])
+    for edge in edges:
+        if edge >= begin:
+            ax.axvline(edge - begin, color="black", linestyle="--", linewidth=0.8, zorder=3,
+                       gid="step boundary")
+    for _, _, start, _, name in own:
+        ax.text(max(start, begin) - begin, -0.6, f" {name}", fontsize=8, va="bottom")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"rank {rank} {lane}" for rank, lane in rows])
     ax.set_ylim(len(rows) - 0.5, -0.9)
@@ -189,7 +189,7 @@ def trace_figure(trace_dir, step_window_ms=0.0):
                  fontsize=9)
     handles = [Patch(facecolor=styles[n][0], hatch=styles[n][1], edgecolor="white", label=n)
                for n in order]
-    if boundaries:
+    if edges:
         handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=0.8,
                                   label="step boundary"))
     ax.legend(handles=handles, fontsize=7, ncol=6, loc="upper center",
