@@ -3,7 +3,8 @@
 # runs/doc-images/ (git-ignored), then checks that every image linked from README.md and
 # docs/*.md exists and was written by this run. About 10 minutes on 2 cores.
 #
-#   launch/make_doc_images.sh
+#   launch/make_doc_images.sh               # train the runs, plot
+#   launch/make_doc_images.sh --reuse-runs  # keep runs already under runs/doc-images (replot)
 #
 #   docs/images/balancing/       docs/balancing.md: the four balancing strategies (4 × 300 steps,
 #                                2 ranks, ep_size 2), plot_metrics.py
@@ -18,22 +19,35 @@ cd "$ROOT"
 PYTHON="${MOEFORGE_VENV:-$ROOT/.venv}/bin/python"
 RUNS=runs/doc-images
 IMAGES=docs/images
-[[ "${SKIP_SETUP:-0}" == 1 ]] || launch/setup.sh
 STAMP="$(mktemp)"
 trap 'rm -f "$STAMP"' EXIT
-train() { SKIP_SETUP=1 NP=2 launch/train.sh "$@" --overwrite; }
+case "${1:-}" in
+  "") REUSE=0 ;;
+  --reuse-runs) REUSE=1 ;;
+  *) echo "usage: launch/make_doc_images.sh [--reuse-runs]" >&2; exit 2 ;;
+esac
+[[ "${SKIP_SETUP:-0}" == 1 ]] || launch/setup.sh
+# train OUT_DIR CONFIG [options]: a run of its own (kept with --reuse-runs if it has metrics)
+train() {
+  local out="$1"; shift
+  if [[ $REUSE == 1 && -f "$out/config.resolved.yaml" && -f "$out/metrics.jsonl" ]]; then
+    echo "[doc-images] reusing $out"
+    return
+  fi
+  SKIP_SETUP=1 NP=2 launch/train.sh "$@" --set "train.out_dir=$out" --overwrite
+}
 
 # docs/balancing.md: "four balancing strategies, same model, data and seed"
 STRATEGIES=(no_balancing aux_loss aux_free aux_free_seq_aux)
 for r in "${STRATEGIES[@]}"; do
-  train "configs/experiments/balancing/$r.yaml" --set "train.out_dir=$RUNS/balancing/$r"
+  train "$RUNS/balancing/$r" "configs/experiments/balancing/$r.yaml"
 done
 rm -rf "$IMAGES/balancing"
 "$PYTHON" launch/plot_metrics.py "${STRATEGIES[@]/#/$RUNS/balancing/}" --out "$IMAGES/balancing" \
   | tee "$RUNS/balancing/summary.md"
 
 # docs/benchmarks.md: one traced training step (step 2; step 1 is the untraced warm-up)
-train configs/tiny.yaml --set "train.out_dir=$RUNS/trace_tiny_ep2" --set train.steps=3 \
+train "$RUNS/trace_tiny_ep2" configs/tiny.yaml --set train.steps=3 \
   --set train.eval_every=0 --set checkpoint.every=0 --set parallel.ep_size=2 \
   --set parallel.overlap_degree=2 --set parallel.bucket_mb=1 \
   --set parallel.simulated_link.bandwidth_gbps=0.2 --set parallel.simulated_link.latency_us=20 \
