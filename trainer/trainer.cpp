@@ -193,7 +193,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   phase_trace_ = std::make_unique<TracedPhases>();
   for (auto& layer : model_->moe_layers()) {
     layer->set_overlap_degree(config_.parallel.overlap_degree);
-    layer->set_observer(phase_trace_.get());
+    if (config_.logging.trace) layer->set_observer(phase_trace_.get());  // hooks cost nothing off
   }
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->to(device_);  // initialised on the host, so every device starts from the same weights
@@ -601,7 +601,10 @@ RunSummary Trainer::run() {
   const TraceWindow trace(config_.logging, state_.step, end_step);
   while (state_.step < end_step) {
     trace.before_step(state_.step + 1);
+    const auto step_start = parallel::trace::Clock::now();
     const auto m = train_step();
+    parallel::trace::record("step", fmt::format("step {}", m.step), step_start,
+                            parallel::trace::Clock::now());  // boundaries for plot_trace.py
     trace.after_step(m.step, t.out_dir, groups_.world->rank(), print);
     summary.steps.push_back(m);
     summary.skipped_steps += m.skipped ? 1 : 0;
