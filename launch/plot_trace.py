@@ -180,7 +180,7 @@ def trace_figure(trace_dir, step_window_ms=0.0):
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"rank {rank} {lane}" for rank, lane in rows])
     ax.set_ylim(len(rows) - 0.5, -0.9)
-    ax.set_xlim(0, end - begin)
+    ax.set_xlim(-0.005 * (end - begin), 1.005 * (end - begin))  # boundaries at the edges show
     window = (f"last {step_window_ms:g} ms of the trace" if step_window_ms > 0
               else "whole trace")
     ax.set_xlabel(f"time (ms) since the start of the window shown ({window})")
