@@ -47,7 +47,7 @@ rm -rf "$IMAGES/balancing"
   | tee "$RUNS/balancing/summary.md"
 
 # docs/benchmarks.md: one traced training step (step 2; step 1 is the untraced warm-up)
-train "$RUNS/trace_tiny_ep2" configs/tiny.yaml --set train.steps=3 \
+train "$RUNS/trace_tiny_ep2" configs/tiny.yaml --set train.steps=3 --set train.warmup_steps=1 \
   --set train.eval_every=0 --set checkpoint.every=0 --set parallel.ep_size=2 \
   --set parallel.overlap_degree=2 --set parallel.bucket_mb=1 \
   --set parallel.simulated_link.bandwidth_gbps=0.2 --set parallel.simulated_link.latency_us=20 \
