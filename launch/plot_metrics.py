@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Turn moeforge runs' metrics.jsonl into PNGs and a summary table.
 
-    .venv/bin/python launch/plot_metrics.py runs/a runs/b ... --out docs/images/balancing
+    .venv/bin/python launch/plot_metrics.py runs/a runs/b ... --out runs/plots
 
 Writes into --out:
-  loss.png                    training loss (smoothed) and validation loss of every run
-  max_vio.png                 global-batch MaxVio (max over MoE layers) of every run
+  loss.png                    training loss of every run, raw (thin) and as a moving average
+                              over SMOOTH steps (thick), plus validation loss (points)
+  max_vio.png                 global-batch MaxVio (max over MoE layers; 0 = perfectly
+                              balanced) of every run, raw and moving average
   load_<run>_layer<L>.png     heatmap of expert load (experts × steps) per MoE layer, each
-                              step's load divided by its mean (1 = perfectly balanced)
+                              step's load divided by its mean (1 = balanced, white); one
+                              colour scale shared by every heatmap of the call, from 0 to the
+                              largest value over all runs, so runs compare directly
 and prints a Markdown table: final val loss, global MaxVio averaged over the last 20% of
 steps, micro-batch MaxVio likewise, mean tokens/s (steps after the first).
 """
@@ -21,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def read_run(run_dir):
@@ -44,7 +50,7 @@ def read_run(run_dir):
     return steps, evals
 
 
-def smooth(values, window=10):
+def smooth(values, window):
     values = np.asarray(values, dtype=float)
     if len(values) < window:
         return values
@@ -58,14 +64,96 @@ def tail_mean(values, fraction=0.2):
     return float(np.mean(values[-n:]))
 
 
-def save_line_plot(fig, ax, ylabel, path):
+SMOOTH = 10  # moving-average window of the loss and MaxVio curves (steps)
+
+
+def finish_line_plot(fig, ax, ylabel, title):
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def loss_figure(names, runs):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (steps, evals) in zip(names, runs):
+        x = [s["step"] for s in steps]
+        raw = [s["loss"] for s in steps]
+        line, = ax.plot(x, smooth(raw, SMOOTH), label=f"{name} train (mean of {SMOOTH} steps)")
+        ax.plot(x, raw, color=line.get_color(), alpha=0.25, linewidth=0.7,
+                label=f"{name} train (each step)")
+        if evals:
+            ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o--",
+                    color=line.get_color(), label=f"{name} validation")
+    ax.set_yscale("log")
+    return finish_line_plot(
+        fig, ax, "LM loss (nats/token, log scale)",
+        f"Language-model loss: thick = moving average over {SMOOTH} steps, thin = raw")
+
+
+def max_vio_figure(names, runs):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(0, color="black", linewidth=1, label="0 = perfectly balanced")
+    for name, (steps, _) in zip(names, runs):
+        x = [s["step"] for s in steps]
+        raw = [s["max_vio"] for s in steps]
+        line, = ax.plot(x, smooth(raw, SMOOTH), label=f"{name} (mean of {SMOOTH} steps)")
+        ax.plot(x, raw, color=line.get_color(), alpha=0.25, linewidth=0.7)
+    ax.set_ylim(bottom=-0.05 * max(1e-9, ax.get_ylim()[1]))
+    return finish_line_plot(
+        fig, ax, "global MaxVio = max load / mean load − 1\n(0 = perfectly balanced)",
+        f"Load imbalance, worst MoE layer: thick = moving average over {SMOOTH} steps, "
+        "thin = raw")
+
+
+def relative_loads(steps):
+    """{layer: [steps, experts] load / mean load of that step} for one run."""
+    out = {}
+    for index, layer in enumerate(steps[0].get("moe_layers", [])):
+        load = np.array([s["moe_layers"][index]["expert_load"] for s in steps], dtype=float)
+        out[layer["layer"]] = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def load_figures(names, runs):
+    """{file name: figure} of every run's load heatmaps, on one colour scale for all of them."""
+    loads = [relative_loads(steps) for steps, _ in runs]
+    vmax = max([2.0] + [float(r.max()) for layers in loads for r in layers.values()])
+    # White at 1 (balanced), blue below (starved experts), red above (overloaded ones).
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+    figures = {}
+    for name, (steps, _), layers in zip(names, runs, loads):
+        for layer, relative in layers.items():
+            experts = relative.shape[1]
+            fig, ax = plt.subplots(figsize=(7, 3.2))
+            image = ax.imshow(relative.T, aspect="auto", cmap="RdBu_r", norm=norm,
+                              extent=[steps[0]["step"] - 0.5, steps[-1]["step"] + 0.5,
+                                      experts - 0.5, -0.5], interpolation="nearest")
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("expert (index)")
+            if experts <= 16:
+                ax.set_yticks(range(experts))
+            else:
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{name}: layer {layer} expert load / mean load", fontsize=9)
+            bar = fig.colorbar(image, ax=ax)
+            bar.set_label(f"load / mean (1 = balanced)\nscale 0–{vmax:.1f}, same for all runs",
+                          fontsize=8)
+            fig.tight_layout()
+            figures[f"load_{name}_layer{layer}.png"] = fig
+    return figures
+
+
+def metrics_figures(names, runs):
+    """{file name: matplotlib Figure} of every plot, not saved."""
+    figures = {"loss.png": loss_figure(names, runs), "max_vio.png": max_vio_figure(names, runs)}
+    figures.update(load_figures(names, runs))
+    return figures
 
 
 def main():
@@ -79,40 +167,9 @@ def main():
         sys.exit(f"--names has {len(names)} labels for {len(args.runs)} runs")
     os.makedirs(args.out, exist_ok=True)
     runs = [read_run(r) for r in args.runs]
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (steps, evals) in zip(names, runs):
-        x = [s["step"] for s in steps]
-        line, = ax.plot(x, smooth([s["loss"] for s in steps]), label=f"{name} (train)")
-        if evals:
-            ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o--",
-                    color=line.get_color(), label=f"{name} (val)")
-    ax.set_yscale("log")
-    save_line_plot(fig, ax, "LM loss (nats/token)", os.path.join(args.out, "loss.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (steps, _) in zip(names, runs):
-        ax.plot([s["step"] for s in steps], smooth([s["max_vio"] for s in steps]), label=name)
-    save_line_plot(fig, ax, "global MaxVio (max over layers, smoothed)",
-                   os.path.join(args.out, "max_vio.png"))
-
-    for name, (steps, _) in zip(names, runs):
-        layers = steps[0].get("moe_layers", [])
-        for index, layer in enumerate(layers):
-            load = np.array([s["moe_layers"][index]["expert_load"] for s in steps], dtype=float)
-            relative = load / np.maximum(load.mean(axis=1, keepdims=True), 1e-12)
-            fig, ax = plt.subplots(figsize=(7, 3.2))
-            image = ax.imshow(relative.T, aspect="auto", cmap="magma", vmin=0,
-                              vmax=max(2.0, float(np.percentile(relative, 99))),
-                              extent=[steps[0]["step"] - 0.5, steps[-1]["step"] + 0.5,
-                                      load.shape[1] - 0.5, -0.5], interpolation="nearest")
-            ax.set_xlabel("step")
-            ax.set_ylabel("expert")
-            ax.set_title(f"{name}: layer {layer['layer']} load / mean load")
-            fig.colorbar(image, ax=ax)
-            fig.tight_layout()
-            fig.savefig(os.path.join(args.out, f"load_{name}_layer{layer['layer']}.png"), dpi=110)
-            plt.close(fig)
+    for file_name, fig in metrics_figures(names, runs).items():
+        fig.savefig(os.path.join(args.out, file_name), dpi=110)
+        plt.close(fig)
 
     print("| run | final val loss | global MaxVio (last 20%) | micro-batch MaxVio (last 20%) | tokens/s |")
     print("|---|---|---|---|---|")

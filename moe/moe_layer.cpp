@@ -38,6 +38,18 @@ void MoeLayerImpl::mark(const char* phase) const {
   if (observer_) observer_->phase_done(phase);
 }
 
+namespace {
+// Backward phases for the observer: a hook on a tensor runs when its gradient is complete, i.e.
+// right after the backward of everything that consumed it, so it ends the phase that produced
+// that gradient (charged, as in the forward, the time since the previous mark). Registered only
+// with an observer and when the tensor takes part in backward; mark() reads observer_ when the
+// hook runs, so an observer removed before backward records nothing.
+template <class Callback>
+void on_gradient(bool observed, const at::Tensor& t, Callback callback) {
+  if (observed && t.requires_grad()) t.register_hook([callback](const at::Tensor&) { callback(); });
+}
+}  // namespace
+
 void MoeLayerImpl::set_recompute(MoeRecompute recompute) {
   recompute_ = recompute;
   experts->set_recompute_activation(recompute.expert_activation);
@@ -132,39 +144,54 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
                                                   const std::vector<DispatchPlan>& plans,
                                                   int64_t capacity) {
   const int64_t chunks = static_cast<int64_t>(plans.size()), tokens = x.size(0);
+  const bool observed = observer_ != nullptr && at::GradMode::is_enabled();
+  const auto marks = [this](const char* phase) { return [this, phase] { mark(phase); }; };
+  // The layer's input is fresh per forward inside a model; a caller's leaf would keep the hook.
+  if (!x.is_leaf()) on_gradient(observed, x, marks("permute + route backward"));
   const auto rows = to_compute_dtype(x, x);  // bf16 under autocast: experts and a2a in bf16
   std::vector<at::Tensor> permuted;
-  for (const auto& plan : plans) permuted.push_back(dispatcher_.permute(rows, plan));  // [N_c, H]
+  for (const auto& plan : plans) {
+    permuted.push_back(dispatcher_.permute(rows, plan));  // [N_c, H]
+    on_gradient(observed, permuted.back(), marks("dispatch a2a backward"));
+  }
   mark("permute");
   std::vector<PendingRows> dispatched(chunks), combining(chunks);
   dispatched[0] = dispatcher_.start_dispatch(permuted[0], plans[0]);
   const int64_t shared_split = tokens / 2;
   std::vector<at::Tensor> shared_parts;
-  if (shared_experts) {
-    shared_parts.push_back(shared_experts->forward(x.narrow(0, 0, shared_split)));
+  const auto run_shared = [&](int64_t begin, int64_t count) {
+    const auto part = x.narrow(0, begin, count);
+    on_gradient(observed, part, marks("shared experts backward"));
+    shared_parts.push_back(shared_experts->forward(part));
     mark("shared experts");
-  }
+  };
+  if (shared_experts) run_shared(0, shared_split);
   for (int64_t c = 0; c < chunks; ++c) {
     if (c + 1 < chunks)
       dispatched[c + 1] = dispatcher_.start_dispatch(permuted[c + 1], plans[c + 1]);
     const auto local_rows = dispatcher_.finish(dispatched[c]);  // [R_c, H] by local expert
     mark("dispatch a2a");
-    combining[c] = dispatcher_.start_combine(run_experts(local_rows, plans[c], capacity), plans[c]);
+    on_gradient(observed, local_rows, marks("experts backward"));
+    const auto expert_rows = run_experts(local_rows, plans[c], capacity);
+    on_gradient(observed, expert_rows, marks("combine a2a backward"));
+    combining[c] = dispatcher_.start_combine(expert_rows, plans[c]);
   }
-  if (shared_experts) {
-    shared_parts.push_back(
-        shared_experts->forward(x.narrow(0, shared_split, tokens - shared_split)));
-    mark("shared experts");
-  }
+  if (shared_experts) run_shared(shared_split, tokens - shared_split);
   // y[t] = Σ_j gate[t, j] · out[t, j], each token's rows added in (global expert, slot) order.
   at::Tensor y;
   for (int64_t c = 0; c < chunks; ++c) {
     const auto combined = dispatcher_.finish(combining[c]);  // [N_c, H]
     mark("combine a2a");
+    on_gradient(observed, combined, marks("unpermute backward"));
     y = dispatcher_.unpermute(combined, gates, plans[c], y);
     mark("unpermute");
   }
-  return shared_experts ? y + at::cat(shared_parts, 0) : y;
+  auto out = shared_experts ? y + at::cat(shared_parts, 0) : y;
+  // The layer's backward starts here: restart the observer's clock.
+  on_gradient(observed, out, [this] {
+    if (observer_) observer_->forward_started();
+  });
+  return out;
 }
 
 // Spine step 6 on one chunk's rows [R_c, H], grouped by local expert.

@@ -1,7 +1,7 @@
 #pragma once
-// Observer of a MoE layer forward's phases (route, balance, capacity, plan, permute, dispatch,
-// experts, combine, unpermute, shared experts). Tracing and timing attach here from outside
-// (the trainer's trace, a benchmark's PhaseTimer); moe/ itself writes no global state.
+// Observer of a MoE layer's phases: forward (route, ..., unpermute) and, if set while it ran, its
+// backward ("… backward", see moe_layer.cpp; forward_started() also marks backward's start).
+// Tracing and timing attach from outside (trainer trace, PhaseTimer); moe/ writes no globals.
 namespace moeforge::moe {
 
 class PhaseObserver {

@@ -195,7 +195,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   phase_trace_ = std::make_unique<TracedPhases>();
   for (auto& layer : model_->moe_layers()) {
     layer->set_overlap_degree(config_.parallel.overlap_degree);
-    layer->set_observer(phase_trace_.get());
+    if (config_.logging.trace) layer->set_observer(phase_trace_.get());  // hooks cost nothing off
   }
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->to(device_);  // initialised on the host, so every device starts from the same weights
@@ -589,7 +589,10 @@ RunSummary Trainer::run() {
   const int64_t start_step = state_.step;
   while (state_.step < end_step) {
     trace.before_step(state_.step + 1);
+    const auto step_start = parallel::trace::Clock::now();
     auto m = train_step();
+    parallel::trace::record("step", fmt::format("step {}", m.step), step_start,
+                            parallel::trace::Clock::now());  // boundaries for plot_trace.py
     m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
     m.eta_seconds = m.elapsed_seconds / static_cast<double>(state_.step - start_step) *
                     static_cast<double>(end_step - state_.step);
