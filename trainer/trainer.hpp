@@ -19,6 +19,7 @@
 #include "trainer/config/config.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/metrics.hpp"
+#include "trainer/model/flops.hpp"
 #include "trainer/model/model.hpp"
 #include "trainer/optim/optimizer.hpp"
 
@@ -40,6 +41,9 @@ struct RunSummary {
   double final_train_loss = 0.0;  // mean of the last (up to) 10 steps' loss
   double final_val_loss = 0.0;
   double tokens_per_s = 0.0;  // mean over steps after the first
+  double tflops = 0.0;        // model TFLOP/s per rank, mean over steps after the first
+  double mfu = 0.0;           // of peak_tflops, mean over steps after the first
+  double peak_tflops = 0.0;   // one rank's peak: logging.peak_tflops or measured at start
   double unigram_entropy = 0.0;
   std::string out_dir;
   std::string last_checkpoint;
@@ -128,6 +132,14 @@ class Trainer {
   void record_step(const StepMetrics& m, int64_t end_step, const std::string& resolved,
                    MetricsLog& log, RunSummary& summary);
   void update_expert_biases(const std::vector<at::Tensor>& global_load);
+  // The peak MFU divides by: logging.peak_tflops, or (0) a matmul of the model's shape
+  // [micro-batch tokens, hidden]·[hidden, ffn] in train.precision timed on every rank (mean).
+  double establish_peak_tflops(bool print) const;
+  // Fills m.tflops, m.mfu, m.hfu from m.tokens_per_s (the world's) and peak_tflops_.
+  void add_flop_rates(StepMetrics& m) const;
+  // [MoE layer][rank][expert]: every rank's slots per real expert this step (one all-gather).
+  std::vector<std::vector<std::vector<int64_t>>> expert_load_by_rank(
+      const MicroBatchTotals& totals) const;
   // AdamW over every parameter; sharded over world / EDP with parallel.distributed_optimizer.
   void build_optimizer();
   // Dense gradients over world, expert gradients over EDP; fp32 accumulation for bf16.
@@ -163,6 +175,8 @@ class Trainer {
   std::unique_ptr<moe::PhaseObserver> phase_trace_;  // MoE phases into the trace
   TrainingState state_;
   bool is_root_ = false;
+  FlopCount flops_;           // per token at train.seq_len
+  double peak_tflops_ = 0.0;  // set by run()
 };
 
 }  // namespace moeforge

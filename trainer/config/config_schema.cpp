@@ -335,6 +335,15 @@ const std::vector<KeySpec>& config_schema() {
                "<out_dir>/trace/rank-N.json (open in Perfetto or chrome://tracing)"),
       int_key(KEY(logging.trace_steps), 1, 1000, "Steps traced, after the first (warm-up) step"),
       int_key(KEY(logging.every), 1, 1LL << 40, "Print and record metrics every N steps"),
+      bool_key(KEY(logging.tensorboard),
+               "Also write the metrics as TensorBoard scalars to <out_dir>/tensorboard/ (rank 0; "
+               "`tensorboard --logdir <out_dir>`); docs/observability.md lists the tags"),
+      float_key(KEY(logging.peak_tflops), 0.0, 1e6,
+                "Peak TFLOP/s of one rank's device for MFU (e.g. 989 for an H100's dense bf16); "
+                "0 = measured once at start by a GEMM of the model's shape in train.precision"),
+      int_key(KEY(logging.expert_load_every), 0, 1LL << 40,
+              "Every N steps write each rank's tokens per expert and MoE layer to "
+              "<out_dir>/expert_load.jsonl; 0 = never"),
   };
   return schema;
 }
