@@ -91,7 +91,8 @@ def hand_flops_per_token(c):
     shared_ffn = moe["shared_expert_ffn_size"] or moe["expert_ffn_size"]
     active = m["vocab_size"] * hidden  # LM head
     for block in range(m["num_layers"]):
-        is_moe = block >= moe["first_k_dense"] and (block - moe["first_k_dense"]) % moe["layer_freq"] == 0
+        first_moe = moe["first_k_dense"]
+        is_moe = block >= first_moe and (block - first_moe) % moe["layer_freq"] == 0
         if is_moe:
             mlp = (hidden * (moe["num_experts"] + moe["router"]["num_null_experts"])
                    + moe["top_k"] * 3 * hidden * moe["expert_ffn_size"]
