@@ -16,7 +16,8 @@ say() { echo "[setup] $*"; }
 # ---- Debian packages ------------------------------------------------------------------------
 APT_PACKAGES=(build-essential cmake ninja-build ccache pkg-config git python3 python3-venv
   libopenmpi-dev openmpi-bin libyaml-cpp-dev libgtest-dev libgmock-dev nlohmann-json3-dev
-  libcli11-dev libfmt-dev libbenchmark-dev zlib1g-dev)
+  libcli11-dev libfmt-dev libbenchmark-dev zlib1g-dev libprotobuf-dev protobuf-compiler
+  libboost-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

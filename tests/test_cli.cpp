@@ -81,11 +81,19 @@ TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {
     if (row.contains("loss")) steps.push_back(row);
   ASSERT_EQ(steps.size(), 100u);
   for (const char* key : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_vio",
-                          "max_vio_micro", "moe_layers"})
+                          "max_vio_micro", "moe_layers", "tflops", "mfu", "hfu", "max_vio_p90",
+                          "load_cv_p90", "load_cv_max", "dropped_frac", "bias_abs_max"})
     EXPECT_TRUE(steps.back().contains(key)) << key;
-  for (const char* key : {"layer", "expert_load", "max_vio", "max_vio_micro", "router_entropy",
-                          "dropped_frac", "null_frac", "bias_abs_max", "bias_abs_mean"})
+  for (const char* key :
+       {"layer", "expert_load", "max_vio", "max_vio_micro", "router_entropy", "dropped_frac",
+        "null_frac", "bias_abs_max", "bias_abs_mean", "load_min", "load_max", "load_cv"})
     EXPECT_TRUE(steps.back()["moe_layers"][0].contains(key)) << key;
+  EXPECT_GT(steps.back()["mfu"].get<double>(), 0.0);
+  EXPECT_NE(r.output.find("% MFU"), std::string::npos) << r.output;
+  // On by default: TensorBoard events (tests/tensorboard_test.py reads them with TensorBoard)
+  // and, every 100 steps, each rank's tokens per expert.
+  EXPECT_FALSE(fs::is_empty(fs::path(out) / "tensorboard"));
+  EXPECT_EQ(read_jsonl(fs::path(out) / "expert_load.jsonl").size(), 1u);
   EXPECT_EQ(steps.back()["moe_layers"][0]["expert_load"].size(), 8u);
   const double first = steps.front()["loss"], last = steps.back()["loss"];
   EXPECT_GT(first, 5.0);

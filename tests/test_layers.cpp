@@ -6,6 +6,7 @@
 
 #include "moe/experts.hpp"
 #include "parallel/process_groups.hpp"
+#include "trainer/load_statistics.hpp"
 #include "trainer/model/flops.hpp"
 #include "trainer/model/model.hpp"
 #include "trainer/optim/optimizer.hpp"
@@ -151,13 +152,10 @@ TEST(Model, ForwardShapesAndMoePlacement) {
   EXPECT_FALSE(at::equal(model->embed->weight, again->embed->weight));
 }
 
-// MoE-aware FLOPs against a hand count: H 8, 2 heads of 4 (1 kv head), vocab 16, block 0 dense
-// (ffn 12), block 1 MoE with 4 experts top-2 of ffn 6 plus one shared expert, untied head.
-//   attention 8·8 + 2·8·4 + 8·8 = 192; dense SwiGLU 3·8·12 = 288; router 8·4 = 32;
-//   one expert 3·8·6 = 144; active = (192 + 288) + (192 + 32 + 2·144 + 144) + head 16·8 = 1264;
-//   total = 480 + 16 + (192 + 32 + 4·144 + 144) + 16 + embed 128 + norm 8 + head 128 = 1720;
-//   forward at S = 10: 2·1264 + 2 layers · 2·10·8 = 2848 per token; training 3× = 8544.
-TEST(Flops, MoeAwareCountMatchesHandCount) {
+// The small model of the FLOP hand counts: H 8, 2 heads of 4 (1 kv head), vocab 16, 2 blocks,
+// dense FFN 12; block 0 dense, block 1 MoE with 4 experts top-2 of ffn 6 plus one shared expert,
+// untied head.
+Config flop_test_config() {
   Config c;
   c.model.vocab_size = 16;
   c.model.hidden_size = 8;
@@ -170,21 +168,147 @@ TEST(Flops, MoeAwareCountMatchesHandCount) {
   c.moe.expert_ffn_size = 6;
   c.moe.num_shared_experts = 1;
   c.moe.first_k_dense = 1;
+  return c;
+}
+
+int64_t real_parameter_count(const Config& c) {
+  const auto self = parallel::make_single_process_groups();
+  DecoderLM model(c, *self.ep);
+  int64_t parameters = 0;
+  for (const auto& p : model->parameters()) parameters += p.numel();
+  return parameters;
+}
+
+// MoE-aware FLOPs against a hand count (flop_test_config):
+//   attention 8·8 + 2·8·4 + 8·8 = 192; dense SwiGLU 3·8·12 = 288; router 8·4 = 32;
+//   one expert 3·8·6 = 144; active = (192 + 288) + (192 + 32 + 2·144 + 144) + head 16·8 = 1264;
+//   total = 480 + 16 + (192 + 32 + 4·144 + 144) + 16 + embed 128 + norm 8 + head 128 = 1720;
+//   forward at S = 10: 2·1264 + 2 layers · 2·10·8 = 2848 per token; training 3× = 8544.
+TEST(Flops, MoeAwareCountMatchesHandCount) {
+  auto c = flop_test_config();
   const auto count = count_flops(c, 10);
   EXPECT_EQ(count.active_params, 1264);
   EXPECT_EQ(count.total_params, 1720);
   EXPECT_DOUBLE_EQ(count.forward_per_token, 2848.0);
   EXPECT_DOUBLE_EQ(count.training_per_token, 8544.0);
+  EXPECT_DOUBLE_EQ(count.recompute_per_token, 0.0);  // nothing recomputed
+  EXPECT_DOUBLE_EQ(count.hardware_per_token, 8544.0);
   // top_k counts k experts, not 1 and not E (the Megatron-DeepSpeed miscount of top-k > 1).
   c.moe.top_k = 1;
   EXPECT_EQ(count_flops(c, 10).active_params, 1264 - 144);
+  c.moe.top_k = 4;
+  EXPECT_EQ(count_flops(c, 10).active_params, 1264 + 2 * 144);
   // The total is the model's real parameter count.
-  const auto self = parallel::make_single_process_groups();
   c.moe.top_k = 2;
-  DecoderLM model(c, *self.ep);
-  int64_t parameters = 0;
-  for (const auto& p : model->parameters()) parameters += p.numel();
-  EXPECT_EQ(count.total_params, parameters);
+  EXPECT_EQ(count.total_params, real_parameter_count(c));
+}
+
+// Dense: both blocks dense (first_k_dense = num_layers).
+//   active = 2·(192 + 288) + head 128 = 1088; total = 2·(480 + 16) + 128 + 8 + 128 = 1256;
+//   forward at S = 10: 2·1088 + 2·160 = 2496; training 7488.
+TEST(Flops, DenseCountMatchesHandCount) {
+  auto c = flop_test_config();
+  c.moe.first_k_dense = 2;
+  const auto count = count_flops(c, 10);
+  EXPECT_EQ(count.active_params, 1088);
+  EXPECT_EQ(count.total_params, 1256);
+  EXPECT_DOUBLE_EQ(count.forward_per_token, 2496.0);
+  EXPECT_DOUBLE_EQ(count.training_per_token, 7488.0);
+  EXPECT_EQ(count.total_params, real_parameter_count(c));
+}
+
+// Fine-grained experts with shared experts, every block MoE, tied embeddings: 16 experts of
+// ffn 2, top-4, 2 shared experts of ffn 4.
+//   router 8·16 = 128; one expert 3·8·2 = 48; shared 2·3·8·4 = 192;
+//   MLP active 128 + 4·48 + 192 = 512, MLP total 128 + 16·48 + 192 = 1088;
+//   active = 2·(192 + 512) + head 128 = 1536; total = 2·(192 + 1088 + 16) + embed 128 + 8 = 2728;
+//   forward at S = 10: 2·1536 + 2·160 = 3392; training 10176.
+TEST(Flops, FineGrainedSharedCountMatchesHandCount) {
+  auto c = flop_test_config();
+  c.moe.first_k_dense = 0;
+  c.moe.num_experts = 16;
+  c.moe.top_k = 4;
+  c.moe.expert_ffn_size = 2;
+  c.moe.num_shared_experts = 2;
+  c.moe.shared_expert_ffn_size = 4;
+  c.model.tie_embeddings = true;
+  const auto count = count_flops(c, 10);
+  EXPECT_EQ(count.active_params, 1536);
+  EXPECT_EQ(count.total_params, 2728);
+  EXPECT_DOUBLE_EQ(count.forward_per_token, 3392.0);
+  EXPECT_DOUBLE_EQ(count.training_per_token, 10176.0);
+  EXPECT_EQ(count.total_params, real_parameter_count(c));
+}
+
+// Recompute adds hardware FLOPs, never model FLOPs (flop_test_config, S = 10):
+//   attention forward 2·192 + core 160 = 544 a block; dense MLP 2·288 = 576;
+//   MoE MLP 2·(32 + 2·144 + 144) = 928; moe_act: the 2 slots' down GEMMs 2·(2·8·6) = 192;
+//   block = (544 + 576) + (544 + 928) = 2592; all four nest: 2592 + 2·544 + 928 + 192 = 4800;
+//   the global-batch aux loss's routing pre-pass is one more whole forward, 2848.
+TEST(Flops, RecomputeCountsAsHardwareFlopsOnly) {
+  const auto recomputed = [](RecomputeConfig recompute, bool global_aux = false) {
+    auto c = flop_test_config();
+    c.train.recompute = recompute;
+    if (global_aux) {
+      c.moe.balancing.aux_loss.coeff = 0.01;
+      c.moe.balancing.aux_loss.scope = moe::AuxLossScope::kGlobalBatch;
+    }
+    const auto count = count_flops(c, 10);
+    EXPECT_DOUBLE_EQ(count.training_per_token, 8544.0);
+    EXPECT_DOUBLE_EQ(count.hardware_per_token, 8544.0 + count.recompute_per_token);
+    return count.recompute_per_token;
+  };
+  EXPECT_DOUBLE_EQ(recomputed({.attention = true}), 1088.0);
+  EXPECT_DOUBLE_EQ(recomputed({.moe = true}), 928.0);
+  EXPECT_DOUBLE_EQ(recomputed({.moe_act = true}), 192.0);
+  EXPECT_DOUBLE_EQ(recomputed({.block = true}), 2592.0);
+  EXPECT_DOUBLE_EQ(recomputed({.moe_act = true, .moe = true, .attention = true, .block = true}),
+                   4800.0);
+  EXPECT_DOUBLE_EQ(recomputed({}, /*global_aux=*/true), 2848.0);
+}
+
+// Load statistics against hand values; percentiles as numpy.percentile's default (linear).
+TEST(LoadStatistics, SpreadAndPercentilesMatchHandValues) {
+  // {2, 4, 6, 8}: mean 5, variance (9 + 1 + 1 + 9) / 4 = 5, CV √5 / 5.
+  const auto spread = load_spread({2, 4, 6, 8});
+  EXPECT_DOUBLE_EQ(spread.min, 2.0);
+  EXPECT_DOUBLE_EQ(spread.max, 8.0);
+  EXPECT_NEAR(spread.cv, std::sqrt(5.0) / 5.0, 1e-12);
+  EXPECT_DOUBLE_EQ(load_spread({0, 0, 0}).cv, 0.0);  // nothing routed: no spread, no NaN
+  EXPECT_DOUBLE_EQ(load_spread({7, 7}).cv, 0.0);
+  // Sorted {1, 2, 3, 4}: p50 at rank 1.5 = 2.5, p90 at rank 2.7 = 3.7.
+  EXPECT_DOUBLE_EQ(percentile({4, 1, 3, 2}, 50), 2.5);
+  EXPECT_NEAR(percentile({4, 1, 3, 2}, 90), 3.7, 1e-12);
+  EXPECT_DOUBLE_EQ(percentile({4, 1, 3, 2}, 0), 1.0);
+  EXPECT_DOUBLE_EQ(percentile({4, 1, 3, 2}, 100), 4.0);
+  EXPECT_DOUBLE_EQ(percentile({0.7}, 90), 0.7);
+  EXPECT_DOUBLE_EQ(percentile({}, 50), 0.0);
+}
+
+// Across layers: MaxVio {0.1, 0.5, 0.3} → p50 0.3, p90 0.3 + 0.8·0.2 = 0.46; CV {0.2, 0.4, 0.6}
+// → p50 0.4, p90 0.56, max 0.6; dropped and null fractions averaged; the largest bias.
+TEST(LoadStatistics, AcrossLayers) {
+  StepMetrics m;
+  const double max_vio[] = {0.1, 0.5, 0.3}, cv[] = {0.2, 0.4, 0.6}, dropped[] = {0, 0.3, 0.3},
+               null_frac[] = {0.1, 0.2, 0.3}, bias[] = {0.01, 0.05, 0.02};
+  for (int i = 0; i < 3; ++i) {
+    MoeLayerMetrics layer;
+    layer.max_vio = max_vio[i];
+    layer.load_cv = cv[i];
+    layer.dropped_frac = dropped[i];
+    layer.null_frac = null_frac[i];
+    layer.bias_abs_max = bias[i];
+    m.layers.push_back(layer);
+  }
+  summarize_layers(m);
+  EXPECT_NEAR(m.max_vio_p50, 0.3, 1e-12);
+  EXPECT_NEAR(m.max_vio_p90, 0.46, 1e-12);
+  EXPECT_NEAR(m.load_cv_p50, 0.4, 1e-12);
+  EXPECT_NEAR(m.load_cv_p90, 0.56, 1e-12);
+  EXPECT_NEAR(m.load_cv_max, 0.6, 1e-12);
+  EXPECT_NEAR(m.dropped_frac, 0.2, 1e-12);
+  EXPECT_NEAR(m.null_frac, 0.2, 1e-12);
+  EXPECT_DOUBLE_EQ(m.bias_abs_max, 0.05);
 }
 
 TEST(Optimizer, LearningRateScheduleClosedForm) {

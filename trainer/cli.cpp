@@ -59,6 +59,9 @@ void print_summary(const RunSummary& s) {
              s.unigram_entropy)
       << fmt::format("throughput         {:.0f} tokens/s  (mean over steps after the first)\n",
                      s.tokens_per_s)
+      << fmt::format("model FLOPs        {:.3g} TFLOP/s per rank, MFU {:.1f}% of {:.3g} TFLOP/s "
+                     "(mean over steps after the first)\n",
+                     s.tflops, 100.0 * s.mfu, s.peak_tflops)
       << fmt::format("outputs            {}/ (config.resolved.yaml, metrics.jsonl)\n", s.out_dir)
       << fmt::format("last checkpoint    {}\n", s.last_checkpoint.empty() ? "-" : s.last_checkpoint)
       << std::flush;

@@ -1,9 +1,11 @@
 #include "trainer/device.hpp"
 
+#include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <sys/resource.h>
 #include <torch/cuda.h>
 
+#include <chrono>
 #include <cstdlib>
 #ifdef MOEFORGE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -58,6 +60,32 @@ int64_t peak_memory_bytes(const c10::Device& device) {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;
+}
+
+double measure_matmul_tflops(const c10::Device& device, at::ScalarType dtype, int64_t m, int64_t k,
+                             int64_t n, double min_seconds) {
+  at::NoGradGuard no_grad;
+  const auto options = at::TensorOptions(device).dtype(dtype);
+  const auto a = at::randn({m, k}, options), b = at::randn({k, n}, options);
+  const auto synchronize = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index());
+  };
+  at::matmul(a, b);  // warm-up: kernel selection, allocator
+  synchronize();
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  int64_t iterations = 0;
+  double seconds = 0.0;
+  // Several products per check: the clock and the synchronisation stay out of the timing.
+  while (seconds < min_seconds || iterations < 3) {
+    for (int i = 0; i < 4; ++i) at::matmul(a, b);
+    iterations += 4;
+    synchronize();
+    seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  }
+  const double flops =
+      2.0 * static_cast<double>(m) * static_cast<double>(k) * static_cast<double>(n);
+  return flops * static_cast<double>(iterations) / seconds / 1e12;
 }
 
 parallel::Backend resolve_backend(const Config& config, const c10::Device& device) {

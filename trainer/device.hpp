@@ -2,6 +2,7 @@
 // Where a rank computes (train.device) and which backend carries its collectives
 // (parallel.backend), resolved once at start-up.
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 #include <string>
 
@@ -21,6 +22,12 @@ c10::Device resolve_device(const Config& config);
 // Peak memory this process has used on `device` since start: the CUDA caching allocator's peak
 // of allocated bytes, or the peak resident set size for the CPU.
 int64_t peak_memory_bytes(const c10::Device& device);
+
+// TFLOP/s of an [m, k]·[k, n] matmul of `dtype` on `device`: random operands, one warm-up,
+// then repeated (synchronised) for at least `min_seconds`. The peak MFU divides by when
+// logging.peak_tflops is 0.
+double measure_matmul_tflops(const c10::Device& device, at::ScalarType dtype, int64_t m, int64_t k,
+                             int64_t n, double min_seconds = 0.2);
 
 // The groups a run communicates over: `groups` (plain MPI or one-process groups) on the
 // resolved backend, with the communication worker (MPI only: NCCL is asynchronous through its

@@ -20,6 +20,7 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/device.hpp"
+#include "trainer/load_statistics.hpp"
 #include "trainer/memory_report.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/run_banner.hpp"
@@ -163,8 +164,15 @@ void summarise(RunSummary& summary) {
     summary.final_train_loss = loss / static_cast<double>(tail);
     double tokens_per_s = 0.0;
     const size_t first = n > 1 ? 1 : 0;
-    for (size_t i = first; i < n; ++i) tokens_per_s += summary.steps[i].tokens_per_s;
+    double tflops = 0.0, mfu = 0.0;
+    for (size_t i = first; i < n; ++i) {
+      tokens_per_s += summary.steps[i].tokens_per_s;
+      tflops += summary.steps[i].tflops;
+      mfu += summary.steps[i].mfu;
+    }
     summary.tokens_per_s = tokens_per_s / static_cast<double>(n - first);
+    summary.tflops = tflops / static_cast<double>(n - first);
+    summary.mfu = mfu / static_cast<double>(n - first);
   }
   if (!summary.evals.empty()) summary.final_val_loss = summary.evals.back().val_loss;
 }
@@ -180,7 +188,8 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
       nan_grad_steps_(injected_nan_steps()),
       groups_(communication_groups(config, groups, device_)),
       data_(std::move(data)),
-      options_(std::move(options)) {
+      options_(std::move(options)),
+      flops_(count_flops(config, config.train.seq_len)) {
   is_root_ = groups_.world->rank() == 0;
   const auto& link = config_.parallel.simulated_link;
   if (link.bandwidth_gbps > 0 && is_root_ && options_.print)
@@ -492,11 +501,16 @@ StepMetrics Trainer::train_step() {
   auto peak = at::tensor({static_cast<double>(peak_memory_bytes(device_))}, at::kDouble);
   groups_.world->all_reduce(peak, parallel::ReduceOp::kMax);
   m.peak_memory_mib = peak.item<double>() / (1 << 20);
+  add_flop_rates(m);
   for (size_t i = 0; i < sums.layers.size(); ++i) {
     m.layers.push_back(layer_metrics(i, sums.layers[i], global_load[i]));
     m.max_vio = std::max(m.max_vio, m.layers.back().max_vio);
     m.max_vio_micro = std::max(m.max_vio_micro, m.layers.back().max_vio_micro);
   }
+  summarize_layers(m);
+  const int64_t dump_every = config_.logging.expert_load_every;
+  if (dump_every > 0 && m.step % dump_every == 0)
+    m.expert_load_by_rank = expert_load_by_rank(totals);
   return m;
 }
 
@@ -528,6 +542,10 @@ MoeLayerMetrics Trainer::layer_metrics(size_t index, const std::array<double, kR
   const auto* counts = load.data_ptr<int64_t>();
   layer.expert_load.assign(counts, counts + num_experts);  // real experts (not null ones)
   layer.max_vio = moe::max_violation(load.narrow(0, 0, num_experts));
+  const auto spread = load_spread(layer.expert_load);
+  layer.load_min = spread.min;
+  layer.load_max = spread.max;
+  layer.load_cv = spread.cv;
   const double real = sums[kRealSlots], null_slots = sums[kNullSlots];
   layer.dropped_frac = real > 0 ? sums[kDropped] / real : 0.0;
   layer.null_frac = real + null_slots > 0 ? null_slots / (real + null_slots) : 0.0;
@@ -537,6 +555,58 @@ MoeLayerMetrics Trainer::layer_metrics(size_t index, const std::array<double, kR
   layer.bias_abs_max = bias_abs.max().item<double>();
   layer.bias_abs_mean = bias_abs.mean().item<double>();
   return layer;
+}
+
+std::vector<std::vector<std::vector<int64_t>>> Trainer::expert_load_by_rank(
+    const MicroBatchTotals& totals) const {
+  const int64_t num_experts = config_.moe.num_experts;
+  std::vector<at::Tensor> real;  // null experts are not experts: left out
+  for (const auto& load : totals.load) real.push_back(load.narrow(0, 0, num_experts));
+  if (real.empty()) return {};
+  const auto gathered = groups_.world->all_gather(at::cat(real).contiguous()).cpu();  // [W, L·E]
+  const auto* counts = gathered.data_ptr<int64_t>();
+  const int64_t layers = static_cast<int64_t>(real.size()), ranks = gathered.size(0);
+  std::vector<std::vector<std::vector<int64_t>>> result(layers);
+  for (int64_t layer = 0; layer < layers; ++layer)
+    for (int64_t rank = 0; rank < ranks; ++rank) {
+      const auto* row = counts + (rank * layers + layer) * num_experts;
+      result[layer].emplace_back(row, row + num_experts);
+    }
+  return result;
+}
+
+void Trainer::add_flop_rates(StepMetrics& m) const {
+  // tokens_per_s is the world's; TFLOP/s and MFU are per rank, as Megatron reports them.
+  const double tokens_per_rank = m.tokens_per_s / groups_.world->size();
+  m.tflops = flops_.training_per_token * tokens_per_rank / 1e12;
+  if (peak_tflops_ <= 0) return;
+  m.mfu = m.tflops / peak_tflops_;
+  m.hfu = flops_.hardware_per_token * tokens_per_rank / 1e12 / peak_tflops_;
+}
+
+double Trainer::establish_peak_tflops(bool print) const {
+  const auto& logging = config_.logging;
+  if (logging.peak_tflops > 0) {
+    if (print)
+      std::cout << fmt::format("MFU relative to logging.peak_tflops = {} TFLOP/s per rank",
+                               logging.peak_tflops)
+                << std::endl;
+    return logging.peak_tflops;
+  }
+  const auto& t = config_.train;
+  const int64_t tokens = t.micro_batch_size * t.seq_len, hidden = config_.model.hidden_size;
+  const int64_t ffn = config_.model.ffn_size;
+  const double measured = parallel::all_reduce_mean(
+      *groups_.world,
+      measure_matmul_tflops(device_, bf16_ ? at::kBFloat16 : at::kFloat, tokens, hidden, ffn));
+  if (print)
+    std::cout << fmt::format(
+                     "MFU relative to a measured peak of {:.3g} TFLOP/s per rank ({} matmul "
+                     "[{}, {}]·[{}, {}] on {}, mean of the ranks); set logging.peak_tflops to "
+                     "use a datasheet figure",
+                     measured, enum_text(t.precision), tokens, hidden, hidden, ffn, device_.str())
+              << std::endl;
+  return measured;
 }
 
 at::Tensor Trainer::targets_of(const at::Tensor& batch) const {
@@ -576,7 +646,12 @@ RunSummary Trainer::run() {
   }
   MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",
                  options_.resume ? std::optional<int64_t>(state_.step) : std::nullopt, print);
+  if (write && is_root_ && config_.logging.tensorboard)
+    log.write_tensorboard_to((fs::path(t.out_dir) / "tensorboard").string());
+  if (write && is_root_ && config_.logging.expert_load_every > 0)
+    log.write_expert_load_to((fs::path(t.out_dir) / "expert_load.jsonl").string());
   groups_.world->barrier();
+  peak_tflops_ = summary.peak_tflops = establish_peak_tflops(print);
   const int64_t end_step =
       options_.stop_at_step > 0 ? std::min(options_.stop_at_step, t.steps) : t.steps;
   summary.first_step = state_.step + 1;
@@ -641,6 +716,7 @@ void Trainer::record_step(const StepMetrics& m, int64_t end_step, const std::str
   const auto& t = config_.train;
   const bool last = state_.step == end_step;
   if (is_root_ && (state_.step % config_.logging.every == 0 || last)) log.log(m);
+  if (is_root_) log.log_expert_load(m);  // on the steps that carry it
   if ((t.eval_every > 0 && state_.step % t.eval_every == 0) || last) {
     EvalMetrics e{state_.step, evaluate()};
     summary.evals.push_back(e);

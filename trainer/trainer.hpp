@@ -19,6 +19,7 @@
 #include "trainer/config/config.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/metrics.hpp"
+#include "trainer/model/flops.hpp"
 #include "trainer/model/model.hpp"
 #include "trainer/optim/optimizer.hpp"
 
@@ -43,6 +44,9 @@ struct RunSummary {
   double wall_seconds = 0.0;  // of the training loop (evaluations and checkpoints included)
   double final_val_loss = 0.0;
   double tokens_per_s = 0.0;  // mean over steps after the first
+  double tflops = 0.0;        // model TFLOP/s per rank, mean over steps after the first
+  double mfu = 0.0;           // of peak_tflops, mean over steps after the first
+  double peak_tflops = 0.0;   // one rank's peak: logging.peak_tflops or measured at start
   double unigram_entropy = 0.0;
   std::string out_dir;
   std::string last_checkpoint;
@@ -135,6 +139,14 @@ class Trainer {
   // kUnbalancedStepsBeforeWarning steps in a row: the router is collapsing.
   void warn_if_unbalanced(const StepMetrics& m);
   static constexpr int64_t kUnbalancedStepsBeforeWarning = 20;
+  // The peak MFU divides by: logging.peak_tflops, or (0) a matmul of the model's shape
+  // [micro-batch tokens, hidden]·[hidden, ffn] in train.precision timed on every rank (mean).
+  double establish_peak_tflops(bool print) const;
+  // Fills m.tflops, m.mfu, m.hfu from m.tokens_per_s (the world's) and peak_tflops_.
+  void add_flop_rates(StepMetrics& m) const;
+  // [MoE layer][rank][expert]: every rank's slots per real expert this step (one all-gather).
+  std::vector<std::vector<std::vector<int64_t>>> expert_load_by_rank(
+      const MicroBatchTotals& totals) const;
   // AdamW over every parameter; sharded over world / EDP with parallel.distributed_optimizer.
   void build_optimizer();
   // Dense gradients over world, expert gradients over EDP; fp32 accumulation for bf16.
@@ -172,6 +184,8 @@ class Trainer {
   std::unique_ptr<moe::PhaseObserver> phase_trace_;  // MoE phases into the trace
   TrainingState state_;
   bool is_root_ = false;
+  FlopCount flops_;           // per token at train.seq_len
+  double peak_tflops_ = 0.0;  // set by run()
 };
 
 }  // namespace moeforge

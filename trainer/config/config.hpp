@@ -146,9 +146,12 @@ struct CheckpointConfig {
 
 struct LoggingConfig {
   int64_t every = 1;
-  bool trace = false;            // Chrome trace-event JSON of compute and communication per rank
-  int64_t trace_steps = 3;       // steps traced (after the first, warm-up step)
-  double max_vio_warning = 1.0;  // warn when MaxVio stays above this (0 = never)
+  bool trace = false;               // Chrome trace-event JSON of compute and communication per rank
+  int64_t trace_steps = 3;          // steps traced (after the first, warm-up step)
+  bool tensorboard = true;          // TensorBoard event files in <out_dir>/tensorboard (rank 0)
+  double peak_tflops = 0.0;         // one rank's peak for MFU; 0 = measured at start
+  int64_t expert_load_every = 100;  // per-rank tokens per expert dump; 0 = never
+  double max_vio_warning = 1.0;     // warn when MaxVio stays above this (0 = never)
 };
 
 struct Config {

@@ -341,6 +341,15 @@ const std::vector<KeySpec>& config_schema() {
       float_key(KEY(logging.max_vio_warning), 0.0, 1e6,
                 "Warn once when the global MaxVio stays above this for 20 steps in a row (the "
                 "router collapsing onto few experts); 0 = never"),
+      bool_key(KEY(logging.tensorboard),
+               "Also write the metrics as TensorBoard scalars to <out_dir>/tensorboard/ (rank 0; "
+               "`tensorboard --logdir <out_dir>`); docs/observability.md lists the tags"),
+      float_key(KEY(logging.peak_tflops), 0.0, 1e6,
+                "Peak TFLOP/s of one rank's device for MFU (e.g. 989 for an H100's dense bf16); "
+                "0 = measured once at start by a GEMM of the model's shape in train.precision"),
+      int_key(KEY(logging.expert_load_every), 0, 1LL << 40,
+              "Every N steps write each rank's tokens per expert and MoE layer to "
+              "<out_dir>/expert_load.jsonl; 0 = never"),
   };
   return schema;
 }
