@@ -14,57 +14,13 @@
 #include <thread>
 #include <vector>
 
+#include "cli_support.hpp"
+
 namespace fs = std::filesystem;
+using namespace cli_testing;  // NOLINT: the helpers are this file's vocabulary
 
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout + stderr
-  double seconds = 0;
-};
-
-Result run_shell(const std::string& command) {
-  const auto start = std::chrono::steady_clock::now();
-  Result result;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return result;
-  std::array<char, 4096> buffer{};
-  while (fgets(buffer.data(), buffer.size(), pipe) != nullptr) result.output += buffer.data();
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return result;
-}
-
-std::string mpirun(int ranks) {
-  return std::string("OMP_NUM_THREADS=1 ") + MOEFORGE_MPIEXEC +
-         " --allow-run-as-root --oversubscribe --bind-to none -n " + std::to_string(ranks) + " " +
-         MOEFORGE_BINARY;
-}
-
-std::string scratch(const std::string& tag) {
-  const auto dir =
-      fs::temp_directory_path() / ("moeforge-cli-" + tag + "-" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  return dir.string();
-}
-
-size_t count(const std::string& text, const std::string& needle) {
-  size_t n = 0;
-  for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1))
-    ++n;
-  return n;
-}
-
-std::vector<nlohmann::json> read_jsonl(const fs::path& path) {
-  std::vector<nlohmann::json> rows;
-  std::ifstream in(path);
-  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
-
-const std::string kTiny = std::string(MOEFORGE_SOURCE_DIR) + "/configs/tiny.yaml";
 
 // The README's demo: the tiny config on 2 data-parallel ranks. The loss must fall from about
 // ln(256) = 5.5 by at least 2.5 nats, and the run directory must hold what users script against.

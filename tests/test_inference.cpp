@@ -4,6 +4,9 @@
 
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "trainer/common/user_error.hpp"
 #include "trainer/inference/evaluation.hpp"
 #include "trainer/inference/generation.hpp"
 #include "trainer/inference/text_codec.hpp"

@@ -19,6 +19,7 @@
 #include "trainer/common/hashing.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
+#include "trainer/convert/tokenizer_files.hpp"
 #include "trainer/device.hpp"
 #include "trainer/load_statistics.hpp"
 #include "trainer/memory_report.hpp"
@@ -642,6 +643,9 @@ RunSummary Trainer::run() {
   if (write && is_root_) {
     fs::create_directories(t.out_dir);
     write_file_atomically((fs::path(t.out_dir) / "config.resolved.yaml").string(), resolved);
+    if (!config_.data.tokenizer.empty())  // generate / eval / export find it in the run
+      copy_tokenizer(tokenizer_directory(config_.data.tokenizer, "data.tokenizer"), t.out_dir,
+                     config_.model.vocab_size);
     checkpoints_->remove_incomplete();
   }
   MetricsLog log(write && is_root_ ? (fs::path(t.out_dir) / "metrics.jsonl").string() : "",

@@ -154,4 +154,13 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
   return *this;
 }
 
+std::string invoked_binary() {
+  std::error_code error;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (error) return "moeforge";
+  const auto relative = exe.lexically_relative(std::filesystem::current_path(error));
+  const bool below = !error && !relative.empty() && *relative.begin() != "..";
+  return below ? relative.string() : exe.string();
+}
+
 }  // namespace moeforge

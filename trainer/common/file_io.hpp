@@ -31,6 +31,10 @@ class DurableWriter {
 // the old file or the new one, never a part.
 void write_file_atomically(const std::string& path, std::string_view bytes);
 
+// This program as a user would type it in hints ("build/moeforge train ..."): its path relative
+// to the working directory when it lies below it, else absolute.
+std::string invoked_binary();
+
 // Makes renames and creations in `dir` durable.
 void fsync_directory(const std::string& dir);
 

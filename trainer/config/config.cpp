@@ -316,6 +316,15 @@ bool has_moe_blocks(const Config& config) {
   return false;
 }
 
+// A relative path names the file beside the config file when it is there (probing `path` +
+// `suffix`), else stays relative to the working directory (configs written for the repo root).
+void resolve_beside(const std::filesystem::path& config_file, const std::string& suffix,
+                    std::string& path) {
+  if (path.empty() || std::filesystem::path(path).is_absolute()) return;
+  const auto beside = config_file.parent_path() / path;
+  if (std::filesystem::exists(beside.string() + suffix)) path = beside.lexically_normal().string();
+}
+
 // Defaults that depend on other keys or on the file, each leaving a note for the banner.
 void derive_defaults(Config& config, const Locations& locations, const std::string& source) {
   auto& balancing = config.moe.balancing;
@@ -345,13 +354,9 @@ void derive_defaults(Config& config, const Locations& locations, const std::stri
     train.out_dir = (std::filesystem::path("runs") / file.stem()).string();
   auto& data = config.data;
   if (locations.count("data.path")) data.path_origin = locations.at("data.path");
-  const std::filesystem::path data_path(data.path);
-  if (from_file && !data.path.empty() && data_path.is_relative()) {
-    const auto beside = file.parent_path() / data_path;
-    const std::string probe =
-        data.source == DataSource::kMegatron ? beside.string() + ".idx" : beside.string();
-    if (std::filesystem::exists(probe)) data.path = beside.lexically_normal().string();
-  }
+  if (!from_file) return;
+  resolve_beside(file, data.source == DataSource::kMegatron ? ".idx" : "", data.path);
+  resolve_beside(file, "", data.tokenizer);
 }
 
 Config parse(const YAML::Node& root, const std::string& source,

@@ -131,6 +131,7 @@ struct DataConfig {
   bool mask_loss_after_eod = false;        // no loss on predicting the token after an EOD
   TokenWidth dtype = TokenWidth::kUint16;  // bin token width
   double val_fraction = 0.05;
+  std::string tokenizer;  // tokenizer.json (or its directory) the data was tokenized with
   int64_t builtin_bytes = 2000000;  // size of the generated built-in corpus
   // Where data.path was set ("configs/x.yaml:33" or "--set data.path=..."), for messages; not
   // part of the YAML. A relative path is resolved against the config file's directory when the

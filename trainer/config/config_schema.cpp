@@ -306,6 +306,10 @@ const std::vector<KeySpec>& config_schema() {
                  "Run directory: config.resolved.yaml, metrics.jsonl, checkpoints/. Default: "
                  "runs/<config file name without .yaml>"),
       // data
+      string_key(KEY(data.tokenizer),
+                 "The tokenizer the data was tokenized with (tokenizer.json or its directory; "
+                 "relative to the config file like data.path): copied into the run directory so "
+                 "that generate, eval --text and export use it. Empty = bytes / none"),
       enum_key<DataSource>(KEY(data.source),
                            "Generated corpus, a text file (bytes), a flat token file, or "
                            "Megatron indexed datasets (launch/preprocess.py writes them)"),

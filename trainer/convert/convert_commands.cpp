@@ -43,9 +43,9 @@ void write_run(const std::string& out_dir, Config config, const WeightMap& weigh
   const auto checkpoint = manager.save(*model, optimizer, TrainingState{}, yaml, 0);
   write_file_atomically((fs::path(out_dir) / "config.yaml").string(), yaml);
   std::cout << fmt::format(
-                   "wrote {} (config {}/config.yaml)\ncontinue training with:\n  moeforge train "
+                   "wrote {} (config {}/config.yaml)\ncontinue training with:\n  {} train "
                    "--config {}/config.yaml --init-from {}\n",
-                   checkpoint, out_dir, out_dir, out_dir)
+                   checkpoint, out_dir, invoked_binary(), out_dir, out_dir)
             << std::flush;
 }
 

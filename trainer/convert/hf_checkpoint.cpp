@@ -536,9 +536,18 @@ void export_directory(const Config& config, const WeightMap& weights, const Expo
     throw UserError(
         fmt::format("--dtype '{}': allowed float32 | bfloat16 | float16", options.dtype));
   const auto problems = export_problems(config, weights, options);
-  if (!problems.empty())
-    throw UserError(
-        fmt::format("cannot export as {}: {}", options.format, fmt::join(problems, "; ")));
+  if (!problems.empty()) {
+    std::vector<std::string> fitting;  // the formats this model would export to as it is
+    for (const auto& format : formats) {
+      auto other = options;
+      other.format = format;
+      if (export_problems(config, weights, other).empty()) fitting.push_back(format);
+    }
+    throw UserError(fmt::format(
+        "cannot export as {}: {}; {}", options.format, fmt::join(problems, "; "),
+        fitting.empty() ? "no Hugging Face format fits this model as it is"
+                        : fmt::format("use --format {}", fmt::join(fitting, " or "))));
+  }
 
   const std::string family = options.format == "hf-mixtral"     ? "mixtral"
                              : options.format == "hf-qwen2-moe" ? "qwen2_moe"

@@ -35,6 +35,16 @@ std::string tokenizer_dir_of(const std::string& path) {
   return "";
 }
 
+std::string tokenizer_directory(const std::string& file_or_dir, const std::string& label) {
+  const fs::path path(file_or_dir);
+  if (fs::is_directory(path) && fs::exists(path / "tokenizer.json")) return path.string();
+  if (fs::is_regular_file(path) && path.filename() == "tokenizer.json")
+    return path.parent_path().string();
+  throw UserError(fmt::format("{}: '{}' is neither a tokenizer.json file nor a directory holding "
+                              "one",
+                              label, file_or_dir));
+}
+
 int64_t tokenizer_size(const std::string& dir) {
   const auto path = fs::path(dir) / "tokenizer.json";
   if (!fs::exists(path)) return 0;

@@ -16,6 +16,10 @@ const std::vector<std::string>& tokenizer_file_names();
 // the run directory above it. Empty when none of them holds a tokenizer file.
 std::string tokenizer_dir_of(const std::string& path);
 
+// The directory holding `file_or_dir`'s tokenizer.json (the file itself or a directory with
+// one). UserError naming `label` (e.g. the config key) when there is none.
+std::string tokenizer_directory(const std::string& file_or_dir, const std::string& label);
+
 // Number of token ids of `dir`/tokenizer.json (vocabulary and added tokens), 0 without one.
 int64_t tokenizer_size(const std::string& dir);
 
