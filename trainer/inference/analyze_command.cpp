@@ -14,7 +14,6 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/data/data.hpp"
-#include "trainer/device.hpp"
 #include "trainer/inference/inference_commands.hpp"
 #include "trainer/inference/routing_analysis.hpp"
 #include "trainer/inference/text_codec.hpp"
@@ -101,8 +100,6 @@ ModelRouting route_probe(const std::string& path, const Config& config, const Pr
   auto source = load_model_source(path, config, "analyze");
   auto model = model_from_weights(config, source.weights, source.description, source.origin);
   source.weights.clear();
-  const auto device = resolve_device(config);
-  model->to(device);
   model->eval();
   auto layers = model->moe_layers();
   std::vector<ProbeRecorder> recorders(layers.size());
@@ -110,7 +107,7 @@ ModelRouting route_probe(const std::string& path, const Config& config, const Pr
   at::NoGradGuard no_grad;
   for (int64_t first = 0; first < probe.tokens.size(0); first += micro_batch) {
     const int64_t n = std::min(micro_batch, probe.tokens.size(0) - first);
-    model->forward(probe.tokens.narrow(0, first, n).to(device));
+    model->forward(probe.tokens.narrow(0, first, n));
   }
   ModelRouting routing{source.description, {}, {}};
   for (size_t l = 0; l < layers.size(); ++l) {
