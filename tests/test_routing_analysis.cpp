@@ -15,8 +15,9 @@ namespace {
 
 // A capture whose every slot is selected and kept, with unit output norms.
 RoutingCapture capture_of(const at::Tensor& ids) {
-  const auto all = at::ones(ids.sizes(), at::kBool);
-  return {ids, all, all, at::ones(ids.sizes(), at::kFloat)};
+  // Separate tensors: a test that plants a drop in `kept` must not unselect the slot.
+  return {ids, at::ones(ids.sizes(), at::kBool), at::ones(ids.sizes(), at::kBool),
+          at::ones(ids.sizes(), at::kFloat)};
 }
 
 at::Tensor sets_of(const at::Tensor& ids, int64_t pool) {
@@ -137,7 +138,7 @@ TEST(ExpertMagnitudes, PlantedOutlierExpertsAreFoundWithTheirRatio) {
 TEST(ExpertMagnitudes, DroppedAndNullSlotsDoNotCount) {
   const auto ids = at::tensor({0, 1, 2, 3}, at::kLong).unsqueeze(1);
   auto capture = capture_of(ids);
-  capture.kept = at::tensor({true, true, false, true}).unsqueeze(1);
+  capture.kept = at::tensor({1, 1, 0, 1}, at::kLong).to(at::kBool).unsqueeze(1);
   capture.output_norm = at::tensor({1.0f, 1.0f, 0.0f, 5.0f}).unsqueeze(1);
   const auto m = expert_magnitudes(capture, 3, 3.0);  // expert id 3 is a null expert
   EXPECT_EQ(m.rows, (std::vector<int64_t>{1, 1, 0}));
