@@ -5,8 +5,8 @@
 // (launch/plot_analysis.py). docs/routing_analysis.md explains each metric.
 //
 // Single process, ep_size 1, on the CPU (like generate): the probe set is small, and one process
-// sees every expert's routing without gathering it. Batches of --micro-batch windows go through the model
-// in evaluation mode; with --capacity-factor F each batch's capacity is F·T·k/E per expert.
+// sees every expert's routing without gathering it. Batches of --micro-batch windows go through the
+// model in evaluation mode; with --capacity-factor F each batch's capacity is F·T·k/E per expert.
 #include <cstdint>
 #include <optional>
 #include <string>
