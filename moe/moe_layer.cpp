@@ -95,8 +95,21 @@ MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
   const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks);
   mark("plan+counts a2a");
   // The combine sums in fp32 (the gates'); the block's residual stream keeps x's dtype.
-  out.y = dispatch_experts_combine(x, route.gates, plans, kept.capacity).to(x.scalar_type());
+  at::Tensor slot_norms;
+  if (recorder_) slot_norms = at::zeros({route.expert_ids.numel()}, x.options().dtype(at::kFloat));
+  out.y = dispatch_experts_combine(x, route.gates, plans, kept.capacity,
+                                   recorder_ ? &slot_norms : nullptr)
+              .to(x.scalar_type());
+  if (recorder_) record(route, kept, slot_norms, seq_len);
   return out;
+}
+
+void MoeLayerImpl::record(const RouterOutput& route, const Kept& kept, const at::Tensor& slot_norms,
+                          int64_t seq_len) const {
+  const auto& ids = route.expert_ids;
+  const auto all = at::ones(ids.sizes(), ids.options().dtype(at::kBool));
+  recorder_->record({seq_len, ids.detach(), route.selected.defined() ? route.selected : all,
+                     kept.mask.defined() ? kept.mask : all, slot_norms.view(ids.sizes())});
 }
 
 // Spine step 2: loss-based balancing terms (weighted by the model) and the load counters.
@@ -142,7 +155,7 @@ MoeLayerImpl::Kept MoeLayerImpl::keep_mask(const RouterOutput& route, int64_t to
 // last combine is. Backward runs the same pipeline in reverse (parallel/all_to_all.hpp).
 at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                                   const std::vector<DispatchPlan>& plans,
-                                                  int64_t capacity) {
+                                                  int64_t capacity, at::Tensor* slot_norms) {
   const int64_t chunks = static_cast<int64_t>(plans.size()), tokens = x.size(0);
   const bool observed = observer_ != nullptr && at::GradMode::is_enabled();
   const auto marks = [this](const char* phase) { return [this, phase] { mark(phase); }; };
@@ -183,6 +196,10 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
     const auto combined = dispatcher_.finish(combining[c]);  // [N_c, H]
     mark("combine a2a");
     on_gradient(observed, combined, marks("unpermute backward"));
+    // Routing analysis: each row is one kept slot's expert output, before its gate.
+    if (slot_norms)
+      slot_norms->index_copy_(0, plans[c].slot_order,
+                              combined.detach().to(at::kFloat).norm(2, {1}));
     y = dispatcher_.unpermute(combined, gates, plans[c], y);
     mark("unpermute");
   }

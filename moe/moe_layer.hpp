@@ -15,6 +15,7 @@
 #include "moe/moe_config.hpp"
 #include "moe/phase_observer.hpp"
 #include "moe/router.hpp"
+#include "moe/routing_recorder.hpp"
 #include "moe/token_dispatcher.hpp"
 
 namespace moeforge::moe {
@@ -78,6 +79,9 @@ class MoeLayerImpl : public torch::nn::Module {
   void set_recompute(MoeRecompute recompute);
   // Tracing / timing of the phases (not owned; null = none).
   void set_observer(PhaseObserver* observer) { observer_ = observer; }
+  // Routing analysis: each forward's picks, drops and expert output norms (not owned; null =
+  // none, and then nothing extra is computed).
+  void set_recorder(RoutingRecorder* recorder) { recorder_ = recorder; }
 
   Router router{nullptr};
   GroupedExperts experts{nullptr};
@@ -94,8 +98,12 @@ class MoeLayerImpl : public torch::nn::Module {
   MoeOutput balance(const RouterOutput& route, int64_t seq_len,
                     const at::Tensor& global_load_fraction) const;
   Kept keep_mask(const RouterOutput& route, int64_t tokens) const;
+  // `slot_norms` (optional, [T·k] fp32): receives each kept slot's expert output norm.
   at::Tensor dispatch_experts_combine(const at::Tensor& x, const at::Tensor& gates,
-                                      const std::vector<DispatchPlan>& plans, int64_t capacity);
+                                      const std::vector<DispatchPlan>& plans, int64_t capacity,
+                                      at::Tensor* slot_norms = nullptr);
+  void record(const RouterOutput& route, const Kept& kept, const at::Tensor& slot_norms,
+              int64_t seq_len) const;
   at::Tensor run_experts(const at::Tensor& rows, const DispatchPlan& plan, int64_t capacity);
   at::Tensor padded_experts_forward(const at::Tensor& rows,
                                     const std::vector<int64_t>& rows_per_expert, int64_t capacity);
@@ -104,6 +112,7 @@ class MoeLayerImpl : public torch::nn::Module {
   int64_t overlap_degree_ = 1;
   MoeRecompute recompute_;
   PhaseObserver* observer_ = nullptr;
+  RoutingRecorder* recorder_ = nullptr;
 };
 TORCH_MODULE(MoeLayer);
 

@@ -26,6 +26,7 @@
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/data/data_info.hpp"
+#include "trainer/inference/analyze_command.hpp"
 #include "trainer/inference/inference_commands.hpp"
 #include "trainer/optim/optimizer.hpp"
 #include "trainer/stop_signal.hpp"
@@ -196,7 +197,8 @@ int run_single_process(const std::function<int(const ConvertArgs&)>& command,
                        const ConvertArgs& args, int rank, int world_size) {
   if (world_size > 1) {
     if (rank == 0)
-      std::cerr << "moeforge: error: import / upcycle / export / forward / data-info run as one "
+      std::cerr << "moeforge: error: import / upcycle / export / forward / data-info / generate / "
+                   "analyze run as one "
                    "process (launch without mpirun, or with -n 1)"
                 << std::endl;
     return 2;
@@ -324,9 +326,10 @@ void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& 
 }
 
 struct InferenceCommands {
-  CLI::App *generate_cmd, *eval_cmd;
+  CLI::App *generate_cmd, *eval_cmd, *analyze_cmd;
   GenerateArgs generate;
   EvalArgs eval;
+  AnalyzeArgs analyze;
 };
 
 void add_generate_command(CLI::App& app, InferenceCommands& cmds) {
@@ -371,6 +374,37 @@ void add_eval_command(CLI::App& app, InferenceCommands& cmds) {
   cmd->add_option("--json", args.json_out, "Also write the results as JSON to this file");
 }
 
+void add_analyze_command(CLI::App& app, InferenceCommands& cmds) {
+  auto* cmd = cmds.analyze_cmd = app.add_subcommand(
+      "analyze",
+      "Routing analysis on a probe set: stability, token/expert MI, co-routing, super "
+      "experts, drop positions (report + plots)");
+  auto& args = cmds.analyze;
+  cmd->add_option("--from", args.from, "Run, checkpoint or Hugging Face directory")->required();
+  cmd->add_option("--compare", args.compare,
+                  "A second checkpoint of the same model: routing stability against it");
+  auto* text = cmd->add_option("--text", args.text, "Probe with this text file's bytes");
+  auto* data =
+      cmd->add_option("--data", args.data, "Probe with this Megatron dataset (PREFIX.bin/.idx)");
+  text->excludes(data);
+  cmd->add_option("--windows", args.windows,
+                  "Probe set: the first N validation windows of the data")
+      ->capture_default_str();
+  cmd->add_option("--micro-batch", args.micro_batch,
+                  "Sequences per forward (capacity applies per forward; default "
+                  "train.micro_batch_size)");
+  cmd->add_option("--capacity-factor", args.capacity_factor,
+                  "Expert capacity factor for the probe (0 = dropless; default the run's "
+                  "moe.capacity.eval_factor)");
+  cmd->add_option("--outlier-mads", args.outlier_mads,
+                  "Super expert: mean output norm above median + this many robust std devs")
+      ->capture_default_str();
+  cmd->add_option("--set", args.overrides, "Override a config key (repeatable)")
+      ->type_name("KEY=VALUE");
+  cmd->add_option("--out", args.out, "Report directory (report.json, report.md, PNGs)")->required();
+  cmd->add_flag("--no-plots", args.no_plots, "Write the report only; print the plot command");
+}
+
 struct Commands {
   CLI::App* doc = nullptr;
   TrainArgs train_args;
@@ -392,6 +426,7 @@ void add_commands(CLI::App& app, Commands& cmds) {
   add_train_command(app, cmds.train_args, cmds.train);
   add_generate_command(app, cmds.inference);
   add_eval_command(app, cmds.inference);
+  add_analyze_command(app, cmds.inference);
   cmds.doc = app.add_subcommand("config-doc", "Print the reference of every config key (Markdown)");
   add_convert_commands(app, cmds.convert, cmds.convert_cmds);
 }
@@ -416,6 +451,12 @@ int dispatch(Commands& cmds, int rank, int world_size) {
       return generate_command(cmds.inference.generate);
     };
     return run_single_process(generate, convert, rank, world_size);
+  }
+  if (cmds.inference.analyze_cmd->parsed()) {
+    const auto analyze = [&cmds](const ConvertArgs&) {
+      return analyze_command(cmds.inference.analyze);
+    };
+    return run_single_process(analyze, convert, rank, world_size);
   }
   if (convert_cmds.data_info_cmd->parsed()) {
     const auto info = [&convert_cmds](const ConvertArgs&) {

@@ -97,31 +97,6 @@ struct PreparedEval {
   std::string data_description;
 };
 
-// The config eval runs under: the checkpoint's own (its data section included) or, for a
-// Hugging Face directory, defaults around its model; then --text / --data, --set, --ep-size.
-Config eval_config(const EvalArgs& args) {
-  std::vector<std::string> overrides = args.overrides;
-  if (!args.text.empty()) {
-    overrides.push_back("data.source=text");
-    overrides.push_back("data.path=" + args.text);
-  }
-  if (!args.data.empty()) {
-    overrides.push_back("data.source=megatron");
-    overrides.push_back("data.path=" + args.data);
-  }
-  overrides.push_back(fmt::format("parallel.ep_size={}", args.ep_size));
-  if (hf::is_hf_directory(args.from)) {
-    std::string type;
-    const auto source = hf::read_config(args.from, Config{}, &type);
-    return load_config_from_string(
-        "{}", "--set", overrides,
-        FixedModel{source.model, fmt::format("Hugging Face {} model {}", type, args.from)});
-  }
-  const auto dir = resolve_checkpoint(args.from, args.from, "evaluate");
-  return load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json:config",
-                                 overrides);
-}
-
 EvalSplit parse_split(const EvalArgs& args) {
   const bool own_data = args.text.empty() && args.data.empty();
   const std::string split = !args.split.empty() ? args.split : own_data ? "val" : "all";
@@ -201,6 +176,29 @@ int run_eval(PreparedEval& run, const EvalArgs& args, int rank) {
 }
 
 }  // namespace
+
+Config eval_config(const EvalArgs& args) {
+  std::vector<std::string> overrides = args.overrides;
+  if (!args.text.empty()) {
+    overrides.push_back("data.source=text");
+    overrides.push_back("data.path=" + args.text);
+  }
+  if (!args.data.empty()) {
+    overrides.push_back("data.source=megatron");
+    overrides.push_back("data.path=" + args.data);
+  }
+  overrides.push_back(fmt::format("parallel.ep_size={}", args.ep_size));
+  if (hf::is_hf_directory(args.from)) {
+    std::string type;
+    const auto source = hf::read_config(args.from, Config{}, &type);
+    return load_config_from_string(
+        "{}", "--set", overrides,
+        FixedModel{source.model, fmt::format("Hugging Face {} model {}", type, args.from)});
+  }
+  const auto dir = resolve_checkpoint(args.from, args.from, "evaluate");
+  return load_config_from_string(checkpoint_config_yaml(dir), dir + "/checkpoint.json:config",
+                                 overrides);
+}
 
 int eval_command(const EvalArgs& args, int rank, int world_size) {
   std::optional<PreparedEval> run;

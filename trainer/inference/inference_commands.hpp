@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "trainer/config/config.hpp"
 #include "trainer/inference/generation.hpp"
 
 namespace moeforge {
@@ -30,6 +31,11 @@ struct EvalArgs {
   std::optional<int64_t> windows, micro_batch_size;
   int ep_size = 1;
 };
+
+// The config a model is evaluated (or analysed) under: the checkpoint's own, its data section
+// included, or for a Hugging Face directory defaults around its model; then --text / --data,
+// the --set overrides and --ep-size.
+Config eval_config(const EvalArgs& args);
 
 // Collective over MPI_COMM_WORLD; returns the exit code every rank agrees on.
 int eval_command(const EvalArgs& args, int rank, int world_size);
