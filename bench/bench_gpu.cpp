@@ -30,7 +30,7 @@
 #include "parallel/process_groups.hpp"
 #include "trainer/config/config.hpp"
 #include "trainer/data/data.hpp"
-#include "trainer/device.hpp"
+#include "trainer/runtime/device.hpp"
 #include "trainer/model/flops.hpp"
 #include "trainer/trainer.hpp"
 

@@ -18,7 +18,7 @@
 #include "test_support.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/data/data.hpp"
-#include "trainer/device.hpp"
+#include "trainer/runtime/device.hpp"
 #include "trainer/trainer.hpp"
 #ifdef MOEFORGE_CUDA
 

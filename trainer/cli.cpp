@@ -17,7 +17,7 @@
 #include "parallel/process_groups.hpp"
 #include "trainer/checkpoint/checkpoint.hpp"
 #include "trainer/checkpoint/run_directory.hpp"
-#include "trainer/collective_command.hpp"
+#include "trainer/common/collective_command.hpp"
 #include "trainer/common/spelling.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/config/config.hpp"

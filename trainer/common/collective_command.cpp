@@ -1,4 +1,4 @@
-#include "trainer/collective_command.hpp"
+#include "trainer/common/collective_command.hpp"
 
 #include <fmt/format.h>
 #include <mpi.h>

@@ -1,4 +1,4 @@
-#include "trainer/device.hpp"
+#include "trainer/runtime/device.hpp"
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
