@@ -21,7 +21,6 @@ using namespace cli_testing;  // NOLINT: the helpers are this file's vocabulary
 
 namespace {
 
-
 // The README's demo: the tiny config on 2 data-parallel ranks. The loss must fall from about
 // ln(256) = 5.5 by at least 2.5 nats, and the run directory must hold what users script against.
 TEST(Cli, TinyConfigTrainsOnTwoRanksAndLossFalls) {

@@ -54,24 +54,25 @@ TEST(FirstHour, EvalReproducesTheTrainersValidationLossAtAnyRanksAndEpSize) {
 
 TEST(FirstHour, EvalOnATextFileAndForwardOfText) {
   const auto text = scratch("text") + ".txt";
-  std::ofstream(text) << "The cat sat on the mat. The dog sat on the log. " << std::string(400, 'a');
+  std::ofstream(text) << "The cat sat on the mat. The dog sat on the log. "
+                      << std::string(400, 'a');
   const auto r = run_shell(kBinary + " eval --from " + trained_run() + " --text " + text);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("whole dataset"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("perplexity"), std::string::npos) << r.output;
   const auto logits = scratch("logits") + ".safetensors";
-  const auto f = run_shell(kBinary + " forward --from " + trained_run() + " --prompt 'The cat' --out " +
-                           logits);
+  const auto f = run_shell(kBinary + " forward --from " + trained_run() +
+                           " --prompt 'The cat' --out " + logits);
   EXPECT_EQ(f.exit_code, 0) << f.output;
   EXPECT_NE(f.output.find("logits [1, 7, 256]"), std::string::npos) << f.output;
-  const auto both = run_shell(kBinary + " forward --from " + trained_run() +
-                              " --prompt x --text " + text + " --out " + logits);
+  const auto both = run_shell(kBinary + " forward --from " + trained_run() + " --prompt x --text " +
+                              text + " --out " + logits);
   EXPECT_NE(both.exit_code, 0) << "one input only";
 }
 
 TEST(FirstHour, GenerateContinuesThePromptTheSameWithAndWithoutCache) {
-  const std::string base = kBinary + " generate --from " + trained_run() +
-                           " --prompt 'The cat ' --max-tokens 30 --ids";
+  const std::string base =
+      kBinary + " generate --from " + trained_run() + " --prompt 'The cat ' --max-tokens 30 --ids";
   const auto cached = run_shell(base);
   ASSERT_EQ(cached.exit_code, 0) << cached.output;
   EXPECT_EQ(cached.output.rfind("The cat ", 0), 0u) << "echoes the prompt first: " << cached.output;
@@ -134,7 +135,8 @@ TEST(FirstHour, MissingDataFileNamesTheConfigLine) {
   std::ofstream(dir + "/exp.yaml") << "data:\n  source: text\n  path: missing.txt\n";
   const auto r = run_shell(mpirun(1) + " train --config " + dir + "/exp.yaml");
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_NE(r.output.find(dir + "/exp.yaml:3: data.path: 'missing.txt'"), std::string::npos)
+  EXPECT_NE(r.output.find(dir + "/exp.yaml:3: data.path: cannot open 'missing.txt'"),
+            std::string::npos)
       << r.output;
   fs::remove_all(dir);
 }
@@ -147,9 +149,9 @@ TEST(FirstHour, CommandNamesAndVersion) {
   r = run_shell(kBinary + " --version");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("moeforge 0."), std::string::npos) << r.output;
-  r = run_shell(kBinary + " upcycle --from x --out y");
-  EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.output.find("--config is required"), std::string::npos) << r.output;
+  r = run_shell(kBinary + " upcycle --help");
+  EXPECT_NE(r.output.find("optional: without it the defaults and --set"), std::string::npos)
+      << r.output;
   r = run_shell(kBinary + " export --from " + trained_run() + " --format hf-mixtral --out " +
                 scratch("mixtral"));
   EXPECT_EQ(r.exit_code, 2);
@@ -164,7 +166,8 @@ TEST(FirstHour, ReadmeCommandLinesParse) {
   std::ifstream in(kSource + "/README.md");
   std::stringstream text;
   text << in.rdbuf();
-  const std::regex command(R"(moeforge (train|generate|eval|import|upcycle|export|forward|data-info|config-doc)\b([^\n`]*))");
+  const std::regex command(
+      R"(moeforge (train|generate|eval|import|upcycle|export|forward|data-info|config-doc)\b([^\n`]*))");
   std::map<std::string, std::set<std::string>> flags;
   const auto s = text.str();
   for (std::sregex_iterator it(s.begin(), s.end(), command), end; it != end; ++it) {

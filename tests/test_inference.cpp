@@ -1,11 +1,10 @@
 // Using a trained model: generation (greedy = chained argmax of full forwards; the KV cache
 // changes nothing but speed; sampling options) and evaluation (= the trainer's validation loss).
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include "parallel/process_groups.hpp"
 #include "test_support.hpp"
-#include <ATen/CPUGeneratorImpl.h>
-
 #include "trainer/common/user_error.hpp"
 #include "trainer/inference/evaluation.hpp"
 #include "trainer/inference/generation.hpp"

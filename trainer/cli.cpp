@@ -22,8 +22,8 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/config/config.hpp"
 #include "trainer/convert/convert_commands.hpp"
-#include "trainer/convert/tokenizer_files.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
+#include "trainer/convert/tokenizer_files.hpp"
 #include "trainer/data/data.hpp"
 #include "trainer/data/data_info.hpp"
 #include "trainer/inference/analyze_command.hpp"
@@ -61,9 +61,10 @@ void print_summary(const RunSummary& s) {
              s.unigram_entropy)
       << fmt::format("throughput         {:.0f} tokens/s  (mean over steps after the first)\n",
                      s.tokens_per_s)
-      << fmt::format("model FLOPs        {:.3g} TFLOP/s per rank, MFU {:.1f}% of {:.3g} TFLOP/s "
-                     "(mean over steps after the first)\n",
-                     s.tflops, 100.0 * s.mfu, s.peak_tflops)
+      << fmt::format(
+             "model FLOPs        {:.3g} TFLOP/s per rank, MFU {:.1f}% of {:.3g} TFLOP/s "
+             "(mean over steps after the first)\n",
+             s.tflops, 100.0 * s.mfu, s.peak_tflops)
       << fmt::format("outputs            {}/ (config.resolved.yaml, metrics.jsonl)\n", s.out_dir)
       << fmt::format("last checkpoint    {}\n", s.last_checkpoint.empty() ? "-" : s.last_checkpoint)
       << std::flush;
@@ -294,8 +295,10 @@ void add_convert_commands(CLI::App& app, ConvertArgs& convert, ConvertCommands& 
     cmd->add_option("--from", convert.from, "Source directory")->required();
     cmd->add_option("--out", convert.out, out_help)->required();
   }
-  cmds.upcycle_cmd->add_option("--config", convert.config_path, "The MoE model's YAML config")
-      ->required();
+  cmds.upcycle_cmd->add_option(
+      "--config", convert.config_path,
+      "YAML with the MoE (and train, data) sections; optional: without it the defaults and --set "
+      "give them (the model section always comes from --from)");
   cmds.import_cmd->add_option("--config", convert.config_path,
                               "YAML for the non-model sections (train, data, ...)");
   for (auto* cmd : {cmds.import_cmd, cmds.upcycle_cmd})

@@ -16,10 +16,10 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/hf_checkpoint.hpp"
 #include "trainer/convert/model_source.hpp"
-#include "trainer/runtime/device.hpp"
 #include "trainer/inference/evaluation.hpp"
 #include "trainer/inference/text_codec.hpp"
 #include "trainer/model/model_weights.hpp"
+#include "trainer/runtime/device.hpp"
 
 namespace moeforge {
 namespace {
@@ -70,7 +70,10 @@ int generate_command(const GenerateArgs& args) {
   std::cout << std::endl;
   if (args.print_ids) {
     std::string ids;
-    for (const auto id : produced) ids += (ids.empty() ? "" : " ") + std::to_string(id);
+    for (const auto id : produced) {
+      if (!ids.empty()) ids += ' ';
+      ids += std::to_string(id);
+    }
     std::cout << "ids: " << ids << std::endl;
   }
   std::cerr << fmt::format(
@@ -178,7 +181,7 @@ int run_eval(PreparedEval& run, const EvalArgs& args, int rank) {
 }  // namespace
 
 Config eval_config(const EvalArgs& args) {
-  std::vector<std::string> overrides = args.overrides;
+  std::vector<std::string> overrides;  // derived from the flags first: --set wins
   if (!args.text.empty()) {
     overrides.push_back("data.source=text");
     overrides.push_back("data.path=" + args.text);
@@ -187,6 +190,9 @@ Config eval_config(const EvalArgs& args) {
     overrides.push_back("data.source=megatron");
     overrides.push_back("data.path=" + args.data);
   }
+  // A file given here is usually read whole (--split all): halves keep short files usable.
+  if (!args.text.empty() || !args.data.empty()) overrides.push_back("data.val_fraction=0.5");
+  overrides.insert(overrides.end(), args.overrides.begin(), args.overrides.end());
   overrides.push_back(fmt::format("parallel.ep_size={}", args.ep_size));
   if (hf::is_hf_directory(args.from)) {
     std::string type;
