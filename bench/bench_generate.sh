@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # KV cache vs recomputing the prefix: tokens/s of `moeforge generate` (greedy) on a run, both
 # ways in interleaved rounds, medians and the ratio. The outputs must be identical (checked).
-#   bench/bench_generate.sh RUN_DIR [NEW_TOKENS=200] [ROUNDS=3]
+#   bench/bench_generate.sh RUN_DIR [NEW_TOKENS=120] [ROUNDS=3]   (prompt + tokens ≤ max_seq_len)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="${1:?usage: bench/bench_generate.sh RUN_DIR [NEW_TOKENS] [ROUNDS]}"
-TOKENS="${2:-200}"
+TOKENS="${2:-120}"
 ROUNDS="${3:-3}"
 BIN="$ROOT/build/moeforge"
 rate() { sed -n 's/.* \([0-9.]*\) tokens\/s.*/\1/p' "$1"; }
@@ -14,7 +14,8 @@ for ((r = 0; r < ROUNDS; r++)); do
   for mode in cache nocache; do
     flag=""; [[ $mode == nocache ]] && flag="--no-cache"
     OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$BIN" generate --from "$RUN" --prompt "The " \
-      --max-tokens "$TOKENS" --ids $flag >"/tmp/bench_generate.$mode.out" 2>"/tmp/bench_generate.$mode.err"
+      --max-tokens "$TOKENS" --ids $flag >"/tmp/bench_generate.$mode.out" 2>"/tmp/bench_generate.$mode.err" ||
+      { cat "/tmp/bench_generate.$mode.err" >&2; exit 1; }
     if [[ $mode == cache ]]; then cached+=("$(rate /tmp/bench_generate.cache.err)")
     else uncached+=("$(rate /tmp/bench_generate.nocache.err)"); fi
   done
