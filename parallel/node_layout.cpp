@@ -79,8 +79,8 @@ std::string describe_node_layout(const NodeLayout& layout, int ep_size, int64_t 
   text += fmt::format("expert-parallel groups span {} nodes (the expert all-to-all crosses nodes)",
                       span);
   if (num_groups <= 1)
-    return text + fmt::format("; moe.router.num_groups: {} would keep each expert group on one node",
-                              span);
+    return text +
+           fmt::format("; moe.router.num_groups: {} would align expert groups to nodes", span);
   return text + (groups_on_single_nodes(layout, ep_size, num_experts, num_groups)
                      ? "; group-limited routing aligned to nodes (each expert group on one node)"
                      : fmt::format("; moe.router.num_groups {} is not aligned to nodes ({} per EP "
