@@ -187,8 +187,11 @@ node_exec() {
 
 # mpirun on node 0. OpenMPI reaches the other nodes through launch/cluster_agent.sh (its "ssh",
 # entering that node's namespaces); TCP between nodes on the cluster interface only, shared memory
-# inside a node. Short out-of-band keepalives let mpirun notice a node whose link went down in
-# seconds rather than after TCP's default of minutes.
+# inside a node. Two TCP connections per pair of ranks: with one, OpenMPI's TCP transport carried
+# a simultaneous exchange (both ranks sending, as in every all-to-all) at half the link's rate in
+# each direction (85 of 200 Mbit/s; 180 with two; docs/benchmarks.md). Short out-of-band
+# keepalives let mpirun notice a node whose link went down in seconds rather than after TCP's
+# default of minutes.
 cmd_mpirun() {
   local name="${MOEFORGE_CLUSTER:-}"
   require_cluster "$name"
@@ -197,7 +200,7 @@ cmd_mpirun() {
   MOEFORGE_CLUSTER_STATE="$dir" node_exec "$name" 0 mpirun --allow-run-as-root --oversubscribe \
     --hostfile "$dir/hostfile" \
     --mca plm_rsh_agent "$ROOT/launch/cluster_agent.sh" \
-    --mca btl self,vader,tcp --mca btl_tcp_if_include "$IFACE" \
+    --mca btl self,vader,tcp --mca btl_tcp_if_include "$IFACE" --mca btl_tcp_links 2 \
     --mca oob_tcp_if_include "$IFACE" \
     --mca oob_tcp_keepalive_time "${CLUSTER_KEEPALIVE_S:-1}" --mca oob_tcp_keepalive_intvl 1 \
     --mca oob_tcp_keepalive_probes 3 \

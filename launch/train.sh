@@ -31,6 +31,9 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   # instead (docs/reliability.md).
   ARGS+=(--mca oob_tcp_keepalive_time 10 --mca oob_tcp_keepalive_intvl 5
     --mca oob_tcp_keepalive_probes 3)
+  # Over TCP, one connection per pair of ranks ran an all-to-all at half the link rate per
+  # direction; two restore it (harmless where InfiniBand or another transport is used instead).
+  ARGS+=(--mca btl_tcp_links 2)
 fi
 # Root and more ranks than cores are normal on small machines and containers.
 [[ $(id -u) -eq 0 ]] && ARGS+=(--allow-run-as-root)
