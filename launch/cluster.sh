@@ -16,6 +16,9 @@
 #   launch/cluster.sh traffic NAME                bytes each node sent / received on its link
 #   launch/cluster.sh check                       exit 0 if clusters can be made here, else 77
 #
+# Environment: CLUSTER_TCP_LINKS (TCP connections per rank pair, default 2), CLUSTER_KEEPALIVE_S
+# (mpirun's out-of-band keepalive idle time, default 1; 0 turns keepalives off), CLUSTER_QUIET.
+#
 # Must run as root. Nothing outside the cluster's own namespaces is touched: the bridge lives in
 # a "switch" namespace of its own, and every name carries the cluster's unique name.
 # Latency is not shaped: the tbf qdisc shapes bandwidth only, and the netem and fq qdiscs
@@ -200,7 +203,7 @@ cmd_mpirun() {
   MOEFORGE_CLUSTER_STATE="$dir" node_exec "$name" 0 mpirun --allow-run-as-root --oversubscribe \
     --hostfile "$dir/hostfile" \
     --mca plm_rsh_agent "$ROOT/launch/cluster_agent.sh" \
-    --mca btl self,vader,tcp --mca btl_tcp_if_include "$IFACE" --mca btl_tcp_links 2 \
+    --mca btl self,vader,tcp --mca btl_tcp_if_include "$IFACE" --mca btl_tcp_links "${CLUSTER_TCP_LINKS:-2}" \
     --mca oob_tcp_if_include "$IFACE" \
     --mca oob_tcp_keepalive_time "${CLUSTER_KEEPALIVE_S:-1}" --mca oob_tcp_keepalive_intvl 1 \
     --mca oob_tcp_keepalive_probes 3 \
@@ -281,7 +284,7 @@ main() {
       problem="$(capability_problem)"
       [[ -z $problem ]] || { echo "emulated cluster unavailable: $problem" >&2; exit 77; }
       echo "emulated clusters available" ;;
-    *) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [[ -z $verb ]] || exit 2 ;;
+    *) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; [[ -z $verb ]] || exit 2 ;;
   esac
 }
 
