@@ -116,6 +116,9 @@ cmd_up() {
   dir="$(state_dir "$name")"
   [[ ! -e $dir ]] || die "a cluster named $name exists already (launch/cluster.sh down $name)"
   mkdir -p "$dir"
+  # Half a cluster is removed again: a failing step (errtrace: also inside shape_node) tears down.
+  set -E
+  trap 'trap - ERR; cmd_down "$name" >/dev/null 2>&1; die "bringing up $name failed (see above); removed what was made"' ERR
   echo "$nodes" >"$dir/nodes"
   echo "${CLUSTER_OWNER:-$PPID}" >"$dir/owner"
   local sw
@@ -142,6 +145,7 @@ cmd_up() {
     shape_node "$name" "$i" "$rate" "$burst"
   done
   echo "$rate $burst" >"$dir/rate"
+  trap - ERR
   say "cluster $name up: $nodes node(s) x $slots slot(s), link rate $rate${burst:+ (burst $burst B)}; hostfile $dir/hostfile"
   echo "$name"
 }
