@@ -2,8 +2,9 @@
 // side by side in one run, on a real shaped network link or under the simulated link:
 //
 //   mpirun -n 2 build/bench/bench_overlap [--quick] [--tokens N]          (simulated link only)
-//   launch/cluster.sh run --nodes 2 --slots 1 -- bash -c 'launch/cluster.sh mpirun -n 2 \
+//   launch/cluster.sh run --nodes 2 --slots 1 -- bash -c 'launch/cluster.sh mpirun -n 2
 //     build/bench/bench_overlap --shape-cmd "$PWD/launch/cluster.sh shape $MOEFORGE_CLUSTER"'
+//   (one command line; --rounds N or --quick set the rounds, default 7)
 //
 // With --shape-cmd the two ranks are on two emulated nodes and rank 0 switches the real link
 // between unshaped ("CMD off") and shaped ("CMD <rate>kbit") between groups of measurements.
@@ -221,6 +222,9 @@ void print_simulated(const Measurements& m, bool real) {
         fmt::format("on {}", n));
   if (real) return;
   const double t_comm = m["sim comm"].median;
+  fmt::print("  T_compute blocking             {} ms   T_off exposed {:6.1f} ms   T/max {:.2f}\n",
+             cell(m["compute off"]), (m["sim off"].median - m["compute off"].median) * 1e3,
+             m["sim off"].median / std::max(m["compute off"].median, t_comm));
   for (const int64_t n : kDegrees) {
     const double on = m[fmt::format("sim on {}", n)].median;
     const double compute = m[fmt::format("compute {}", n)].median;
