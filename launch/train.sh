@@ -39,7 +39,17 @@ NP="${NP:-2}"
 CORES="$(nproc)"
 THREADS="${THREADS_PER_RANK:-$(( CORES / NP > 0 ? CORES / NP : 1 ))}"
 ARGS=(-n "$NP" --bind-to "${BIND:-none}" -x "OMP_NUM_THREADS=$THREADS")
-[[ -n "${HOSTFILE:-}" ]] && ARGS+=(--hostfile "$HOSTFILE")
+if [[ -n "${HOSTFILE:-}" ]]; then
+  ARGS+=(--hostfile "$HOSTFILE")
+  # A node whose network goes down leaves mpirun waiting for TCP's default timeouts (minutes to
+  # forever); keepalives on OpenMPI's control connections end the job ~20 s after the loss
+  # instead (docs/reliability.md).
+  ARGS+=(--mca oob_tcp_keepalive_time 10 --mca oob_tcp_keepalive_intvl 5
+    --mca oob_tcp_keepalive_probes 3)
+  # Over TCP, one connection per pair of ranks ran an all-to-all at half the link rate per
+  # direction; two restore it (harmless where InfiniBand or another transport is used instead).
+  ARGS+=(--mca btl_tcp_links 2)
+fi
 # Root and more ranks than cores are normal on small machines and containers.
 [[ $(id -u) -eq 0 ]] && ARGS+=(--allow-run-as-root)
 ARGS+=(--oversubscribe)

@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "parallel/mpi_communicator.hpp"
+#include "parallel/node_layout.hpp"
 #include "parallel/process_groups.hpp"
 #include "trainer/checkpoint/checkpoint.hpp"
 #include "trainer/checkpoint/run_directory.hpp"
@@ -172,6 +173,12 @@ int run_training(PreparedRun& run, const TrainArgs& args, int rank) {
   parallel::MpiCommunicator world(MPI_COMM_WORLD);
   world.set_timeout(config.parallel.timeout_s);  // the groups split from it inherit it
   const auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
+  const auto layout = parallel::discover_node_layout(MPI_COMM_WORLD);
+  if (rank == 0 && run.options.print)
+    std::cout << parallel::describe_node_layout(layout, config.parallel.ep_size,
+                                                config.moe.num_experts,
+                                                config.moe.router.num_groups)
+              << std::endl;
   Trainer trainer(config, groups, std::move(*run.data), run.options);
   const auto summary = trainer.run();
   if (rank == 0) print_summary(summary);
