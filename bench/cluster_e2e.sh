@@ -1,0 +1,34 @@
+#!/bin/bash
+# End-to-end tokens/s of configs/small.yaml on 2 emulated nodes x 1 rank (ep_size 2: the expert
+# all-to-all and the gradient all-reduce cross the link), overlap off (parallel.comm_worker
+# false) and on (overlap_degree 2) at each link rate, plus the bytes each step put on the link:
+#
+#   launch/cluster.sh run --nodes 2 --slots 1 -- bench/cluster_e2e.sh
+#   RATES="off 25gbit 5gbit 1gbit 400mbit" STEPS=4 OUT=/tmp/e2e  (defaults)
+# Step time = median of steps 3.. (the first two include start-up).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+B="${B:-$ROOT/build/moeforge}"
+C="$ROOT/launch/cluster.sh"
+STEPS="${STEPS:-4}"
+OUT="${OUT:-/tmp/moeforge-cluster-e2e}"
+A="train --config $ROOT/configs/small.yaml --set train.steps=$STEPS --set train.warmup_steps=2
+   --set train.eval_every=0 --set checkpoint.every=0 --set parallel.ep_size=2"
+mkdir -p "$OUT"
+sent() { "$C" traffic "$MOEFORGE_CLUSTER" | python3 -c 'import sys; print(sum(int(l.split()[2]) for l in sys.stdin))'; }
+for rate in ${RATES:-off 25gbit 5gbit 1gbit 400mbit}; do
+  "$C" shape "$MOEFORGE_CLUSTER" "$rate"
+  for mode in "off:--set parallel.comm_worker=false" "on:--set parallel.overlap_degree=2"; do
+    m=${mode%%:*}; extra=${mode#*:}; run="$OUT/$rate-$m"
+    b0=$(sent)
+    # shellcheck disable=SC2086
+    "$C" mpirun -n 2 -x OMP_NUM_THREADS=1 --bind-to none "$B" $A $extra \
+      --set train.out_dir="$run" --overwrite >"$run.log" 2>&1 || { echo "FAIL $rate $m"; tail -5 "$run.log"; continue; }
+    b1=$(sent)
+    step=$(python3 -c "
+import json, statistics
+rows = [json.loads(l) for l in open('$run/metrics.jsonl')]
+print('%.3f' % statistics.median([r['step_seconds'] for r in rows if 'step_seconds' in r][2:]))")
+    echo "rate $rate overlap $m: $(awk '/throughput/ {print $2}' "$run.log") tok/s, median step ${step} s, link MB/step $(( (b1 - b0) / STEPS / 1000000 ))"
+  done
+done
