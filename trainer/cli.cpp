@@ -150,13 +150,9 @@ PreparedRun prepare_run(const TrainArgs& args, int rank, int world_size) {
   validate_for_world(run.config, world_size);
   run.data =
       TokenDataset::open(run.config.data, run.config.model.vocab_size, run.config.train.seq_len);
-  if (const auto& tokenizer = run.config.data.tokenizer; !tokenizer.empty()) {
-    const auto dir = tokenizer_directory(tokenizer, "data.tokenizer");
-    const int64_t size = tokenizer_size(dir);
-    if (size > run.config.model.vocab_size)
-      throw UserError(fmt::format("data.tokenizer: {} has {} token ids but model.vocab_size is {}",
-                                  tokenizer, size, run.config.model.vocab_size));
-  }
+  if (const auto& tokenizer = run.config.data.tokenizer; !tokenizer.empty())
+    check_tokenizer_fits(tokenizer_directory(tokenizer, "data.tokenizer"),
+                         run.config.model.vocab_size);
   if (rank == 0) run.lock.emplace(RunLock::acquire(run.config.train.out_dir));
   prepare_start_point(args, run);
   return run;

@@ -40,9 +40,10 @@ std::string tokenizer_directory(const std::string& file_or_dir, const std::strin
   if (fs::is_directory(path) && fs::exists(path / "tokenizer.json")) return path.string();
   if (fs::is_regular_file(path) && path.filename() == "tokenizer.json")
     return path.parent_path().string();
-  throw UserError(fmt::format("{}: '{}' is neither a tokenizer.json file nor a directory holding "
-                              "one",
-                              label, file_or_dir));
+  throw UserError(
+      fmt::format("{}: '{}' is neither a tokenizer.json file nor a directory holding "
+                  "one",
+                  label, file_or_dir));
 }
 
 int64_t tokenizer_size(const std::string& dir) {
@@ -64,14 +65,18 @@ int64_t tokenizer_size(const std::string& dir) {
   return size;
 }
 
-void copy_tokenizer(const std::string& from, const std::string& to, int64_t vocab_size) {
-  if (from.empty()) return;
-  const int64_t size = tokenizer_size(from);
+void check_tokenizer_fits(const std::string& dir, int64_t vocab_size) {
+  const int64_t size = tokenizer_size(dir);
   if (size > vocab_size)
     throw UserError(fmt::format(
         "{}/tokenizer.json: the tokenizer has {} token ids but the model's embedding has "
         "model.vocab_size = {} rows: ids ≥ {} would be out of range",
-        from, size, vocab_size, vocab_size));
+        dir, size, vocab_size, vocab_size));
+}
+
+void copy_tokenizer(const std::string& from, const std::string& to, int64_t vocab_size) {
+  if (from.empty()) return;
+  check_tokenizer_fits(from, vocab_size);
   fs::create_directories(to);
   for (const auto& name : tokenizer_file_names()) {
     const auto source = fs::path(from) / name;

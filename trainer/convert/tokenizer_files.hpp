@@ -23,6 +23,10 @@ std::string tokenizer_directory(const std::string& file_or_dir, const std::strin
 // Number of token ids of `dir`/tokenizer.json (vocabulary and added tokens), 0 without one.
 int64_t tokenizer_size(const std::string& dir);
 
+// UserError when `dir`'s tokenizer has more token ids than the model's embedding (`vocab_size`):
+// its ids would be out of range. Fewer is normal (Hugging Face pads the embedding).
+void check_tokenizer_fits(const std::string& dir, int64_t vocab_size);
+
 // Copies the tokenizer files present in `from` into `to` (nothing when `from` is empty).
 // UserError when the tokenizer has more token ids than the model's embedding (`vocab_size`):
 // its ids would be out of range. Fewer is normal (Hugging Face pads the embedding).

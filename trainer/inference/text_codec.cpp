@@ -120,10 +120,7 @@ std::string project_python() {
 std::unique_ptr<TextCodec> make_text_codec(const std::string& model_path,
                                            const std::string& tokenizer, int64_t vocab_size) {
   if (const auto file = tokenizer_file(model_path, tokenizer); !file.empty()) {
-    const int64_t size = tokenizer_size(fs::path(file).parent_path().string());
-    require(size <= vocab_size,
-            fmt::format("{}: the tokenizer has {} ids but the model's vocabulary is {}", file, size,
-                        vocab_size));
+    check_tokenizer_fits(fs::path(file).parent_path().string(), vocab_size);
     return std::make_unique<HfTokenizerCodec>(file);
   }
   require(vocab_size >= 256,
