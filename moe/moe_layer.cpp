@@ -4,6 +4,7 @@
 
 #include "moe/capacity.hpp"
 #include "moe/compute_precision.hpp"
+#include "moe/gathered_experts.hpp"
 #include "moe/grouped_matmul.hpp"
 #include "moe/load_balancing.hpp"
 #include "parallel/recompute.hpp"
@@ -91,9 +92,15 @@ MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
        out.counters.load.narrow(0, config_.num_experts, pool_size() - config_.num_experts).sum(),
        kept.mask.defined() ? kept.mask.sum().to(at::kLong) : slots});
   mark("capacity");
-  const int64_t chunks = std::clamp<int64_t>(overlap_degree_, 1, std::max<int64_t>(1, x.size(0)));
+  const bool gathered = gathers_in_experts(x, kept.capacity);
+  const int64_t chunks =
+      gathered ? 1 : std::clamp<int64_t>(overlap_degree_, 1, std::max<int64_t>(1, x.size(0)));
   const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks);
   mark("plan+counts a2a");
+  if (gathered) {
+    out.y = gathered_experts_combine(x, route.gates, plans.front());
+    return out;
+  }
   // The combine sums in fp32 (the gates'); the block's residual stream keeps x's dtype.
   at::Tensor slot_norms;
   if (recorder_) slot_norms = at::zeros({route.expert_ids.numel()}, x.options().dtype(at::kFloat));
@@ -209,6 +216,31 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
     if (observer_) observer_->forward_started();
   });
   return out;
+}
+
+// All experts local, CPU fp32 (moe/gathered_experts.hpp): steps 4-7 expert by expert, with no
+// [T·k, H] tensor. Padding to capacity and the routing recorder take the pipeline.
+bool MoeLayerImpl::gathers_in_experts(const at::Tensor& x, int64_t capacity) const {
+  return !force_pipeline_ && dispatcher_.ep_size() == 1 && gathered_experts_apply(x) &&
+         recorder_ == nullptr && !(config_.capacity.pad && capacity > 0);
+}
+
+at::Tensor MoeLayerImpl::gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,
+                                                  const DispatchPlan& plan) {
+  const bool observed = observer_ != nullptr && at::GradMode::is_enabled();
+  if (!x.is_leaf()) on_gradient(observed, x, [this] { mark("experts backward"); });
+  const auto row_gates = gates.reshape({-1}).index_select(0, plan.slot_order).to(at::kFloat);
+  auto y = gathered_experts(x, row_gates, plan.token_of_row, plan.rows_per_local_expert,
+                            experts->w_gate, experts->w_up, experts->w_down);
+  mark("experts");
+  if (shared_experts) {
+    y = y + shared_experts->forward(x);
+    mark("shared experts");
+  }
+  on_gradient(observed, y, [this] {
+    if (observer_) observer_->forward_started();
+  });
+  return y;
 }
 
 // Spine step 6 on one chunk's rows [R_c, H], grouped by local expert.

@@ -77,6 +77,9 @@ class MoeLayerImpl : public torch::nn::Module {
   // Pipeline chunks of dispatch / experts / combine (parallel.overlap_degree).
   void set_overlap_degree(int64_t chunks) { overlap_degree_ = chunks; }
   void set_recompute(MoeRecompute recompute);
+  // Tests and benchmarks: take the dispatch pipeline even where the gathered-experts path
+  // (moe/gathered_experts.hpp) applies, to compare the two.
+  void force_pipeline(bool force) { force_pipeline_ = force; }
   // Tracing / timing of the phases (not owned; null = none).
   void set_observer(PhaseObserver* observer) { observer_ = observer; }
   // Routing analysis: each forward's picks, drops and expert output norms (not owned; null =
@@ -104,12 +107,16 @@ class MoeLayerImpl : public torch::nn::Module {
                                       at::Tensor* slot_norms = nullptr);
   void record(const RouterOutput& route, const Kept& kept, const at::Tensor& slot_norms,
               int64_t seq_len) const;
+  bool gathers_in_experts(const at::Tensor& x, int64_t capacity) const;
+  at::Tensor gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,
+                                      const DispatchPlan& plan);
   at::Tensor run_experts(const at::Tensor& rows, const DispatchPlan& plan, int64_t capacity);
   at::Tensor padded_experts_forward(const at::Tensor& rows,
                                     const std::vector<int64_t>& rows_per_expert, int64_t capacity);
   MoeConfig config_;
   TokenDispatcher dispatcher_;
   int64_t overlap_degree_ = 1;
+  bool force_pipeline_ = false;
   MoeRecompute recompute_;
   PhaseObserver* observer_ = nullptr;
   RoutingRecorder* recorder_ = nullptr;

@@ -188,8 +188,9 @@ at::Tensor reference_moe(const at::Tensor& x, MoeLayerImpl& layer, const MoeConf
 
 // hidden 5 / ffn 6 take grouped_matmul's loop; hidden 8 / ffn 12 (16-byte aligned fp32 rows)
 // take at::_grouped_mm — both must match the float64 loop.
+// pipeline: the dispatch pipeline instead of the gathered-experts path that ep 1 in fp32 takes.
 void check_layer_against_reference(int64_t shared, bool force_empty_experts, int64_t hidden = 5,
-                                   int64_t ffn = 6) {
+                                   int64_t ffn = 6, bool pipeline = false) {
   auto groups = parallel::make_single_process_groups();
   auto config = small_moe(4, 2);
   config.num_shared_experts = shared;
@@ -197,6 +198,7 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts, int
   const int64_t H = hidden;
   MoeLayer layer(H, config, *groups.ep);
   randomize(*layer, 4);
+  layer->force_pipeline(pipeline);
   if (force_empty_experts) {
     at::NoGradGuard no_grad;
     layer->router->weight.narrow(0, 2, 2).fill_(0.0);
@@ -256,10 +258,58 @@ TEST(MoeLayer, WithEmptyExperts) {
   check_layer_against_reference(0, true);
 }
 TEST(MoeLayer, GroupedGemmKernelPathMatchesFloat64Loop) {
-  check_layer_against_reference(1, false, 8, 12);
+  check_layer_against_reference(1, false, 8, 12, /*pipeline=*/true);
 }
 TEST(MoeLayer, GroupedGemmKernelPathWithEmptyExperts) {
+  check_layer_against_reference(0, true, 8, 12, /*pipeline=*/true);
+}
+TEST(MoeLayer, PipelineLoopPathMatchesFloat64Loop) {
+  check_layer_against_reference(1, false, 5, 6, /*pipeline=*/true);
+}
+TEST(MoeLayer, GatheredPathAtAlignedSizesMatchesFloat64Loop) {
+  check_layer_against_reference(1, false, 8, 12);
   check_layer_against_reference(0, true, 8, 12);
+}
+
+// The gathered-experts path (ep 1, fp32) against the dispatch pipeline on the same layer and
+// input: outputs and every gradient, with shared experts, capacity drops and expert choice.
+TEST(MoeLayer, GatheredPathMatchesPipeline) {
+  auto groups = parallel::make_single_process_groups();
+  struct Case {
+    const char* name;
+    int64_t shared;
+    double capacity;
+    moe::Routing routing;
+  };
+  for (const Case& c : {Case{"dropless + shared", 1, 0.0, moe::Routing::kTokenChoice},
+                        Case{"capacity drops", 0, 0.75, moe::Routing::kTokenChoice},
+                        Case{"expert choice", 0, 1.0, moe::Routing::kExpertChoice}}) {
+    auto config = small_moe(8, 3);
+    config.expert_ffn_size = 24;
+    config.num_shared_experts = c.shared;
+    config.capacity.factor = c.capacity;
+    config.router.routing = c.routing;
+    std::vector<at::Tensor> outputs, grads;
+    at::manual_seed(5);
+    const auto x0 = at::randn({64, 16});
+    const auto weight = at::randn({64, 16});
+    for (const bool pipeline : {false, true}) {
+      at::manual_seed(6);
+      MoeLayer layer(16, config, *groups.ep);
+      randomize(*layer, 6);
+      layer->force_pipeline(pipeline);
+      const auto x = x0.clone().set_requires_grad(true);
+      const auto y = layer->forward(x, 64).y;
+      (y * weight).sum().backward();
+      outputs.push_back(y.detach());
+      grads.push_back(x.grad());
+      for (const auto& p : layer->parameters()) grads.push_back(p.grad());
+    }
+    EXPECT_LT(relative_error(outputs[0], outputs[1]), 1e-6) << c.name;
+    const size_t half = grads.size() / 2;
+    for (size_t i = 0; i < half; ++i)
+      EXPECT_LT(relative_error(grads[i], grads[half + i]), 1e-5) << c.name << " gradient " << i;
+  }
 }
 
 TEST(GroupedMatmul, KernelAndLoopPathsMatchFloat64PerGroupProducts) {

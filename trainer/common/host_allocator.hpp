@@ -12,15 +12,26 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace moeforge {
+
+inline constexpr int kTrimThreshold = 1 << 30;  // give memory back beyond 1 GiB of free top
+inline constexpr int kTopPad = 64 << 20;        // grow the heap in 64 MiB steps (fewer brk calls)
 
 inline void tune_host_allocator() {
   const char* setting = std::getenv("MOEFORGE_MALLOC_TUNING");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return;
-  mallopt(M_MMAP_MAX, 0);              // no mmap-backed blocks: all from the reusable heap
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);  // give memory back only beyond 1 GiB of free top
-  mallopt(M_TOP_PAD, 64 << 20);        // grow the heap in 64 MiB steps (fewer brk calls)
+  mallopt(M_MMAP_MAX, 0);  // no mmap-backed blocks: all from the reusable heap
+  mallopt(M_TRIM_THRESHOLD, kTrimThreshold);
+  mallopt(M_TOP_PAD, kTopPad);
+}
+
+// The same settings for another process (a Python reference a benchmark compares against), as
+// glibc reads them from the environment variable GLIBC_TUNABLES.
+inline std::string host_allocator_glibc_tunables() {
+  return "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + std::to_string(kTrimThreshold) +
+         ":glibc.malloc.top_pad=" + std::to_string(kTopPad);
 }
 
 // oneDNN (LibTorch's CPU kernels for bf16 matmuls) caches a compiled primitive, with its own

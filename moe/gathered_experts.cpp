@@ -1,0 +1,185 @@
+#include "moe/gathered_experts.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
+#include <torch/autograd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace moeforge::moe {
+namespace {
+
+constexpr int64_t kRowGrain = 16;  // rows per parallel task: a row is H floats of copy or add
+
+// out[r] = src[index[r]] for the first out.size(0) rows.
+void gather_rows(const at::Tensor& src, const int64_t* index, const at::Tensor& out) {
+  RECORD_FUNCTION("moeforge::gather_rows", {});
+  const int64_t width = src.size(1);
+  const float* from = src.const_data_ptr<float>();
+  float* to = out.data_ptr<float>();
+  at::parallel_for(0, out.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      std::memcpy(to + r * width, from + index[r] * width, width * sizeof(float));
+  });
+}
+
+// dst[index[r]] += scale[r] · rows[r] (scale null: 1). Race-free without atomics because no
+// token appears twice among one expert's rows.
+void add_rows(const at::Tensor& dst, const int64_t* index, const at::Tensor& rows,
+              const float* scale) {
+  RECORD_FUNCTION("moeforge::add_rows", {});
+  const int64_t width = rows.size(1);
+  const float* from = rows.const_data_ptr<float>();
+  float* to = dst.data_ptr<float>();
+  at::parallel_for(0, rows.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float s = scale ? scale[r] : 1.0f;
+      float* target = to + index[r] * width;
+      const float* source = from + r * width;
+      for (int64_t c = 0; c < width; ++c) target[c] += s * source[c];
+    }
+  });
+}
+
+// Scratch blocks reused by every expert, sized for the largest one.
+struct Scratch {
+  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, const at::TensorOptions& options)
+      : rows(at::empty({max_rows, hidden}, options)),
+        other_rows(at::empty({max_rows, hidden}, options)),
+        activation(at::empty({max_rows, ffn}, options)),
+        other_activation(at::empty({max_rows, ffn}, options)) {}
+  at::Tensor rows, other_rows, activation, other_activation;
+};
+
+int64_t largest(const std::vector<int64_t>& counts) {
+  return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+}
+
+class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& row_gates, const at::Tensor& w_gate,
+                            const at::Tensor& w_up, const at::Tensor& w_down,
+                            const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert) {
+    const int64_t rows_total = token_of_row.size(0), ffn = w_gate.size(1);
+    auto gate_out = at::empty({rows_total, ffn}, x.options());
+    auto up_out = at::empty({rows_total, ffn}, x.options());
+    auto y = at::zeros_like(x);
+    Scratch scratch(largest(rows_per_expert), x.size(1), ffn, x.options());
+    int64_t first = 0;
+    for (size_t e = 0; e < rows_per_expert.size(); ++e) {
+      const int64_t n = rows_per_expert[e];
+      if (n > 0) {
+        const auto expert = static_cast<int64_t>(e);
+        const int64_t* tokens = token_of_row.const_data_ptr<int64_t>() + first;
+        const auto rows = scratch.rows.narrow(0, 0, n);
+        gather_rows(x, tokens, rows);
+        auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
+        at::mm_out(g, rows, w_gate[expert].t());
+        at::mm_out(u, rows, w_up[expert].t());
+        auto h = scratch.activation.narrow(0, 0, n);
+        at::silu_out(h, g).mul_(u);
+        auto out = scratch.other_rows.narrow(0, 0, n);
+        at::mm_out(out, h, w_down[expert].t());
+        add_rows(y, tokens, out, row_gates.const_data_ptr<float>() + first);
+      }
+      first += n;
+    }
+    ctx->save_for_backward({x, row_gates, w_gate, w_up, w_down, token_of_row, gate_out, up_out});
+    ctx->saved_data["rows"] = rows_per_expert;
+    return y;
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto rows_per_expert = ctx->saved_data["rows"].toIntVector();
+    Gradients grads(saved, grad_outputs[0].contiguous(), largest(rows_per_expert));
+    int64_t first = 0;
+    for (size_t e = 0; e < rows_per_expert.size(); ++e) {
+      if (rows_per_expert[e] > 0)
+        grads.add_expert(static_cast<int64_t>(e), first, rows_per_expert[e]);
+      first += rows_per_expert[e];
+    }
+    return {grads.x,      grads.row_gates, grads.w_gate, grads.w_up,
+            grads.w_down, at::Tensor(),    at::Tensor()};
+  }
+
+ private:
+  // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
+  struct Gradients {
+    Gradients(const std::vector<at::Tensor>& saved, at::Tensor grad_y, int64_t max_rows)
+        : x_in(saved[0]),
+          gates_in(saved[1]),
+          wg(saved[2]),
+          wu(saved[3]),
+          wd(saved[4]),
+          tokens(saved[5]),
+          gate_out(saved[6]),
+          up_out(saved[7]),
+          dy(std::move(grad_y)),
+          x(at::zeros_like(x_in)),
+          row_gates(at::empty_like(gates_in)),
+          w_gate(at::zeros_like(wg)),
+          w_up(at::zeros_like(wu)),
+          w_down(at::zeros_like(wd)),
+          scratch(max_rows, x_in.size(1), wg.size(1), x_in.options()) {}
+
+    void add_expert(int64_t e, int64_t first, int64_t n) {
+      const int64_t* index = tokens.const_data_ptr<int64_t>() + first;
+      const auto rows = scratch.rows.narrow(0, 0, n), dy_rows = scratch.other_rows.narrow(0, 0, n);
+      gather_rows(x_in, index, rows);
+      gather_rows(dy, index, dy_rows);
+      const auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
+      const auto gate = gates_in.narrow(0, first, n).unsqueeze(1);
+      auto silu_g = scratch.activation.narrow(0, 0, n);
+      at::silu_out(silu_g, g);
+      const auto h = silu_g * u;
+      // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
+      // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
+      auto dh = scratch.other_activation.narrow(0, 0, n);
+      at::mm_out(dh, dy_rows, wd[e]);
+      auto d_gates = row_gates.narrow(0, first, n);
+      at::sum_out(d_gates, dh * h, {1});
+      auto d_down = w_down[e];
+      at::mm_out(d_down, dy_rows.t(), h.mul_(gate));
+      dh.mul_(gate);
+      const auto d_up = dh * silu_g;
+      const auto d_gate = at::silu_backward(dh.mul_(u), g);
+      auto d_gate_weight = w_gate[e], d_up_weight = w_up[e];
+      at::mm_out(d_gate_weight, d_gate.t(), rows);
+      at::mm_out(d_up_weight, d_up.t(), rows);
+      auto d_rows = scratch.other_rows.narrow(0, 0, n);  // dy_rows is no longer needed
+      at::mm_out(d_rows, d_gate, wg[e]);
+      d_rows.add_(at::mm(d_up, wu[e]));
+      add_rows(x, index, d_rows, nullptr);
+    }
+
+    at::Tensor x_in, gates_in, wg, wu, wd, tokens, gate_out, up_out, dy;
+    at::Tensor x, row_gates, w_gate, w_up, w_down;  // the gradients
+    Scratch scratch;
+  };
+};
+
+}  // namespace
+
+at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
+                            const at::Tensor& token_of_row,
+                            const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
+                            const at::Tensor& w_up, const at::Tensor& w_down) {
+  TORCH_CHECK(gathered_experts_apply(x) && row_gates.scalar_type() == at::kFloat &&
+                  token_of_row.scalar_type() == at::kLong,
+              "gathered_experts: CPU fp32 rows and gates, int64 token indices expected");
+  return GatheredExperts::apply(x.contiguous(), row_gates.contiguous(), w_gate, w_up, w_down,
+                                token_of_row.contiguous(), rows_per_expert);
+}
+
+bool gathered_experts_apply(const at::Tensor& x) {
+  return x.is_cpu() && x.scalar_type() == at::kFloat &&
+         !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+}  // namespace moeforge::moe

@@ -1,0 +1,35 @@
+#pragma once
+// The routed experts and the gate-weighted combine as one autograd function, expert by expert,
+// for the case where every expert is local (ep_size 1) on the CPU in fp32.
+//
+// The pipeline (permute → grouped GEMMs → unpermute) materialises several [N, H] tensors for
+// N = T·k routed rows and keeps some for backward; with fine-grained experts (large k) those
+// are k times the layer's input and every pass over them is memory-bound. Here each expert
+// gathers its own rows from x into a scratch block that stays in cache, runs its SwiGLU, and
+// adds gate · output straight into y; backward gathers again instead of keeping rows. Kept for
+// backward: x (the caller holds it anyway), the gates and the two [N, F] GEMM outputs — what
+// train.recompute: moe_act keeps in the pipeline. No [N, H] tensor outlives one expert.
+//
+// Numerics: the same per-expert GEMMs; y[t] accumulates its rows in (expert, slot) order as the
+// pipeline's index_add does, so the result is ep-independent as before (within fp32 rounding
+// of the fused elementwise work).
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace moeforge::moe {
+
+// y [T, H] (fp32) = Σ_r row_gates[r] · SwiGLU_e(r)(x[token_of_row[r]]), where rows r are grouped
+// by expert (rows_per_expert[e] consecutive rows for expert e) and no token appears twice in
+// one expert's rows. Weights in GroupedExperts' layout: w_gate, w_up [E, F, H]; w_down [E, H, F].
+// Differentiable in x, row_gates and the three weights.
+at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
+                            const at::Tensor& token_of_row,
+                            const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
+                            const at::Tensor& w_up, const at::Tensor& w_down);
+
+// Whether gathered_experts serves x: a CPU fp32 input with no autocast (bf16 takes the
+// pipeline, whose grouped GEMMs bound oneDNN's shape cache).
+bool gathered_experts_apply(const at::Tensor& x);
+
+}  // namespace moeforge::moe
