@@ -31,6 +31,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -84,7 +85,8 @@ void randomize(Module& module) {
   for (auto& p : module->parameters()) p.normal_(0, 0.02);
 }
 
-Measurement moeforge_moe(const Shape& s, int iterations) {
+// pipeline: the dispatch pipeline instead of the gathered-experts path ep 1 takes in fp32.
+Measurement moeforge_moe(const Shape& s, int iterations, bool pipeline = false) {
   return measure_in_child(
       [&]() -> Body {
         moe::MoeConfig config;
@@ -96,6 +98,7 @@ Measurement moeforge_moe(const Shape& s, int iterations) {
         at::manual_seed(0);
         moe::MoeLayer layer(s.hidden, config, *groups->ep);
         randomize(layer);
+        layer->force_pipeline(pipeline);
         const auto x = at::randn({s.tokens, s.hidden}).set_requires_grad(true);
         return [groups, layer, x, tokens = s.tokens]() mutable {
           layer->zero_grad();
@@ -271,7 +274,10 @@ using Samples = std::map<std::string, std::vector<Measurement>>;  // column -> o
 std::vector<Column> columns(const std::vector<std::string>& names) {
   std::vector<Column> chosen;
   for (const auto& name : names) {
-    if (name == "moeforge") chosen.push_back({name, moeforge_moe});
+    if (name == "moeforge")
+      chosen.push_back({name, [](const Shape& s, int n) { return moeforge_moe(s, n); }});
+    if (name == "pipeline")
+      chosen.push_back({name, [](const Shape& s, int n) { return moeforge_moe(s, n, true); }});
     if (name == "dense") chosen.push_back({name, moeforge_dense});
     if (name == "eager" || name == "hf")
       chosen.push_back({name, [name](const Shape& s, int n) { return python_case(name, s, n); }});
@@ -290,10 +296,10 @@ Spread spread(std::vector<double> values) {
   return {values[values.size() / 2], values.front(), values.back()};
 }
 
-// Per round moeforge's time over the other column's (> 1: moeforge faster) -> spread.
-Spread speedup(const Samples& samples, const std::string& other) {
+// Per round the first column's time over the other column's (> 1: the first is faster).
+Spread speedup(const Samples& samples, const std::string& first, const std::string& other) {
   std::vector<double> ratios;
-  const auto& ours = samples.at("moeforge");
+  const auto& ours = samples.at(first);
   const auto& theirs = samples.at(other);
   for (size_t r = 0; r < ours.size(); ++r)
     if (ours[r].seconds > 0 && theirs[r].seconds > 0)
@@ -307,10 +313,11 @@ std::string format_spread(const Spread& s, int digits) {
 
 void print_table(const std::string& title, const std::vector<Shape>& shapes,
                  const std::vector<Column>& cols, const std::vector<Samples>& samples) {
-  fmt::print("\n{}\n{:<24}", title, "shape");
-  for (const auto& c : cols) fmt::print(" {:>10}", c.name + " GF/s");
+  fmt::print("\n{} (vs X: X's time / {}'s, median [min-max] of rounds)\n{:<24}", title,
+             cols[0].name, "shape");
+  for (const auto& c : cols) fmt::print(" {:>13}", c.name + " GF/s");
   for (size_t c = 1; c < cols.size(); ++c) fmt::print(" {:>21}", "vs " + cols[c].name);
-  for (const auto& c : cols) fmt::print(" {:>9}", c.name.substr(0, 5) + " MiB");
+  for (const auto& c : cols) fmt::print(" {:>12}", c.name + " MiB");
   fmt::print("\n");
   for (size_t i = 0; i < shapes.size(); ++i) {
     fmt::print("{:<24}", shapes[i].name);
@@ -318,14 +325,14 @@ void print_table(const std::string& title, const std::vector<Shape>& shapes,
       std::vector<double> gflops;
       for (const auto& m : samples[i].at(c.name))
         gflops.push_back(m.seconds > 0 ? shapes[i].flops() / m.seconds / 1e9 : 0);
-      fmt::print(" {:>10.1f}", spread(gflops).median);
+      fmt::print(" {:>13.1f}", spread(gflops).median);
     }
     for (size_t c = 1; c < cols.size(); ++c)
-      fmt::print(" {:>21}", format_spread(speedup(samples[i], cols[c].name), 2));
+      fmt::print(" {:>21}", format_spread(speedup(samples[i], cols[0].name, cols[c].name), 2));
     for (const auto& c : cols) {
       std::vector<double> peaks;
       for (const auto& m : samples[i].at(c.name)) peaks.push_back(m.peak_mib);
-      fmt::print(" {:>9.0f}", spread(peaks).median);
+      fmt::print(" {:>12.0f}", spread(peaks).median);
     }
     fmt::print("\n");
   }
@@ -367,20 +374,29 @@ int main(int argc, char** argv) {
   tune_host_allocator();  // as the trainer does
   CLI::App app{"MoE layer forward+backward vs dense SwiGLU and eager PyTorch references"};
   int rounds = 5, iterations = 3;
-  std::string only;
+  std::string only, column_list;
   bool quick = false, no_python = false, profile = false;
   app.add_option("--rounds", rounds, "interleaved rounds")->check(CLI::PositiveNumber);
   app.add_option("--iters", iterations, "timed iterations per case and round")
       ->check(CLI::PositiveNumber);
   app.add_option("--only", only, "one table")->check(CLI::IsMember({"shapes", "scaling"}));
   app.add_flag("--quick", quick, "2 rounds of 2 iterations");
+  app.add_option("--columns", column_list,
+                 "comma-separated columns, first is the one compared (default: all of the table; "
+                 "also: pipeline = moeforge's dispatch pipeline at ep 1)");
   app.add_flag("--no-python", no_python, "moeforge and its dense column only");
   app.add_flag("--profile", profile, "only: self time per op category of one moeforge step");
   CLI11_PARSE(app, argc, argv);
   if (quick) rounds = iterations = 2;
   const auto pick = [&](std::vector<std::string> names) {
+    if (!column_list.empty()) {
+      names.clear();
+      std::stringstream list(column_list);
+      for (std::string name; std::getline(list, name, ',');) names.push_back(name);
+    }
     if (no_python)
-      std::erase_if(names, [](const auto& n) { return n != "moeforge" && n != "dense"; });
+      std::erase_if(names,
+                    [](const auto& n) { return n == "eager" || n == "hf" || n == "dense-py"; });
     return columns(names);
   };
   if (profile) {
@@ -394,8 +410,7 @@ int main(int argc, char** argv) {
   if (only != "scaling") {
     const auto cols = pick({"moeforge", "dense", "eager", "hf", "dense-py"});
     const auto shapes = reference_shapes();
-    print_table("MoE layer fwd+bwd (vs X: X's time / moeforge's, median [min-max] of rounds)",
-                shapes, cols, run_rounds(shapes, cols, rounds, iterations));
+    print_table("MoE layer fwd+bwd", shapes, cols, run_rounds(shapes, cols, rounds, iterations));
   }
   if (only != "shapes") {
     const auto cols = pick({"moeforge", "dense", "eager"});
