@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 
 namespace moeforge::moe {
 namespace {
@@ -58,6 +59,63 @@ int64_t largest(const std::vector<int64_t>& counts) {
   return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
 }
 
+// Experts split into contiguous shares, one per thread, balanced by rows: boundaries
+// [0, b1, ..., E]. Shares run concurrently with each op single-threaded, which beats threading
+// every small GEMM and elementwise op of a fine-grained layer (each a fork and join). One share
+// (every op multi-threaded) when there is one thread or no split keeps the shares within 25% of
+// an even split (one large expert, or fewer experts than threads).
+std::vector<int64_t> thread_shares(const std::vector<int64_t>& rows) {
+  const auto experts = static_cast<int64_t>(rows.size());
+  const int64_t threads = at::get_num_threads();
+  const int64_t total = std::accumulate(rows.begin(), rows.end(), int64_t{0});
+  std::vector<int64_t> bounds = {0};
+  int64_t sum = 0, biggest = 0, share_start = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    sum += rows[e];
+    const auto shares = static_cast<int64_t>(bounds.size());
+    if (shares < threads && sum * threads >= total * shares) {
+      biggest = std::max(biggest, sum - share_start);
+      share_start = sum;
+      bounds.push_back(e + 1);
+    }
+  }
+  biggest = std::max(biggest, sum - share_start);
+  if (bounds.back() != experts) bounds.push_back(experts);
+  const bool balanced = threads > 1 && static_cast<int64_t>(bounds.size()) == threads + 1 &&
+                        biggest * threads * 4 <= total * 5;
+  return balanced ? bounds : std::vector<int64_t>{0, experts};
+}
+
+// per_expert(e, first row, rows, share) for every expert, shares concurrently.
+template <class PerExpert>
+void for_each_expert(const std::vector<int64_t>& rows, const std::vector<int64_t>& bounds,
+                     const PerExpert& per_expert) {
+  std::vector<int64_t> first(rows.size() + 1, 0);
+  std::partial_sum(rows.begin(), rows.end(), first.begin() + 1);
+  const auto run_share = [&](int64_t share) {
+    for (int64_t e = bounds[share]; e < bounds[share + 1]; ++e)
+      per_expert(e, first[e], rows[e], share);
+  };
+  const auto shares = static_cast<int64_t>(bounds.size()) - 1;
+  if (shares == 1) return run_share(0);
+  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t share = begin; share < end; ++share) run_share(share);
+  });
+}
+
+// One output (y or dx) per share, so concurrent shares never add into the same token; the
+// first is the result, the others are added into it after the shares finish.
+std::vector<at::Tensor> share_outputs(const at::Tensor& like, size_t shares) {
+  std::vector<at::Tensor> outputs;
+  for (size_t s = 0; s < shares; ++s) outputs.push_back(at::zeros_like(like));
+  return outputs;
+}
+
+at::Tensor sum_shares(const std::vector<at::Tensor>& outputs) {
+  for (size_t s = 1; s < outputs.size(); ++s) outputs[0].add_(outputs[s]);
+  return outputs[0];
+}
+
 class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -67,53 +125,67 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     const int64_t rows_total = token_of_row.size(0), ffn = w_gate.size(1);
     auto gate_out = at::empty({rows_total, ffn}, x.options());
     auto up_out = at::empty({rows_total, ffn}, x.options());
-    auto y = at::zeros_like(x);
-    Scratch scratch(largest(rows_per_expert), x.size(1), ffn, x.options());
-    int64_t first = 0;
-    for (size_t e = 0; e < rows_per_expert.size(); ++e) {
-      const int64_t n = rows_per_expert[e];
-      if (n > 0) {
-        const auto expert = static_cast<int64_t>(e);
-        const int64_t* tokens = token_of_row.const_data_ptr<int64_t>() + first;
-        const auto rows = scratch.rows.narrow(0, 0, n);
-        gather_rows(x, tokens, rows);
-        auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
-        at::mm_out(g, rows, w_gate[expert].t());
-        at::mm_out(u, rows, w_up[expert].t());
-        auto h = scratch.activation.narrow(0, 0, n);
-        at::silu_out(h, g).mul_(u);
-        auto out = scratch.other_rows.narrow(0, 0, n);
-        at::mm_out(out, h, w_down[expert].t());
-        add_rows(y, tokens, out, row_gates.const_data_ptr<float>() + first);
-      }
-      first += n;
-    }
+    const auto bounds = thread_shares(rows_per_expert);
+    const auto y = share_outputs(x, bounds.size() - 1);
+    std::vector<Scratch> scratch;
+    for (size_t s = 0; s + 1 < bounds.size(); ++s)
+      scratch.emplace_back(largest(rows_per_expert), x.size(1), ffn, x.options());
+    for_each_expert(rows_per_expert, bounds, [&](int64_t e, int64_t first, int64_t n, int64_t s) {
+      if (n == 0) return;
+      const int64_t* tokens = token_of_row.const_data_ptr<int64_t>() + first;
+      const auto rows = scratch[s].rows.narrow(0, 0, n);
+      gather_rows(x, tokens, rows);
+      auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
+      at::mm_out(g, rows, w_gate[e].t());
+      at::mm_out(u, rows, w_up[e].t());
+      auto h = scratch[s].activation.narrow(0, 0, n);
+      at::silu_out(h, g).mul_(u);
+      auto out = scratch[s].other_rows.narrow(0, 0, n);
+      at::mm_out(out, h, w_down[e].t());
+      add_rows(y[s], tokens, out, row_gates.const_data_ptr<float>() + first);
+    });
     ctx->save_for_backward({x, row_gates, w_gate, w_up, w_down, token_of_row, gate_out, up_out});
     ctx->saved_data["rows"] = rows_per_expert;
-    return y;
+    return sum_shares(y);
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const auto rows_per_expert = ctx->saved_data["rows"].toIntVector();
-    Gradients grads(saved, grad_outputs[0].contiguous(), largest(rows_per_expert));
-    int64_t first = 0;
-    for (size_t e = 0; e < rows_per_expert.size(); ++e) {
-      if (rows_per_expert[e] > 0)
-        grads.add_expert(static_cast<int64_t>(e), first, rows_per_expert[e]);
+    const auto bounds = thread_shares(rows_per_expert);
+    Gradients grads(saved, grad_outputs[0].contiguous(), largest(rows_per_expert),
+                    bounds.size() - 1);
+    for_each_expert(rows_per_expert, bounds, [&](int64_t e, int64_t first, int64_t n, int64_t s) {
+      if (n > 0)
+        grads.add_expert(e, first, n, grads.shares[s]);
       else
-        grads.zero_expert(static_cast<int64_t>(e));
-      first += rows_per_expert[e];
-    }
-    return {grads.x,      grads.row_gates, grads.w_gate, grads.w_up,
-            grads.w_down, at::Tensor(),    at::Tensor()};
+        grads.zero_expert(e);
+    });
+    std::vector<at::Tensor> dx;
+    for (const auto& share : grads.shares) dx.push_back(share.x);
+    return {sum_shares(dx), grads.row_gates, grads.w_gate, grads.w_up,
+            grads.w_down,   at::Tensor(),    at::Tensor()};
   }
 
  private:
+  // One thread share's scratch and its part of dx.
+  struct Share {
+    Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows)
+        : scratch(max_rows, x_in.size(1), wg.size(1), x_in.options()),
+          gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
+          gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
+          gate_up_weight_grad(at::empty_like(gate_up_weight)),
+          x(at::zeros_like(x_in)) {}
+    Scratch scratch;
+    at::Tensor gate_up, gate_up_weight, gate_up_weight_grad;  // [rows, 2F], [2F, H], [2F, H]
+    at::Tensor x;                                             // this share's part of dx
+  };
+
   // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
   struct Gradients {
-    Gradients(const std::vector<at::Tensor>& saved, at::Tensor grad_y, int64_t max_rows)
+    Gradients(const std::vector<at::Tensor>& saved, at::Tensor grad_y, int64_t max_rows,
+              size_t num_shares)
         : x_in(saved[0]),
           gates_in(saved[1]),
           wg(saved[2]),
@@ -123,15 +195,12 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
           gate_out(saved[6]),
           up_out(saved[7]),
           dy(std::move(grad_y)),
-          x(at::zeros_like(x_in)),
           row_gates(at::empty_like(gates_in)),
           w_gate(at::empty_like(wg)),  // every expert's slice is written: by a GEMM or zeroed
           w_up(at::empty_like(wu)),
-          w_down(at::empty_like(wd)),
-          scratch(max_rows, x_in.size(1), wg.size(1), x_in.options()),
-          gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
-          gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
-          gate_up_weight_grad(at::empty_like(gate_up_weight)) {}
+          w_down(at::empty_like(wd)) {
+      for (size_t s = 0; s < num_shares; ++s) shares.emplace_back(x_in, wg, max_rows);
+    }
 
     // An expert that received no rows has a zero gradient.
     void zero_expert(int64_t e) {
@@ -140,8 +209,9 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       w_down[e].zero_();
     }
 
-    void add_expert(int64_t e, int64_t first, int64_t n) {
+    void add_expert(int64_t e, int64_t first, int64_t n, Share& share) {
       const int64_t* index = tokens.const_data_ptr<int64_t>() + first;
+      auto& scratch = share.scratch;
       const auto rows = scratch.rows.narrow(0, 0, n), dy_rows = scratch.other_rows.narrow(0, 0, n);
       gather_rows(x_in, index, rows);
       gather_rows(dy, index, dy_rows);
@@ -162,23 +232,22 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       // The gate and up projections go back through one GEMM each way, [dg | du]·[Wg; Wu] and
       // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes.
       const int64_t ffn = wg.size(1);
-      auto d_gate_up = gate_up.narrow(0, 0, n);  // [n, 2F]
+      auto d_gate_up = share.gate_up.narrow(0, 0, n);  // [n, 2F]
       auto d_gate = d_gate_up.narrow(1, 0, ffn), d_up = d_gate_up.narrow(1, ffn, ffn);
       at::mul_out(d_up, dh, silu_g);
       at::silu_backward_out(d_gate, dh.mul_(u), g);
-      at::cat_out(gate_up_weight, {wg[e], wu[e]});  // [2F, H]
-      at::mm_out(gate_up_weight_grad, d_gate_up.t(), rows);
-      w_gate[e].copy_(gate_up_weight_grad.narrow(0, 0, ffn));
-      w_up[e].copy_(gate_up_weight_grad.narrow(0, ffn, ffn));
+      at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
+      at::mm_out(share.gate_up_weight_grad, d_gate_up.t(), rows);
+      w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));
+      w_up[e].copy_(share.gate_up_weight_grad.narrow(0, ffn, ffn));
       auto d_rows = scratch.other_rows.narrow(0, 0, n);  // dy_rows is no longer needed
-      at::mm_out(d_rows, d_gate_up, gate_up_weight);
-      add_rows(x, index, d_rows, nullptr);
+      at::mm_out(d_rows, d_gate_up, share.gate_up_weight);
+      add_rows(share.x, index, d_rows, nullptr);
     }
 
     at::Tensor x_in, gates_in, wg, wu, wd, tokens, gate_out, up_out, dy;
-    at::Tensor x, row_gates, w_gate, w_up, w_down;  // the gradients
-    Scratch scratch;
-    at::Tensor gate_up, gate_up_weight, gate_up_weight_grad;  // [rows, 2F], [2F, H], [2F, H]
+    at::Tensor row_gates, w_gate, w_up, w_down;  // the gradients (x's: the shares' sum)
+    std::vector<Share> shares;
   };
 };
 
