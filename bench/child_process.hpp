@@ -26,6 +26,7 @@ inline long current_rss_kb() {
 template <class Result>
 Result run_in_child(const std::function<Result()>& measure) {
   static_assert(std::is_trivially_copyable_v<Result>);
+  std::fflush(nullptr);  // or the child inherits unwritten output and writes it a second time
   int fds[2];
   if (pipe(fds) != 0) return {};
   const pid_t pid = fork();
