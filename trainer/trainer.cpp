@@ -21,11 +21,11 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/convert/tokenizer_files.hpp"
-#include "trainer/runtime/device.hpp"
 #include "trainer/load_statistics.hpp"
 #include "trainer/memory_report.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/run_banner.hpp"
+#include "trainer/runtime/device.hpp"
 #include "trainer/step_profiler.hpp"
 #include "trainer/stop_signal.hpp"
 

@@ -10,8 +10,8 @@
 #include "parallel/recompute.hpp"
 #include "trainer/common/hashing.hpp"
 #include "trainer/model/cross_entropy.hpp"
-#include "trainer/model/rotary.hpp"
 #include "trainer/model/rms_norm.hpp"
+#include "trainer/model/rotary.hpp"
 
 namespace moeforge {
 
@@ -97,9 +97,8 @@ std::array<at::Tensor, 3> AttentionImpl::project(const at::Tensor& x) const {
   const int64_t batch = x.size(0), seq = x.size(1);
   const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
   const auto weight = at::cat({q_proj->weight, k_proj->weight, v_proj->weight});
-  const auto bias = q_proj->bias.defined()
-                        ? at::cat({q_proj->bias, k_proj->bias, v_proj->bias})
-                        : at::Tensor();
+  const auto bias =
+      q_proj->bias.defined() ? at::cat({q_proj->bias, k_proj->bias, v_proj->bias}) : at::Tensor();
   const auto qkv = at::linear(x, weight, bias).split_with_sizes({q_size, kv_size, kv_size}, -1);
   return {qkv[0].view({batch, seq, num_heads_, head_dim_}),
           qkv[1].view({batch, seq, num_kv_heads_, head_dim_}),
@@ -120,7 +119,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, AttentionCache* cache) {
   const int64_t batch = x.size(0), seq = x.size(1);
   const int64_t cached = cache ? cache->positions() : 0;
   auto [q, k, v] = project(x);  // [B, S, heads, D]
-  if (q_norm) {  // per head, over the head dimension (Qwen3)
+  if (q_norm) {                 // per head, over the head dimension (Qwen3)
     q = q_norm->forward(q);
     k = k_norm->forward(k);
   }
@@ -142,8 +141,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, AttentionCache* cache) {
   const bool grouped = num_kv_heads_ != num_heads_;
   at::Tensor attended;
   if (cached == 0) {
-    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true,
-                                                std::nullopt, grouped);
+    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt,
+                                                grouped);
   } else {  // query i (position cached + i) sees keys 0 .. cached + i
     const auto query_pos = at::arange(cached, cached + seq, x.options().dtype(at::kLong));
     const auto key_pos = at::arange(cached + seq, x.options().dtype(at::kLong));

@@ -31,7 +31,8 @@ void forward_rows(const T* x, const T* w, T* y, T* rstd, int64_t rows, int64_t s
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * size;
       T* yr = y + r * size;
-      const T inv = T(1) / std::sqrt(dot(xr, xr, size) / static_cast<T>(size) + static_cast<T>(eps));
+      const T inv =
+          T(1) / std::sqrt(dot(xr, xr, size) / static_cast<T>(size) + static_cast<T>(eps));
       rstd[r] = inv;
       for (int64_t i = 0; i < size; ++i) yr[i] = xr[i] * inv * w[i];
     }
