@@ -22,8 +22,8 @@ import re
 MOE_OPS = [
     ("moe: expert GEMMs", r"grouped_mm|^aten::mm$|mm_out|GroupedMatmul|^aten::bmm$"),
     ("moe: routing (router, top-k, aux/z-loss, counters)",
-     r"topk|softmax|sigmoid|logsumexp|bincount|one_hot|histc|entropy|^aten::matmul$|"
-     r"^aten::linear$|^aten::addmm$|scatter_add|log$|^aten::mean|^aten::sum"),
+     r"topk|softmax|sigmoid|logsumexp|bincount|one_hot|histc|entropy|scatter_add|log$|"
+     r"^aten::mean|^aten::sum"),
     ("moe: permutation (argsort, index_select, all-to-all)",
      r"argsort|sort|index_select|gather|AllToAll|all_to_all|cumsum|floor_divide|repeat"),
     ("moe: SwiGLU elementwise", r"silu|Silu"),
@@ -84,17 +84,26 @@ def summarise(events):
     categories = set(SCOPE_CATEGORY)
     totals = collections.Counter()
 
+    router_matmul = {}  # moe scope start -> ts of its first matmul (the router's)
+
     def forward_category(op):
         scope = intervals.innermost(op["ts"], categories)
         if scope is None:
             return "other (outside model scopes)"
         category = SCOPE_CATEGORY[scope["name"]]
-        return moe_category(op["name"]) if category == "moe" else category
+        if category != "moe":
+            return category
+        if op["name"] in ("aten::matmul", "aten::linear"):
+            # The router's projection runs first in the layer; later ones are shared experts.
+            first = router_matmul.setdefault(scope["ts"], op["ts"])
+            return ("moe: routing (router, top-k, aux/z-loss, counters)" if first == op["ts"]
+                    else "moe: shared experts (GEMMs)")
+        return moe_category(op["name"])
 
     # Sequence number -> category of the forward op that made the autograd node.
     by_sequence = {}
     backward_nodes = []
-    for op in ops:
+    for op in sorted(ops, key=lambda e: e["ts"]):
         sequence = op.get("args", {}).get("Sequence number")
         if op["name"].startswith("autograd::engine::evaluate_function"):
             backward_nodes.append(op)

@@ -1,10 +1,9 @@
 #pragma once
-// Mean next-token cross-entropy as one autograd node that never materialises the log-softmax:
-// forward keeps one logsumexp per row, backward writes the logits' gradient
-// (softmax − one-hot) · g / count in the same row pass. Rows whose target is -100 are ignored
-// (at::cross_entropy_loss's ignore_index), the mean is over the others. On the CPU in fp32 /
-// float64 (at::parallel_for over rows, accumulation in the logits' type); elsewhere
-// at::cross_entropy_loss.
+// Mean next-token cross-entropy as one autograd node that never keeps the log-softmax: forward
+// keeps one logsumexp per row (computed in row chunks, so its temporary stays small), backward
+// builds the logits' gradient (softmax − one-hot) · g / count in its one output buffer. Rows
+// whose target is -100 are ignored (at::cross_entropy_loss's ignore_index), the mean is over the
+// others. CPU fp32 / float64; elsewhere at::cross_entropy_loss.
 #include <ATen/core/Tensor.h>
 
 namespace moeforge {
