@@ -7,8 +7,11 @@
 #include "moe/experts.hpp"
 #include "parallel/process_groups.hpp"
 #include "trainer/load_statistics.hpp"
+#include "trainer/model/cross_entropy.hpp"
 #include "trainer/model/flops.hpp"
 #include "trainer/model/model.hpp"
+#include "trainer/model/rms_norm.hpp"
+#include "trainer/model/rotary.hpp"
 #include "trainer/optim/optimizer.hpp"
 
 namespace moeforge {
@@ -33,6 +36,74 @@ TEST(RMSNorm, MatchesFormula) {
   EXPECT_LT(relative_error(norm->forward(x), expected), 1e-6);
 }
 
+// The fused CPU kernel (fp32 and float64) against autograd of the composite float64 formula:
+// output, input gradient and weight gradient, on rows that do not fill whole parallel tasks
+// and a width that is not a multiple of the kernel's 8 accumulators.
+TEST(RMSNorm, FusedKernelMatchesFloat64FormulaAndGradients) {
+  at::manual_seed(2);
+  for (const auto type : {at::kFloat, at::kDouble}) {
+    for (const int64_t size : {6, 64, 131}) {
+      const auto x64 = at::randn({3, 77, size}, at::kDouble);
+      const auto w64 = 1.0 + 0.3 * at::randn({size}, at::kDouble);
+      const auto dy64 = at::randn({3, 77, size}, at::kDouble);
+      const auto reference = [&](at::Tensor& dx, at::Tensor& dw) {
+        const auto x = x64.clone().requires_grad_(true), w = w64.clone().requires_grad_(true);
+        const auto y = x / at::sqrt((x * x).mean(-1, true) + 1e-5) * w;
+        y.backward(dy64);
+        dx = x.grad();
+        dw = w.grad();
+        return y.detach();
+      };
+      at::Tensor dx_ref, dw_ref;
+      const auto y_ref = reference(dx_ref, dw_ref);
+      const auto x = x64.to(type).requires_grad_(true), w = w64.to(type).requires_grad_(true);
+      const auto y = rms_norm(x, w, 1e-5);
+      y.backward(dy64.to(type));
+      const double tolerance = type == at::kFloat ? 1e-6 : 1e-13;
+      EXPECT_EQ(y.scalar_type(), type);
+      EXPECT_LT(relative_error(y, y_ref), tolerance) << size;
+      EXPECT_LT(relative_error(x.grad(), dx_ref), tolerance) << size;
+      EXPECT_LT(relative_error(w.grad(), dw_ref), tolerance) << size;
+    }
+  }
+}
+
+// bf16 input (autocast) keeps the composite path: normalised in fp32, cast back to bf16.
+TEST(RMSNorm, Bf16InputTakesTheCompositePath) {
+  const auto x = at::randn({4, 16}).to(at::kBFloat16);
+  const auto w = at::ones({16});
+  const auto y = rms_norm(x, w, 1e-6);
+  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(y, rms_norm_composite(x, w, 1e-6)));
+}
+
+// The fused CPU cross-entropy (fp32 and float64) against the float64 log-softmax formula and
+// its autograd gradient, with ignored (-100) targets; out-of-range targets are refused.
+TEST(CrossEntropy, FusedKernelMatchesFloat64FormulaAndGradient) {
+  at::manual_seed(4);
+  const int64_t rows = 37, vocab = 53;
+  const auto logits64 = 3.0 * at::randn({rows, vocab}, at::kDouble);
+  auto targets = at::randint(vocab, {rows}, at::kLong);
+  targets.index_put_({at::arange(0, rows, 5)}, -100);
+  const auto ref_in = logits64.clone().requires_grad_(true);
+  const auto valid = targets != -100;
+  const auto picked = -ref_in.log_softmax(-1).gather(1, targets.clamp_min(0).unsqueeze(1));
+  const auto ref_loss = picked.squeeze(1).masked_select(valid).mean();
+  (2.5 * ref_loss).backward();
+  for (const auto type : {at::kFloat, at::kDouble}) {
+    const auto logits = logits64.to(type).requires_grad_(true);
+    const auto loss = cross_entropy(logits, targets);
+    (2.5 * loss).backward();
+    const double tolerance = type == at::kFloat ? 1e-6 : 1e-13;
+    EXPECT_EQ(loss.scalar_type(), type);
+    EXPECT_LT(relative_error(loss, ref_loss), tolerance);
+    EXPECT_LT(relative_error(logits.grad(), ref_in.grad()), tolerance);
+  }
+  auto bad = targets.clone();
+  bad[1] = vocab;
+  EXPECT_THROW(cross_entropy(logits64, bad), c10::Error);
+}
+
 TEST(Rope, RotatesEachPairByPositionTimesFrequency) {
   const int64_t heads = 2, seq = 5, dim = 8;
   const double theta = 500.0;
@@ -49,6 +120,30 @@ TEST(Rope, RotatesEachPairByPositionTimesFrequency) {
         expected[0][h][p][i + dim / 2] = b * std::cos(angle) + a * std::sin(angle);
       }
   EXPECT_LT(relative_error(y, expected), 1e-6);
+}
+
+// The fused CPU rotation on [B, S, heads, D] against apply_rope (the [B, heads, S, D] formula)
+// in float64, its input gradient against autograd of that formula, and fp32 bit for bit
+// against the composite (same products and sums in the same order).
+TEST(Rope, FusedKernelMatchesFormulaAndGradients) {
+  at::manual_seed(3);
+  const int64_t batch = 2, seq = 7, heads = 3, dim = 10, first = 5;
+  const auto inv_freq =
+      1.0 / at::pow(10000.0, at::arange(0, dim, 2, at::kDouble) / static_cast<double>(dim));
+  const auto x64 = at::randn({batch, seq, heads, dim}, at::kDouble);
+  const auto dy64 = at::randn({batch, seq, heads, dim}, at::kDouble);
+  const auto x_ref = x64.clone().requires_grad_(true);
+  const auto y_ref = apply_rope(x_ref.transpose(1, 2), inv_freq, first).transpose(1, 2);
+  y_ref.backward(dy64);
+  const auto x = x64.clone().requires_grad_(true);
+  const auto y = rotary_embedding(x, rotary_table(inv_freq, first, seq, x));
+  y.backward(dy64);
+  EXPECT_LT(relative_error(y, y_ref), 1e-14);
+  EXPECT_LT(relative_error(x.grad(), x_ref.grad()), 1e-14);
+
+  const auto x32 = x64.to(at::kFloat);
+  const auto table32 = rotary_table(inv_freq, first, seq, x32);
+  EXPECT_TRUE(at::equal(rotary_embedding(x32, table32), rotary_embedding_composite(x32, table32)));
 }
 
 TEST(Attention, CausalGqaMatchesNaiveFloat64) {
@@ -101,6 +196,56 @@ TEST(Attention, CausalGqaMatchesNaiveFloat64) {
     const auto merged = heads_out.transpose(1, 2).reshape({batch, seq, 16});
     const auto expected = at::matmul(merged, attn->o_proj->weight.to(at::kDouble).t());
     EXPECT_LT(relative_error(y, expected), 1e-5) << "bias " << bias;
+  }
+}
+
+// Gradients of the attention layer (fused q/k/v projection, fused RoPE, SDPA with shared kv
+// heads) in float64 against autograd of the unfused formula: separate projections,
+// apply_rope, repeated kv heads, explicit causal softmax.
+TEST(Attention, GradientsMatchUnfusedFloat64) {
+  for (const bool bias : {false, true}) {
+    ModelConfig c;
+    c.hidden_size = 16;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.qkv_bias = bias;
+    c.rope_theta = 10000.0;
+    Attention attn(c);
+    at::manual_seed(8);
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : attn->parameters()) p.normal_(0, 0.3);
+    }
+    attn->to(at::kDouble);
+    const int64_t batch = 2, seq = 6, hd = 4;
+    const auto x = at::randn({batch, seq, 16}, at::kDouble).requires_grad_(true);
+    const auto dy = at::randn({batch, seq, 16}, at::kDouble);
+    attn->forward(x).backward(dy);
+    std::vector<at::Tensor> grads{x.grad()};
+    for (const auto& p : attn->parameters()) grads.push_back(p.grad());
+
+    const auto x_ref = x.detach().clone().requires_grad_(true);
+    std::vector<at::Tensor> params;
+    for (const auto& p : attn->parameters()) params.push_back(p.detach().clone().requires_grad_());
+    // parameters() order: q, (q bias), k, (k bias), v, (v bias), o
+    const int64_t stride = bias ? 2 : 1;
+    const auto proj = [&](int64_t index, int64_t heads) {
+      const auto& w = params[index * stride];
+      auto out = at::matmul(x_ref, w.t());
+      if (bias) out = out + params[index * stride + 1];
+      return out.view({batch, seq, heads, hd}).transpose(1, 2);
+    };
+    const auto q = apply_rope(proj(0, 4), 10000.0);
+    const auto k = apply_rope(proj(1, 2), 10000.0).repeat_interleave(2, 1);
+    const auto v = proj(2, 2).repeat_interleave(2, 1);
+    const auto causal = at::ones({seq, seq}, at::kBool).triu(1);
+    const auto scores = at::matmul(q, k.transpose(2, 3)) / std::sqrt(static_cast<double>(hd));
+    const auto heads_out = at::matmul(scores.masked_fill(causal, -INFINITY).softmax(-1), v);
+    const auto merged = heads_out.transpose(1, 2).reshape({batch, seq, 16});
+    at::matmul(merged, params.back().t()).backward(dy);
+    EXPECT_LT(relative_error(grads[0], x_ref.grad()), 1e-12) << "bias " << bias;
+    for (size_t i = 0; i < params.size(); ++i)
+      EXPECT_LT(relative_error(grads[i + 1], params[i].grad()), 1e-12) << "bias " << bias << i;
   }
 }
 

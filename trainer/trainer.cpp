@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <fmt/format.h>
 
 #include <chrono>
@@ -20,11 +21,12 @@
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/convert/tokenizer_files.hpp"
-#include "trainer/runtime/device.hpp"
 #include "trainer/load_statistics.hpp"
 #include "trainer/memory_report.hpp"
 #include "trainer/model/model_weights.hpp"
 #include "trainer/run_banner.hpp"
+#include "trainer/runtime/device.hpp"
+#include "trainer/step_profiler.hpp"
 #include "trainer/stop_signal.hpp"
 
 namespace fs = std::filesystem;
@@ -135,6 +137,9 @@ class TraceWindow {
   void before_step(int64_t step) const {
     parallel::trace::enable(on_ && step >= first_ && step <= last_);
   }
+
+  int64_t first_step() const { return first_; }
+  int64_t last_step() const { return last_; }
 
   void after_step(int64_t step, const std::string& out_dir, int rank, bool print) const {
     if (!on_ || step != last_ || step < first_) return;
@@ -364,7 +369,11 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     at::Tensor lm_loss;
     {
       const AutocastScope autocast(device_, bf16_);
-      out = model_->forward(batch.narrow(1, 0, t.seq_len), routing_inputs(first, fractions));
+      {
+        RECORD_USER_SCOPE("forward");
+        out = model_->forward(batch.narrow(1, 0, t.seq_len), routing_inputs(first, fractions));
+      }
+      RECORD_USER_SCOPE("loss");
       lm_loss = language_model_loss(out.logits, targets_of(batch));
     }
     parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
@@ -376,6 +385,7 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
     }
     {
       const parallel::trace::Span span("compute", "backward");
+      RECORD_USER_SCOPE("backward");
       (total / static_cast<double>(t.grad_accum)).backward();
     }
     totals.losses +=
@@ -390,6 +400,7 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
         fmt::format("non-finite loss ({}) on rank {} at step {}: lower train.lr or check the data",
                     loss, rank, state_.step + 1));
   const parallel::trace::Span span("compute", "gradient sync (wait)");
+  RECORD_USER_SCOPE("gradient sync");
   dense_sync_->synchronize();
   expert_sync_->synchronize();
   return totals;
@@ -474,6 +485,7 @@ StepMetrics Trainer::train_step() {
   bool update = false;
   {
     const parallel::trace::Span span("compute", "clip + optimizer");
+    RECORD_USER_SCOPE("clip + optimizer");
     grad_norm = clip_gradients();
     update = accept_update(grad_norm);
     if (update) apply_update(lr);
@@ -664,12 +676,18 @@ RunSummary Trainer::run() {
                             {groups_.world->size(), groups_.ep_size, state_.step, end_step})
               << std::endl;
   const TraceWindow trace(config_.logging, state_.step, end_step);
+  StepProfiler profiler(trace.first_step(), trace.last_step(), write && is_root_,
+                        device_.is_cuda());
   const auto run_start = Clock::now();
   const int64_t start_step = state_.step;
   while (state_.step < end_step) {
     trace.before_step(state_.step + 1);
+    profiler.before_step(state_.step + 1);
     const auto step_start = parallel::trace::Clock::now();
-    auto m = train_step();
+    auto m = [this] {
+      RECORD_USER_SCOPE("train_step");
+      return train_step();
+    }();
     parallel::trace::record("step", fmt::format("step {}", m.step), step_start,
                             parallel::trace::Clock::now());  // boundaries for plot_trace.py
     m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
@@ -677,6 +695,7 @@ RunSummary Trainer::run() {
                     static_cast<double>(end_step - state_.step);
     warn_if_unbalanced(m);
     trace.after_step(m.step, t.out_dir, groups_.world->rank(), print);
+    profiler.after_step(m.step, print);
     summary.steps.push_back(m);
     summary.skipped_steps += m.skipped ? 1 : 0;
     if (m.stop_requested) {  // every rank agreed: record the step, checkpoint, stop

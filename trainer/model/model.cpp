@@ -2,12 +2,16 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/record_function.h>
 
 #include <cmath>
 #include <string>
 
 #include "parallel/recompute.hpp"
 #include "trainer/common/hashing.hpp"
+#include "trainer/model/cross_entropy.hpp"
+#include "trainer/model/rms_norm.hpp"
+#include "trainer/model/rotary.hpp"
 
 namespace moeforge {
 
@@ -15,12 +19,10 @@ RMSNormImpl::RMSNormImpl(int64_t size, double eps) : eps_(eps) {
   weight = register_parameter("weight", at::ones({size}));
 }
 
+// The RECORD_USER_SCOPEs name the model's parts in a profile (trainer/step_profiler.hpp).
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  // At least fp32 (bf16/f16 inputs are upcast); float64 stays float64 (reference runs).
-  const auto type = at::promote_types(x.scalar_type(), at::kFloat);
-  const auto xf = x.to(type);
-  const auto normed = xf * at::rsqrt(xf.square().mean(-1, true) + eps_);
-  return (normed * weight.to(type)).to(x.scalar_type());
+  RECORD_USER_SCOPE("norm");
+  return rms_norm(x, weight, eps_);
 }
 
 at::Tensor rope_inverse_frequencies(const ModelConfig& config) {
@@ -89,19 +91,43 @@ AttentionImpl::AttentionImpl(const ModelConfig& c)
   }
 }
 
+// q, k, v as [B, S, heads, D] views of one GEMM against the three weights concatenated (one
+// pass over x instead of three, one input gradient instead of three summed).
+std::array<at::Tensor, 3> AttentionImpl::project(const at::Tensor& x) const {
+  const int64_t batch = x.size(0), seq = x.size(1);
+  const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+  const auto weight = at::cat({q_proj->weight, k_proj->weight, v_proj->weight});
+  const auto bias =
+      q_proj->bias.defined() ? at::cat({q_proj->bias, k_proj->bias, v_proj->bias}) : at::Tensor();
+  const auto qkv = at::linear(x, weight, bias).split_with_sizes({q_size, kv_size, kv_size}, -1);
+  return {qkv[0].view({batch, seq, num_heads_, head_dim_}),
+          qkv[1].view({batch, seq, num_kv_heads_, head_dim_}),
+          qkv[2].view({batch, seq, num_kv_heads_, head_dim_})};
+}
+
+const RotaryTable& AttentionImpl::rotary(int64_t first_position, int64_t count,
+                                         const at::Tensor& like) {
+  const bool same = rotary_.positions() == count && rotary_.first_position == first_position &&
+                    rotary_.cos.options().dtype() == like.options().dtype() &&
+                    rotary_.cos.device() == like.device();
+  if (!same) rotary_ = rotary_table(inv_freq_, first_position, count, like);
+  return rotary_;
+}
+
 at::Tensor AttentionImpl::forward(const at::Tensor& x, AttentionCache* cache) {
+  RECORD_USER_SCOPE("attention");
   const int64_t batch = x.size(0), seq = x.size(1);
   const int64_t cached = cache ? cache->positions() : 0;
-  // [B, S, heads·D] -> [B, heads, S, D]
-  auto q = q_proj->forward(x).view({batch, seq, num_heads_, head_dim_}).transpose(1, 2);
-  auto k = k_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
-  auto v = v_proj->forward(x).view({batch, seq, num_kv_heads_, head_dim_}).transpose(1, 2);
-  if (q_norm) {  // per head, over the head dimension (Qwen3)
+  auto [q, k, v] = project(x);  // [B, S, heads, D]
+  if (q_norm) {                 // per head, over the head dimension (Qwen3)
     q = q_norm->forward(q);
     k = k_norm->forward(k);
   }
-  q = apply_rope(q, inv_freq_, cached);
-  k = apply_rope(k, inv_freq_, cached);
+  const auto& table = rotary(cached, seq, q);
+  // -> [B, heads, S, D]
+  q = rotary_embedding(q, table).transpose(1, 2);
+  k = rotary_embedding(k, table).transpose(1, 2);
+  v = v.transpose(1, 2);
   if (cache) {
     if (cached > 0) {
       k = at::cat({cache->keys, k}, 2);
@@ -110,18 +136,19 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, AttentionCache* cache) {
     cache->keys = k;
     cache->values = v;
   }
-  if (num_kv_heads_ != num_heads_) {  // grouped-query attention: share each kv head
-    k = k.repeat_interleave(num_heads_ / num_kv_heads_, 1);
-    v = v.repeat_interleave(num_heads_ / num_kv_heads_, 1);
-  }
+  // Grouped-query attention: SDPA shares each kv head among its query heads itself, without
+  // the repeated copies of k and v (and their summed gradients).
+  const bool grouped = num_kv_heads_ != num_heads_;
   at::Tensor attended;
   if (cached == 0) {
-    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    attended = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt,
+                                                grouped);
   } else {  // query i (position cached + i) sees keys 0 .. cached + i
     const auto query_pos = at::arange(cached, cached + seq, x.options().dtype(at::kLong));
     const auto key_pos = at::arange(cached + seq, x.options().dtype(at::kLong));
     const auto visible = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1);  // [S, cached + S]
-    attended = at::scaled_dot_product_attention(q, k, v, visible, 0.0, /*is_causal=*/false);
+    attended = at::scaled_dot_product_attention(q, k, v, visible, 0.0, /*is_causal=*/false,
+                                                std::nullopt, grouped);
   }
   return o_proj->forward(attended.transpose(1, 2).reshape({batch, seq, num_heads_ * head_dim_}));
 }
@@ -158,7 +185,11 @@ DecoderBlockImpl::Result DecoderBlockImpl::forward_stored(const at::Tensor& x,
   const auto normed_in = attn_norm->forward(x);
   auto h = x + (cache ? attn->forward(normed_in, cache) : attention(normed_in));
   const auto normed = mlp_norm->forward(h);
-  if (dense_mlp) return Result::dense(h + dense_mlp->forward(normed));
+  if (dense_mlp) {
+    RECORD_USER_SCOPE("dense mlp");
+    return Result::dense(h + dense_mlp->forward(normed));
+  }
+  RECORD_USER_SCOPE("moe");
   const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);
   auto moe_out = moe_mlp->forward(normed.reshape({batch * seq, hidden}), seq, routing);  // [T, H]
   return {h + moe_out.y.view({batch, seq, hidden}), moe_out.aux_loss, moe_out.z_loss,
@@ -209,7 +240,10 @@ LmOutput DecoderLMImpl::forward(const at::Tensor& tokens,
   const auto scalar = tokens.options().dtype(at::kFloat);
   out.aux_loss = at::zeros({}, scalar);
   out.z_loss = at::zeros({}, scalar);
-  auto h = embed->forward(tokens);  // [B, S, H]
+  auto h = [&] {
+    RECORD_USER_SCOPE("embedding");
+    return embed->forward(tokens);  // [B, S, H]
+  }();
   const moe::RoutingInputs defaults;
   if (cache) cache->layers.resize(layers->size());
   for (size_t block = 0; block < layers->size(); ++block) {
@@ -219,6 +253,7 @@ LmOutput DecoderLMImpl::forward(const at::Tensor& tokens,
                                                        cache ? &cache->layers[block] : nullptr);
   }
   h = norm->forward(h);
+  RECORD_USER_SCOPE("lm head");
   out.logits = lm_head ? lm_head->forward(h) : at::matmul(h, embed->weight.t());
   out.logits = out.logits.to(at::promote_types(out.logits.scalar_type(), at::kFloat));
   return out;
@@ -305,7 +340,7 @@ at::Tensor language_model_loss(const at::Tensor& logits, const at::Tensor& targe
   const int64_t vocab = logits.size(-1);
   // At least fp32 (bf16 logits are upcast: the softmax over the vocabulary needs the range).
   const auto type = at::promote_types(logits.scalar_type(), at::kFloat);
-  return at::cross_entropy_loss(logits.reshape({-1, vocab}).to(type), targets.reshape({-1}));
+  return cross_entropy(logits.reshape({-1, vocab}).to(type), targets.reshape({-1}));
 }
 
 }  // namespace moeforge

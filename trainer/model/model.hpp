@@ -11,10 +11,12 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 
+#include <array>
 #include <vector>
 
 #include "moe/moe_layer.hpp"
 #include "trainer/config/config.hpp"
+#include "trainer/model/rotary.hpp"
 
 namespace moeforge {
 
@@ -63,8 +65,13 @@ class AttentionImpl : public torch::nn::Module {
   RMSNorm q_norm{nullptr}, k_norm{nullptr};  // per head, when model.qk_norm (Qwen3)
 
  private:
+  std::array<at::Tensor, 3> project(const at::Tensor& x) const;  // q, k, v [B, S, heads, D]
+  // RoPE's cos/sin for these positions, kept while they stay the same (every training step).
+  const RotaryTable& rotary(int64_t first_position, int64_t count, const at::Tensor& like);
+
   int64_t num_heads_, num_kv_heads_, head_dim_;
   at::Tensor inv_freq_;  // [D/2] float64 on the host
+  RotaryTable rotary_;
 };
 TORCH_MODULE(Attention);
 
