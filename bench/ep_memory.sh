@@ -26,7 +26,7 @@ sample() {
   for pid in $(pgrep -P "$launcher" || true); do
     line="$(awk '/^Rss:/ {r = $2} /^Pss:/ {p = $2} /^Private_(Clean|Dirty):/ {v += $2}
       END {if (r) print r, p, v}' "/proc/$pid/smaps_rollup" 2>/dev/null || true)"
-    [[ -n "$line" ]] && echo "$line" >>"$file"
+    if [[ -n "$line" ]]; then echo "$line" >>"$file"; fi  # a rank may just have exited
   done
 }
 
