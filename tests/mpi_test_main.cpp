@@ -8,7 +8,8 @@
 #include "trainer/common/host_allocator.hpp"
 
 int main(int argc, char** argv) {
-  moeforge::bound_onednn_primitive_cache();  // as the trainer's main does
+  moeforge::tune_host_allocator();  // as the trainer's main does, before any thread starts
+  moeforge::bound_onednn_primitive_cache();
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
   ::testing::InitGoogleTest(&argc, argv);

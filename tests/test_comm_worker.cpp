@@ -2,9 +2,14 @@
 // Work, and synchronous calls of a QueuedCommunicator that equal the inner communicator's.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <malloc.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
+#include <string>
 #include <thread>
 
 #include "parallel/comm_worker.hpp"
@@ -30,6 +35,34 @@ TEST(CommWorker, RunsInSubmissionOrderOnItsOwnThread) {
   std::iota(expected.begin(), expected.end(), 0);
   EXPECT_EQ(order, expected);
   EXPECT_TRUE(off_thread);
+}
+
+// glibc's malloc_info: one <heap nr="..."> element per arena.
+int malloc_arenas() {
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* stream = open_memstream(&text, &size);
+  malloc_info(0, stream);
+  std::fclose(stream);
+  const std::string xml(text, size);
+  std::free(text);
+  int heaps = 0;
+  for (auto at = xml.find("<heap nr="); at != std::string::npos; at = xml.find("<heap nr=", at + 1))
+    ++heaps;
+  return heaps;
+}
+
+// The worker allocates every all-to-all output (and MPI's temporaries). In an arena of its own,
+// never trimmed under the host allocator tuning, that memory stayed resident beside the main
+// heap and could not be reused by compute: expert parallelism held more per rank than data
+// parallelism (issue 21). The test main tunes the allocator as the trainer's main does.
+TEST(CommWorker, AllocatesFromTheProcessHeap) {
+  const char* tuning = std::getenv("MOEFORGE_MALLOC_TUNING");
+  if (tuning != nullptr && std::strcmp(tuning, "0") == 0)
+    GTEST_SKIP() << "MOEFORGE_MALLOC_TUNING=0";
+  auto rows = CommWorker::instance().submit([] { return at::ones({1 << 20}, at::kFloat); });
+  EXPECT_EQ(rows.wait().sum().item<double>(), 1 << 20);
+  EXPECT_EQ(malloc_arenas(), 1) << "a thread allocates from an arena of its own";
 }
 
 TEST(CommWorker, ErrorsReachTheWaiter) {

@@ -7,6 +7,15 @@
 // ran 3.5× slower than a raw MPI_Alltoallv on reused buffers). Serving everything from the
 // heap and trimming it only above 1 GiB of free top space makes freed memory reusable at once,
 // like the caching allocators of GPU frameworks. Cost: RSS stays at its high-water mark.
+//
+// That high-water mark must be the process's, not one per thread: glibc gives every thread that
+// allocates its own arena, and a thread arena is trimmed by the same 1 GiB rule, i.e. never. The
+// communication worker (parallel/comm_worker.hpp) allocates every all-to-all output and MPI's
+// non-blocking temporaries, so its arena kept their peak resident (~25 MiB at ep_size 1, ~75 MiB
+// at ep_size 2 on configs/tiny.yaml, micro-batch 32) beside the main heap's, which could not
+// reuse it: expert parallelism, which moves the most rows through the worker, held more per rank
+// than data parallelism. One arena for all threads makes freed memory reusable by any thread;
+// tcache still serves small blocks without the lock, and tensor-sized allocations are few.
 // Call first thing in main(), before any large allocation. MOEFORGE_MALLOC_TUNING=0 opts out.
 #include <malloc.h>
 
@@ -25,13 +34,14 @@ inline void tune_host_allocator() {
   mallopt(M_MMAP_MAX, 0);  // no mmap-backed blocks: all from the reusable heap
   mallopt(M_TRIM_THRESHOLD, kTrimThreshold);
   mallopt(M_TOP_PAD, kTopPad);
+  mallopt(M_ARENA_MAX, 1);  // one heap for every thread (before any thread starts)
 }
 
 // The same settings for another process (a Python reference a benchmark compares against), as
 // glibc reads them from the environment variable GLIBC_TUNABLES.
 inline std::string host_allocator_glibc_tunables() {
   return "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + std::to_string(kTrimThreshold) +
-         ":glibc.malloc.top_pad=" + std::to_string(kTopPad);
+         ":glibc.malloc.top_pad=" + std::to_string(kTopPad) + ":glibc.malloc.arena_max=1";
 }
 
 // oneDNN (LibTorch's CPU kernels for bf16 matmuls) caches a compiled primitive, with its own
