@@ -146,20 +146,24 @@ TEST(Rope, FusedKernelMatchesFormulaAndGradients) {
   EXPECT_TRUE(at::equal(rotary_embedding(x32, table32), rotary_embedding_composite(x32, table32)));
 }
 
+// H 16, 4 query heads sharing 2 kv heads, weights ~ N(0, 0.3²) from `seed`.
+Attention small_gqa_attention(bool bias, uint64_t seed) {
+  ModelConfig c;
+  c.hidden_size = 16;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.qkv_bias = bias;
+  c.rope_theta = 10000.0;
+  Attention attn(c);
+  at::manual_seed(seed);
+  at::NoGradGuard no_grad;
+  for (auto& p : attn->parameters()) p.normal_(0, 0.3);
+  return attn;
+}
+
 TEST(Attention, CausalGqaMatchesNaiveFloat64) {
   for (const bool bias : {false, true}) {
-    ModelConfig c;
-    c.hidden_size = 16;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.qkv_bias = bias;
-    c.rope_theta = 10000.0;
-    Attention attn(c);
-    at::manual_seed(7);
-    {
-      at::NoGradGuard no_grad;
-      for (auto& p : attn->parameters()) p.normal_(0, 0.3);
-    }
+    auto attn = small_gqa_attention(bias, 7);
     const int64_t batch = 2, seq = 6, hd = 4;
     const auto x = at::randn({batch, seq, 16});
     const auto y = attn->forward(x);
@@ -204,18 +208,7 @@ TEST(Attention, CausalGqaMatchesNaiveFloat64) {
 // apply_rope, repeated kv heads, explicit causal softmax.
 TEST(Attention, GradientsMatchUnfusedFloat64) {
   for (const bool bias : {false, true}) {
-    ModelConfig c;
-    c.hidden_size = 16;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.qkv_bias = bias;
-    c.rope_theta = 10000.0;
-    Attention attn(c);
-    at::manual_seed(8);
-    {
-      at::NoGradGuard no_grad;
-      for (auto& p : attn->parameters()) p.normal_(0, 0.3);
-    }
+    auto attn = small_gqa_attention(bias, 8);
     attn->to(at::kDouble);
     const int64_t batch = 2, seq = 6, hd = 4;
     const auto x = at::randn({batch, seq, 16}, at::kDouble).requires_grad_(true);

@@ -183,12 +183,20 @@ TEST(RoutingRecorder, RecordsPicksDropsAndExpertOutputNorms) {
   layer->eval();
   at::NoGradGuard no_grad;
   const auto x = at::randn({12, 5});
+  // A recorded forward takes the dispatch pipeline (the ep-1 gathered-experts path keeps no
+  // expert output rows to measure), so recording must leave that path's output untouched, and
+  // agree with the gathered path to fp32 rounding.
+  const auto gathered = layer->forward(x, 6).y;
+  layer->force_pipeline(true);
   const auto plain = layer->forward(x, 6).y;
+  layer->force_pipeline(false);
   Collect collect;
   layer->set_recorder(&collect);
   const auto recorded = layer->forward(x, 6).y;
   ASSERT_EQ(collect.records.size(), 1u);
   EXPECT_TRUE(at::equal(plain, recorded));
+  EXPECT_LT((recorded - gathered).abs().max().item<double>(),
+            1e-6 * (1 + gathered.abs().max().item<double>()));
   const auto& r = collect.records[0];
   EXPECT_EQ(r.seq_len, 6);
   EXPECT_TRUE(at::equal(r.expert_ids, layer->router->forward(x).expert_ids));
