@@ -38,6 +38,7 @@
 #include "child_process.hpp"
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
+#include "spread.hpp"
 #include "trainer/common/host_allocator.hpp"
 
 using namespace moeforge;
@@ -287,14 +288,7 @@ std::vector<Column> columns(const std::vector<std::string>& names) {
   return chosen;
 }
 
-struct Spread {
-  double median, low, high;
-};
-
-Spread spread(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  return {values[values.size() / 2], values.front(), values.back()};
-}
+using bench::Spread;
 
 // Per round the first column's time over the other column's (> 1: the first is faster).
 Spread speedup(const Samples& samples, const std::string& first, const std::string& other) {
@@ -304,11 +298,11 @@ Spread speedup(const Samples& samples, const std::string& first, const std::stri
   for (size_t r = 0; r < ours.size(); ++r)
     if (ours[r].seconds > 0 && theirs[r].seconds > 0)
       ratios.push_back(theirs[r].seconds / ours[r].seconds);
-  return ratios.empty() ? Spread{0, 0, 0} : spread(ratios);
+  return ratios.empty() ? Spread{0, 0, 0} : bench::spread_of(ratios);
 }
 
 std::string format_spread(const Spread& s, int digits) {
-  return fmt::format("{:.{}f} [{:.{}f}-{:.{}f}]", s.median, digits, s.low, digits, s.high, digits);
+  return fmt::format("{:.{}f} [{:.{}f}-{:.{}f}]", s.median, digits, s.min, digits, s.max, digits);
 }
 
 void print_table(const std::string& title, const std::vector<Shape>& shapes,
@@ -325,14 +319,14 @@ void print_table(const std::string& title, const std::vector<Shape>& shapes,
       std::vector<double> gflops;
       for (const auto& m : samples[i].at(c.name))
         gflops.push_back(m.seconds > 0 ? shapes[i].flops() / m.seconds / 1e9 : 0);
-      fmt::print(" {:>13.1f}", spread(gflops).median);
+      fmt::print(" {:>13.1f}", bench::spread_of(gflops).median);
     }
     for (size_t c = 1; c < cols.size(); ++c)
       fmt::print(" {:>21}", format_spread(speedup(samples[i], cols[0].name, cols[c].name), 2));
     for (const auto& c : cols) {
       std::vector<double> peaks;
       for (const auto& m : samples[i].at(c.name)) peaks.push_back(m.peak_mib);
-      fmt::print(" {:>12.0f}", spread(peaks).median);
+      fmt::print(" {:>12.0f}", bench::spread_of(peaks).median);
     }
     fmt::print("\n");
   }

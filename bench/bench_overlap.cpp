@@ -39,6 +39,7 @@
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/process_groups.hpp"
 #include "parallel/simulated_link.hpp"
+#include "spread.hpp"
 #include "trainer/common/host_allocator.hpp"
 
 using namespace moeforge;
@@ -55,14 +56,8 @@ double max_over_ranks(double value) {
   return result;
 }
 
-struct Stat {
-  double median, min, max;
-};
-
-Stat stat_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return {v[v.size() / 2], v.front(), v.back()};
-}
+using Stat = bench::Spread;
+using bench::spread_of;
 
 struct Setup {
   int64_t tokens = 4096, hidden = 256, ffn = 512, experts = 8, top_k = 2;
@@ -163,7 +158,7 @@ struct Measurements {
     shape_link(s, rate);
     for (auto& [name, run] : shaped) times[name].push_back(run());
   }
-  Stat operator[](const std::string& name) const { return stat_of(times.at(name)); }
+  Stat operator[](const std::string& name) const { return spread_of(times.at(name)); }
 };
 
 std::string rate_text(double bytes_per_s) {
@@ -173,7 +168,7 @@ std::string rate_text(double bytes_per_s) {
 double median_of(int reps, const std::function<double()>& run) {
   std::vector<double> v;
   for (int i = 0; i < reps; ++i) v.push_back(run());
-  return stat_of(v).median;
+  return spread_of(v).median;
 }
 
 // Bandwidth (bytes/s) making the four exchanges take T_compute; on a real link, corrected once
