@@ -5,6 +5,8 @@
 #
 #   launch/cluster.sh run --nodes 2 --slots 1 -- bench/cluster_e2e.sh
 #   RATES="off 25gbit 5gbit 1gbit 400mbit" STEPS=4 OUT=/tmp/e2e  (defaults)
+#   MODES="off:parallel.comm_worker=false on:parallel.overlap_degree=2"  (default)
+#       space-separated LABEL:KEY=VALUE[,KEY=VALUE...], each KEY=VALUE passed as --set
 # Step time = median of steps 3.. (the first two include start-up).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,10 +17,14 @@ OUT="${OUT:-/tmp/moeforge-cluster-e2e}"
 A="train --config $ROOT/configs/small.yaml --set train.steps=$STEPS --set train.warmup_steps=2
    --set train.eval_every=0 --set checkpoint.every=0 --set parallel.ep_size=2"
 mkdir -p "$OUT"
+MODE_LIST=()
+for m in ${MODES:-off:parallel.comm_worker=false on:parallel.overlap_degree=2}; do
+  sets=${m#*:}; MODE_LIST+=("${m%%:*}:--set ${sets//,/ --set }")
+done
 sent() { "$C" traffic "$MOEFORGE_CLUSTER" | python3 -c 'import sys; print(sum(int(l.split()[2]) for l in sys.stdin))'; }
 for rate in ${RATES:-off 25gbit 5gbit 1gbit 400mbit}; do
   "$C" shape "$MOEFORGE_CLUSTER" "$rate"
-  for mode in "off:--set parallel.comm_worker=false" "on:--set parallel.overlap_degree=2"; do
+  for mode in "${MODE_LIST[@]}"; do
     m=${mode%%:*}; extra=${mode#*:}; run="$OUT/$rate-$m"
     b0=$(sent)
     # shellcheck disable=SC2086

@@ -95,7 +95,8 @@ MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
   const bool gathered = gathers_in_experts(x, kept.capacity);
   const int64_t chunks =
       gathered ? 1 : std::clamp<int64_t>(overlap_degree_, 1, std::max<int64_t>(1, x.size(0)));
-  const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks);
+  const bool dedup = dedup_dispatch_ && !gathered && recorder_ == nullptr;
+  const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks, dedup);
   mark("plan+counts a2a");
   if (gathered) {
     out.y = gathered_experts_combine(x, route.gates, plans.front());
@@ -175,8 +176,12 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
     on_gradient(observed, permuted.back(), marks("dispatch a2a backward"));
   }
   mark("permute");
-  std::vector<PendingRows> dispatched(chunks), combining(chunks);
-  dispatched[0] = dispatcher_.start_dispatch(permuted[0], plans[0]);
+  std::vector<PendingRows> dispatched(chunks), pair_gates(chunks), combining(chunks);
+  const auto start_dispatch = [&](int64_t c) {
+    dispatched[c] = dispatcher_.start_dispatch(permuted[c], plans[c]);
+    if (plans[c].deduplicated) pair_gates[c] = dispatcher_.start_gates(gates, plans[c]);
+  };
+  start_dispatch(0);
   const int64_t shared_split = tokens / 2;
   std::vector<at::Tensor> shared_parts;
   const auto run_shared = [&](int64_t begin, int64_t count) {
@@ -187,12 +192,14 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
   };
   if (shared_experts) run_shared(0, shared_split);
   for (int64_t c = 0; c < chunks; ++c) {
-    if (c + 1 < chunks)
-      dispatched[c + 1] = dispatcher_.start_dispatch(permuted[c + 1], plans[c + 1]);
-    const auto local_rows = dispatcher_.finish(dispatched[c]);  // [R_c, H] by local expert
+    if (c + 1 < chunks) start_dispatch(c + 1);
+    // [R_c, H] by local expert (deduplicated: each received row copied to its experts).
+    const auto local_rows = dispatcher_.expand(dispatcher_.finish(dispatched[c]), plans[c]);
     mark("dispatch a2a");
     on_gradient(observed, local_rows, marks("experts backward"));
-    const auto expert_rows = run_experts(local_rows, plans[c], capacity);
+    auto expert_rows = run_experts(local_rows, plans[c], capacity);
+    if (plans[c].deduplicated)  // gate-weighted sum per received row: one row back per token
+      expert_rows = dispatcher_.reduce(expert_rows, dispatcher_.finish(pair_gates[c]), plans[c]);
     on_gradient(observed, expert_rows, marks("combine a2a backward"));
     combining[c] = dispatcher_.start_combine(expert_rows, plans[c]);
   }

@@ -76,6 +76,10 @@ class MoeLayerImpl : public torch::nn::Module {
 
   // Pipeline chunks of dispatch / experts / combine (parallel.overlap_degree).
   void set_overlap_degree(int64_t chunks) { overlap_degree_ = chunks; }
+  // Send each token once per EP rank instead of once per (token, expert) pick
+  // (parallel.dedup_dispatch; moe/token_dispatcher.hpp). The routing recorder keeps per-pick
+  // rows, so a recorded forward dispatches rows per pick.
+  void set_dedup_dispatch(bool dedup) { dedup_dispatch_ = dedup; }
   void set_recompute(MoeRecompute recompute);
   // Tests and benchmarks: take the dispatch pipeline even where the gathered-experts path
   // (moe/gathered_experts.hpp) applies, to compare the two.
@@ -116,6 +120,7 @@ class MoeLayerImpl : public torch::nn::Module {
   MoeConfig config_;
   TokenDispatcher dispatcher_;
   int64_t overlap_degree_ = 1;
+  bool dedup_dispatch_ = false;
   bool force_pipeline_ = false;
   MoeRecompute recompute_;
   PhaseObserver* observer_ = nullptr;

@@ -23,16 +23,18 @@ DispatchPlan TokenDispatcher::plan(const at::Tensor& expert_ids, const at::Tenso
 }
 
 std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_ids,
-                                                       const at::Tensor& keep,
-                                                       int64_t chunks) const {
+                                                       const at::Tensor& keep, int64_t chunks,
+                                                       bool deduplicate) const {
   at::NoGradGuard no_grad;
   const int64_t ep = ep_.size();
   const int64_t tokens = expert_ids.size(0), top_k = expert_ids.size(1);
   const int64_t local = num_local_experts_;
+  const int64_t width = local + (deduplicate ? 1 : 0);  // counts per destination rank
   const auto index_options = expert_ids.options().dtype(at::kLong);
   chunks = std::max<int64_t>(1, chunks);
   std::vector<DispatchPlan> plans(chunks);
-  std::vector<at::Tensor> chunk_counts;  // [E + 1] per chunk; the last counts dropped slots
+  std::vector<at::Tensor> chunk_counts;        // [ep, width] per chunk
+  std::vector<at::Tensor> slot_keys, present;  // deduplicated plans, per chunk
   for (int64_t c = 0; c < chunks; ++c) {
     auto& plan = plans[c];
     plan.num_tokens = tokens;
@@ -49,40 +51,105 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
     const auto by_expert = at::argsort(flat_ids, /*stable=*/true);
     plan.slot_order =
         at::arange(first * top_k, last * top_k, index_options).index_select(0, by_expert);
-    chunk_counts.push_back(count_ids(flat_ids, num_experts_ + 1));
+    auto counts =
+        count_ids(flat_ids, num_experts_ + 1).narrow(0, 0, num_experts_).view({ep, local});
+    if (deduplicate) {
+      // Key of each slot: destination rank · T_c + token (dropped slots: rank ep). The distinct
+      // keys below rank ep are the rows on the wire; their count per rank joins the counts.
+      const int64_t chunk_tokens = last - first;
+      slot_keys.push_back(at::floor_divide(flat_ids, local) * chunk_tokens +
+                          at::arange(chunk_tokens, index_options).repeat_interleave(top_k));
+      present.push_back(at::zeros({(ep + 1) * chunk_tokens}, index_options.dtype(at::kBool))
+                            .index_fill_(0, slot_keys.back(), true));
+      const auto unique_rows =
+          present.back().view({ep + 1, chunk_tokens}).narrow(0, 0, ep).sum(1, false, at::kLong);
+      counts = at::cat({counts, unique_rows.unsqueeze(1)}, 1);
+    }
+    chunk_counts.push_back(counts);
   }
-  const auto counts = at::stack(chunk_counts).narrow(1, 0, num_experts_);  // [chunks, E]
-  const auto host = counts_on_host(counts);
+  const auto host = counts_on_host(at::stack(chunk_counts));  // [chunks, ep, width] counts
   const int64_t* count_data = host.data_ptr<int64_t>();
-  const int64_t* recv = count_data + chunks * num_experts_;  // [ep, chunks, El] from each source
+  const int64_t* recv = count_data + chunks * ep * width;  // [ep, chunks, width] from each source
   for (int64_t c = 0; c < chunks; ++c) {
     auto& plan = plans[c];
-    const int64_t* count = count_data + c * num_experts_;
+    const int64_t* count = count_data + c * ep * width;
     plan.send_rows.assign(ep, 0);
     plan.recv_rows.assign(ep, 0);
     plan.rows_per_local_expert.assign(local, 0);
-    // Send blocks: rows of global expert g are contiguous in the permuted order and go to EP
-    // rank g / El. Receive blocks: expert-major layout (local expert, then source rank), so the
+    // Send blocks: rows of global expert g = p·El + e are contiguous in the permuted order and go
+    // to EP rank p. Receive blocks: expert-major layout (local expert, then source rank), so the
     // experts read contiguous per-expert rows with no reorder after the exchange.
     int64_t offset = 0;
-    for (int64_t g = 0; g < num_experts_; ++g) {
-      plan.send_blocks.push_back({static_cast<int>(g / local), offset, count[g]});
-      plan.send_rows[g / local] += count[g];
-      offset += count[g];
-    }
+    for (int64_t p = 0; p < ep; ++p)
+      for (int64_t e = 0; e < local; ++e) {
+        plan.send_blocks.push_back({static_cast<int>(p), offset, count[p * width + e]});
+        plan.send_rows[p] += count[p * width + e];
+        offset += count[p * width + e];
+      }
     plan.slot_order = plan.slot_order.narrow(0, 0, offset);  // the kept rows
     plan.token_of_row = at::floor_divide(plan.slot_order, top_k);
     offset = 0;
     for (int64_t e = 0; e < local; ++e)
       for (int64_t p = 0; p < ep; ++p) {
-        const int64_t rows = recv[(p * chunks + c) * local + e];
+        const int64_t rows = recv[(p * chunks + c) * width + e];
         plan.recv_blocks.push_back({static_cast<int>(p), offset, rows});
         offset += rows;
         plan.recv_rows[p] += rows;
         plan.rows_per_local_expert[e] += rows;
       }
+    if (!deduplicate) continue;
+    std::vector<int64_t> sent(ep), received(ep);
+    for (int64_t p = 0; p < ep; ++p) {
+      sent[p] = count[p * width + local];
+      received[p] = recv[(p * chunks + c) * width + local];
+    }
+    plan_unique_rows(plan, slot_keys[c], present[c], c * tokens / chunks, sent, received);
   }
   return plans;
+}
+
+void TokenDispatcher::plan_unique_rows(DispatchPlan& plan, const at::Tensor& slot_keys,
+                                       const at::Tensor& present, int64_t first_token,
+                                       const std::vector<int64_t>& sent,
+                                       const std::vector<int64_t>& received) const {
+  const int64_t ep = ep_.size();
+  const int64_t chunk_tokens = present.size(0) / (ep + 1);
+  const auto options = slot_keys.options();
+  plan.deduplicated = true;
+  // The rows on the wire are the present keys in order: by destination rank, then token.
+  const auto real = present.narrow(0, 0, ep * chunk_tokens);
+  plan.unique_token = at::nonzero(real).view({-1}).remainder(chunk_tokens) + first_token;
+  std::vector<int64_t> send_start(ep), recv_start(ep);
+  int64_t sent_rows = 0;
+  for (int64_t p = 0; p < ep; ++p) {
+    plan.unique_send.push_back({static_cast<int>(p), sent_rows, sent[p]});
+    send_start[p] = sent_rows;
+    sent_rows += sent[p];
+    plan.unique_recv.push_back({static_cast<int>(p), plan.unique_received, received[p]});
+    recv_start[p] = plan.unique_received;
+    plan.unique_received += received[p];
+  }
+  // Each kept pair's row within its destination's block (the rank of its key among the present
+  // keys, less the block's start), sent beside the pairs so the receiver knows which row feeds
+  // which (local expert, source) pair.
+  const auto row_of_key = real.to(at::kLong).cumsum(0) - 1;
+  const auto pair_keys = slot_keys.index_select(0, plan.slot_order - first_token * plan.top_k);
+  const auto pair_destination = at::floor_divide(pair_keys, chunk_tokens);
+  const auto row_in_block = row_of_key.index_select(0, pair_keys) -
+                            at::tensor(send_start, options).index_select(0, pair_destination);
+  const int64_t pairs_received =
+      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
+  const auto received_row = ep_.all_to_all_blocks(row_in_block.unsqueeze(1), plan.send_blocks,
+                                                  plan.recv_blocks, pairs_received)
+                                .view({-1});
+  // Received rows are laid out by source: add the start of the pair's source block.
+  std::vector<int64_t> block_start, block_rows;
+  for (const auto& block : plan.recv_blocks) {
+    block_start.push_back(recv_start[block.peer]);
+    block_rows.push_back(block.rows);
+  }
+  plan.pair_row = received_row + at::repeat_interleave(at::tensor(block_start, options),
+                                                       at::tensor(block_rows, options));
 }
 
 at::Tensor TokenDispatcher::counts_on_host(const at::Tensor& counts) const {
@@ -92,22 +159,51 @@ at::Tensor TokenDispatcher::counts_on_host(const at::Tensor& counts) const {
 }
 
 at::Tensor TokenDispatcher::exchange_counts(const at::Tensor& counts) const {
-  // The layer's one host synchronisation: this rank's [chunks, E] counts, then what every EP
-  // rank sends here ([ep, chunks, El]), exchanged in one all-to-all and copied in one transfer.
-  const int64_t ep = ep_.size(), chunks = counts.size(0);
+  // The layer's one host synchronisation: this rank's [chunks, ep, W] counts, then what every EP
+  // rank sends here ([ep, chunks, W]), exchanged in one all-to-all and copied in one transfer.
+  const int64_t ep = ep_.size();
   if (ep == 1) return at::cat({counts.reshape({-1}), counts.reshape({-1})}).cpu();
-  const auto send_counts =
-      counts.view({chunks, ep, num_local_experts_}).permute({1, 0, 2}).contiguous();
+  const auto send_counts = counts.permute({1, 0, 2}).contiguous();
   const auto received =
       ep_.all_to_all_v(send_counts, std::vector<int64_t>(ep, 1), std::vector<int64_t>(ep, 1));
   return at::cat({counts.reshape({-1}), received.reshape({-1}).to(counts.device())}).cpu();
 }
 
+namespace {
+// On CUDA, advanced indexing: its backward is a sorted accumulate instead of index_select's
+// atomic index_add (k atomic adds per token row). On the CPU both sum in index order.
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+  if (x.is_cuda()) return x.index({index});
+  return x.index_select(0, index);
+}
+}  // namespace
+
 at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& plan) const {
-  // On CUDA, advanced indexing: its backward is a sorted accumulate instead of index_select's
-  // atomic index_add (k atomic adds per token row). On the CPU both sum in index order.
-  if (x.is_cuda()) return x.index({plan.token_of_row});  // [N, H]
-  return x.index_select(0, plan.token_of_row);           // [N, H]
+  // [N, H] one row per kept pair, or [U, H] one per (token, destination) when deduplicated.
+  return gather_rows(x, plan.deduplicated ? plan.unique_token : plan.token_of_row);
+}
+
+at::Tensor TokenDispatcher::expand(const at::Tensor& received, const DispatchPlan& plan) const {
+  return plan.deduplicated ? gather_rows(received, plan.pair_row) : received;  // [R, H]
+}
+
+at::Tensor TokenDispatcher::reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,
+                                   const DispatchPlan& plan) const {
+  // Summed in at least the gates' precision, sent in the experts' dtype (bf16 rows stay bf16).
+  const auto type = at::promote_types(expert_out.scalar_type(), pair_gates.scalar_type());
+  return at::zeros({plan.unique_received, expert_out.size(1)}, expert_out.options().dtype(type))
+      .index_add(0, plan.pair_row, expert_out.to(type) * pair_gates.to(type))
+      .to(expert_out.scalar_type());  // [U_in, H]
+}
+
+PendingRows TokenDispatcher::start_gates(const at::Tensor& gates, const DispatchPlan& plan) const {
+  const auto pair_gates = gates.reshape({-1}).index_select(0, plan.slot_order).unsqueeze(1);
+  if (ep_.size() == 1) return {pair_gates, {}};
+  const int64_t received =
+      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
+  return {{},
+          parallel::start_all_to_all_blocks(pair_gates, ep_, plan.send_blocks, plan.recv_blocks,
+                                            received)};
 }
 
 at::Tensor TokenDispatcher::dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const {
@@ -121,6 +217,10 @@ at::Tensor TokenDispatcher::combine(const at::Tensor& expert_out, const Dispatch
 PendingRows TokenDispatcher::start_dispatch(const at::Tensor& permuted,
                                             const DispatchPlan& plan) const {
   if (ep_.size() == 1) return {permuted, {}};
+  if (plan.deduplicated)
+    return {{},
+            parallel::start_all_to_all_blocks(permuted, ep_, plan.unique_send, plan.unique_recv,
+                                              plan.unique_received)};
   const int64_t received =
       std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
   return {{},
@@ -132,6 +232,10 @@ PendingRows TokenDispatcher::start_combine(const at::Tensor& expert_out,
                                            const DispatchPlan& plan) const {
   if (ep_.size() == 1) return {expert_out, {}};
   // The reverse exchange: each (expert, source) block goes back to its place on the source.
+  if (plan.deduplicated)
+    return {{},
+            parallel::start_all_to_all_blocks(expert_out, ep_, plan.unique_recv, plan.unique_send,
+                                              plan.unique_token.size(0))};
   return {{},
           parallel::start_all_to_all_blocks(expert_out, ep_, plan.recv_blocks, plan.send_blocks,
                                             plan.slot_order.size(0))};
@@ -149,10 +253,12 @@ at::Tensor TokenDispatcher::unpermute(const at::Tensor& combined, const at::Tens
   // size [T·k, H] is materialised. Dropped slots have no row and contribute 0. The sum is in
   // at least the gates' precision (fp32), also when the rows are bf16.
   const auto type = at::promote_types(combined.scalar_type(), gates.scalar_type());
-  const auto row_gates = gates.reshape({-1}).index_select(0, plan.slot_order).to(type);  // [N]
   const auto base = into.defined() ? into
                                    : at::zeros({plan.num_tokens, combined.size(1)},
                                                combined.options().dtype(type));
+  // Deduplicated: one row per (token, rank), its gates already applied by reduce().
+  if (plan.deduplicated) return base.index_add(0, plan.unique_token, combined.to(type));
+  const auto row_gates = gates.reshape({-1}).index_select(0, plan.slot_order).to(type);  // [N]
   return base.index_add(0, plan.token_of_row,
                         combined.to(type) * row_gates.unsqueeze(1));  // [T, H]
 }

@@ -12,6 +12,15 @@
 // unpermute() y[t] = Σ_j gate[t, j] · out[t, j], summed in permuted-row order (global expert,
 //             then slot); dropped slots contribute 0. The row order is the same for every
 //             ep_size, so the result does not depend on it (CPU index_add is sequential).
+//
+// Deduplicated dispatch (plan_chunks(..., deduplicate = true); parallel.dedup_dispatch): a token
+// goes to each EP rank once, however many of its k experts live there. The receiver copies the
+// row to each local expert that needs it (expand()), weights the expert outputs by their gates
+// (exchanged alongside, start_gates()) and sums them per token (reduce()), so the combine also
+// sends one row per (token, rank). With group-limited routing aligned to ranks/nodes this is
+// what turns "fewer groups per token" into fewer bytes on the wire. The sum of a token's
+// outputs is then split by rank ((e0 + e1) on one rank, (e2 + e3) on another) instead of one
+// chain: equal to the row dispatch within fp32 rounding, not bit for bit.
 // Collective: plan/dispatch/combine must be called by every EP-group member in the same order.
 #include <ATen/core/Tensor.h>
 
@@ -32,6 +41,14 @@ struct DispatchPlan {
   std::vector<parallel::RowBlock> send_blocks;  // [E] one per global expert, permuted order
   std::vector<parallel::RowBlock> recv_blocks;  // [El·ep] (local expert, source) layout
   std::vector<int64_t> rows_per_local_expert;   // [E/ep]
+  // Deduplicated dispatch only (deduplicated = true): the rows on the wire are one per
+  // (token, destination rank); the pair blocks above then carry the gates and the row indices.
+  bool deduplicated = false;
+  at::Tensor unique_token;                      // [U] int64 token of each row sent
+  std::vector<parallel::RowBlock> unique_send;  // [ep] by destination rank
+  std::vector<parallel::RowBlock> unique_recv;  // [ep] by source rank
+  int64_t unique_received = 0;                  // rows received (sum of unique_recv)
+  at::Tensor pair_row;  // [R] int64: received row of each (local expert, source) pair
 };
 
 // Rows on their way: either already here (no exchange needed, ep = 1) or in flight.
@@ -49,8 +66,9 @@ class TokenDispatcher {
   DispatchPlan plan(const at::Tensor& expert_ids, const at::Tensor& keep) const;
   // One plan per chunk of consecutive tokens (chunk c: tokens [c·T/n, (c+1)·T/n)), agreed with
   // the EP group in a single counts exchange. Each plan indexes the full x / gates.
+  // `deduplicate`: one row per (token, destination rank) on the wire (see above).
   std::vector<DispatchPlan> plan_chunks(const at::Tensor& expert_ids, const at::Tensor& keep,
-                                        int64_t chunks) const;
+                                        int64_t chunks, bool deduplicate = false) const;
   at::Tensor permute(const at::Tensor& x, const DispatchPlan& plan) const;
   at::Tensor dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
   at::Tensor combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
@@ -61,6 +79,14 @@ class TokenDispatcher {
   PendingRows start_dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
   PendingRows start_combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
   at::Tensor finish(const PendingRows& pending) const;
+  // Deduplicated plans: the row gates [T, k] -> [R, 1] beside the pairs on the expert side
+  // (differentiable: the gates' gradient comes back the same way); received rows [U_in, H] ->
+  // one row per (local expert, source) pair [R, H]; expert outputs [R, H] weighted by those
+  // gates and summed per received row -> [U_in, H] in the outputs' dtype (summed in fp32).
+  PendingRows start_gates(const at::Tensor& gates, const DispatchPlan& plan) const;
+  at::Tensor expand(const at::Tensor& received, const DispatchPlan& plan) const;
+  at::Tensor reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,
+                    const DispatchPlan& plan) const;
 
   int64_t num_local_experts() const { return num_local_experts_; }
   int64_t first_local_expert() const { return first_local_expert_; }
@@ -70,8 +96,17 @@ class TokenDispatcher {
   // [chunks, E] counts (any device) -> host int64: these counts flattened, then the
   // [ep, chunks, E/ep] counts each EP rank sends to this one.
   // Replayed inside a recomputed region (parallel::replayed_exchange).
+  // `counts` is [chunks, ep, W]: per destination rank its W = El pair counts per local expert
+  // (+ 1 unique-row count for deduplicated plans).
   at::Tensor counts_on_host(const at::Tensor& counts) const;
   at::Tensor exchange_counts(const at::Tensor& counts) const;
+  // Deduplicated plan of one chunk, once the counts are on the host: which tokens go where and
+  // where each received pair's row is (one small index exchange).
+  // `slot_keys` [T_c·k]: destination rank · T_c + token within the chunk of each slot (ep for
+  // dropped slots); `present` [(ep + 1) · T_c] bool: which keys occur.
+  void plan_unique_rows(DispatchPlan& plan, const at::Tensor& slot_keys, const at::Tensor& present,
+                        int64_t first_token, const std::vector<int64_t>& sent,
+                        const std::vector<int64_t>& received) const;
   parallel::Communicator& ep_;
   int64_t num_experts_;
   int64_t num_local_experts_;

@@ -1,11 +1,14 @@
 // Communication overlap under mpiexec (2 and 4 ranks): the pipelined MoE layer
-// (overlap_degree 2, 4) equals one chunk for every routing/capacity mode, forward and backward;
+// (overlap_degree 2, 4) equals one chunk for every routing/capacity mode, forward and backward,
+// and so does the deduplicated dispatch (one row per token and rank);
 // gradient buckets all-reduced during backward equal the blocking path; whole training runs
 // are the same with and without the communication worker; the simulated link never makes a
 // collective faster than its model.
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <numeric>
+#include <set>
 
 #include "moe/moe_layer.hpp"
 #include "parallel/mpi_communicator.hpp"
@@ -32,8 +35,8 @@ struct LayerResult {
   at::Tensor y, x_grad, router_grad, w_up_grad, shared_grad;
 };
 
-LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64_t chunks,
-                      int rank) {
+LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64_t chunks, int rank,
+                      bool dedup = false) {
   moe::MoeLayer layer(16, config, ep);
   {
     at::NoGradGuard no_grad;
@@ -51,6 +54,7 @@ LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64
     }
   }
   layer->set_overlap_degree(chunks);
+  layer->set_dedup_dispatch(dedup);
   layer->train();
   at::manual_seed(1000 + rank);
   const auto x = at::randn({24, 16}).set_requires_grad(true);
@@ -63,58 +67,131 @@ LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64
   return r;
 }
 
+// Every routing / capacity mode the dispatcher handles differently.
+std::vector<Mode> layer_modes() {
+  return {{"dropless", [](MoeConfig&) {}},
+          {"capacity probs", [](MoeConfig& c) { c.capacity.factor = 1.0; }},
+          {"capacity position + pad",
+           [](MoeConfig& c) {
+             c.capacity.factor = 1.0;
+             c.capacity.drop_policy = moe::DropPolicy::kPosition;
+             c.capacity.pad = true;
+           }},
+          {"expert choice", [](MoeConfig& c) { c.router.routing = moe::Routing::kExpertChoice; }},
+          {"null experts + sigmoid",
+           [](MoeConfig& c) {
+             c.router.num_null_experts = 2;
+             c.router.score = moe::ScoreFunction::kSigmoid;
+           }},
+          {"group-limited + shared expert + aux", [](MoeConfig& c) {
+             c.router.num_groups = 4;
+             c.router.topk_groups = 2;
+             c.num_shared_experts = 1;
+             c.balancing.aux_loss.coeff = 0.1;
+             c.balancing.aux_loss.scope = moe::AuxLossScope::kSequence;
+           }}};
+}
+
+void expect_same_layer_result(const LayerResult& r, const LayerResult& reference,
+                              const std::string& what) {
+  ASSERT_TRUE(r.x_grad.defined()) << what;
+  ASSERT_TRUE(r.router_grad.defined()) << what;
+  ASSERT_TRUE(r.w_up_grad.defined()) << what;
+  ASSERT_TRUE(reference.x_grad.defined() && reference.router_grad.defined() &&
+              reference.w_up_grad.defined())
+      << what << " (reference)";
+  EXPECT_LE(relative_error(r.y, reference.y), 1e-6) << what;
+  EXPECT_LE(relative_error(r.x_grad, reference.x_grad), 1e-6) << what;
+  EXPECT_LE(relative_error(r.router_grad, reference.router_grad), 1e-6) << what;
+  EXPECT_LE(relative_error(r.w_up_grad, reference.w_up_grad), 1e-6) << what;
+  if (reference.shared_grad.defined()) {
+    EXPECT_LE(relative_error(r.shared_grad, reference.shared_grad), 1e-6) << what;
+  }
+}
+
+MoeConfig layer_config(const Mode& mode) {
+  MoeConfig config;
+  config.num_experts = 8;
+  config.top_k = 2;
+  config.expert_ffn_size = 12;
+  mode.apply(config);
+  return config;
+}
+
 TEST(Overlap, PipelinedLayerEqualsOneChunkInEveryMode) {
   const int world = world_size();
   parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
   const auto groups = parallel::with_communication_options(
       parallel::make_process_groups(world_comm, world), /*worker=*/true, parallel::LinkModel{});
-  const std::vector<Mode> modes = {
-      {"dropless", [](MoeConfig&) {}},
-      {"capacity probs", [](MoeConfig& c) { c.capacity.factor = 1.0; }},
-      {"capacity position + pad",
-       [](MoeConfig& c) {
-         c.capacity.factor = 1.0;
-         c.capacity.drop_policy = moe::DropPolicy::kPosition;
-         c.capacity.pad = true;
-       }},
-      {"expert choice", [](MoeConfig& c) { c.router.routing = moe::Routing::kExpertChoice; }},
-      {"null experts + sigmoid",
-       [](MoeConfig& c) {
-         c.router.num_null_experts = 2;
-         c.router.score = moe::ScoreFunction::kSigmoid;
-       }},
-      {"group-limited + shared expert + aux", [](MoeConfig& c) {
-         c.router.num_groups = 4;
-         c.router.topk_groups = 2;
-         c.num_shared_experts = 1;
-         c.balancing.aux_loss.coeff = 0.1;
-         c.balancing.aux_loss.scope = moe::AuxLossScope::kSequence;
-       }}};
+  const auto modes = layer_modes();
   for (const auto& mode : modes) {
-    MoeConfig config;
-    config.num_experts = 8;
-    config.top_k = 2;
-    config.expert_ffn_size = 12;
-    mode.apply(config);
+    const auto config = layer_config(mode);
     SCOPED_TRACE(mode.name);
     const auto reference = run_layer(config, *groups.ep, 1, world_comm.rank());
     for (const int64_t chunks : {2, 4}) {
       const auto r = run_layer(config, *groups.ep, chunks, world_comm.rank());
-      const auto what = std::string(mode.name) + ", overlap_degree " + std::to_string(chunks);
-      ASSERT_TRUE(r.x_grad.defined()) << what;
-      ASSERT_TRUE(r.router_grad.defined()) << what;
-      ASSERT_TRUE(r.w_up_grad.defined()) << what;
-      ASSERT_TRUE(reference.x_grad.defined() && reference.router_grad.defined() &&
-                  reference.w_up_grad.defined())
-          << what << " (reference)";
-      EXPECT_LE(relative_error(r.y, reference.y), 1e-6) << what;
-      EXPECT_LE(relative_error(r.x_grad, reference.x_grad), 1e-6) << what;
-      EXPECT_LE(relative_error(r.router_grad, reference.router_grad), 1e-6) << what;
-      EXPECT_LE(relative_error(r.w_up_grad, reference.w_up_grad), 1e-6) << what;
-      if (reference.shared_grad.defined()) {
-        EXPECT_LE(relative_error(r.shared_grad, reference.shared_grad), 1e-6) << what;
-      }
+      expect_same_layer_result(
+          r, reference, std::string(mode.name) + ", overlap_degree " + std::to_string(chunks));
     }
+  }
+}
+
+// One row per (token, rank) on the wire, gates applied on the expert side: the same layer as the
+// row-per-pick dispatch, forward and every gradient (the gates' included, which come back
+// through their own exchange), with and without pipeline chunks.
+TEST(Overlap, DeduplicatedDispatchEqualsRowDispatchInEveryMode) {
+  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+  const auto groups =
+      parallel::with_communication_options(parallel::make_process_groups(world_comm, world_size()),
+                                           /*worker=*/true, parallel::LinkModel{});
+  for (const auto& mode : layer_modes()) {
+    const auto config = layer_config(mode);
+    SCOPED_TRACE(mode.name);
+    const auto reference = run_layer(config, *groups.ep, 1, world_comm.rank());
+    for (const int64_t chunks : {1, 3}) {
+      const auto r = run_layer(config, *groups.ep, chunks, world_comm.rank(), /*dedup=*/true);
+      expect_same_layer_result(
+          r, reference,
+          std::string(mode.name) + ", deduplicated, chunks " + std::to_string(chunks));
+    }
+  }
+}
+
+// The plan's rows on the wire are exactly the distinct (token, destination rank) pairs among
+// the kept picks, counted here independently from the expert ids.
+TEST(Overlap, DeduplicatedPlanSendsEachTokenOncePerRank) {
+  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+  const int ep = world_comm.size();
+  const int64_t experts = 4 * ep, tokens = 50, top_k = 3;
+  moe::TokenDispatcher dispatcher(world_comm, experts);
+  at::manual_seed(77 + world_comm.rank());
+  const auto ids = std::get<1>(at::topk(at::rand({tokens, experts}), top_k, 1));  // distinct
+  const auto keep = at::rand({tokens, top_k}) < 0.8;
+  const auto plan = dispatcher.plan_chunks(ids, keep, 1, /*deduplicate=*/true).front();
+  const auto id = ids.accessor<int64_t, 2>();
+  const auto kept = keep.accessor<bool, 2>();
+  std::vector<int64_t> expected(ep, 0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::set<int64_t> ranks;
+    for (int64_t j = 0; j < top_k; ++j)
+      if (kept[t][j]) ranks.insert(id[t][j] / 4);
+    for (const auto r : ranks) ++expected[r];
+  }
+  ASSERT_EQ(plan.unique_send.size(), static_cast<size_t>(ep));
+  int64_t pairs = 0;
+  for (int p = 0; p < ep; ++p) {
+    EXPECT_EQ(plan.unique_send[p].rows, expected[p]) << "rows to rank " << p;
+    pairs += plan.send_rows[p];
+  }
+  EXPECT_EQ(plan.unique_token.size(0), std::accumulate(expected.begin(), expected.end(), 0L));
+  EXPECT_LT(plan.unique_token.size(0), pairs)
+      << "k = 3 picks of " << experts << " experts never shared a rank";
+  // Every received pair points at a received row, and each rank's experts get its pairs.
+  EXPECT_EQ(plan.pair_row.size(0),
+            std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), 0L));
+  if (plan.pair_row.numel() > 0) {
+    EXPECT_GE(plan.pair_row.min().item<int64_t>(), 0);
+    EXPECT_LT(plan.pair_row.max().item<int64_t>(), plan.unique_received);
   }
 }
 
@@ -165,10 +242,17 @@ TEST(Overlap, TrainingIsTheSameWithAndWithoutTheWorker) {
   config.parallel.overlap_degree = 3;
   const auto overlapped =
       Trainer(config, groups, open_data(config), testing::quiet_run()).run().steps;
-  ASSERT_EQ(overlapped.size(), reference.size());
-  for (size_t i = 0; i < reference.size(); ++i) {
-    EXPECT_LE(relative_difference(overlapped[i].loss, reference[i].loss), 1e-6) << "step " << i;
-    EXPECT_LE(relative_difference(overlapped[i].grad_norm, reference[i].grad_norm), 1e-5);
+  config.parallel.dedup_dispatch = true;
+  const auto deduplicated =
+      Trainer(config, groups, open_data(config), testing::quiet_run()).run().steps;
+  for (const auto* run : {&overlapped, &deduplicated}) {
+    const char* what = run == &overlapped ? "overlapped" : "deduplicated";
+    ASSERT_EQ(run->size(), reference.size()) << what;
+    for (size_t i = 0; i < reference.size(); ++i) {
+      EXPECT_LE(relative_difference((*run)[i].loss, reference[i].loss), 1e-6)
+          << what << " step " << i;
+      EXPECT_LE(relative_difference((*run)[i].grad_norm, reference[i].grad_norm), 1e-5) << what;
+    }
   }
 }
 

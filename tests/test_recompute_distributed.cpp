@@ -84,6 +84,22 @@ TEST(Recompute, BitwiseTheSameAsNoneAtEveryEpSize) {
   }
 }
 
+// Deduplicated dispatch inside a recomputed region: its index exchange runs again with the row
+// exchanges and must lay the rows out as the forward did.
+TEST(Recompute, DeduplicatedDispatchBitwiseTheSameAsNone) {
+  parallel::MpiCommunicator world(MPI_COMM_WORLD);
+  auto config = distributed_recompute_config(world_size());
+  config.parallel.dedup_dispatch = true;
+  const auto groups = parallel::make_process_groups(world, world_size());
+  const auto reference = testing::trace_training(config, groups);
+  for (const auto& [name, recompute] : testing::recompute_options()) {
+    auto c = config;
+    c.train.recompute = recompute;
+    testing::expect_same_training(testing::trace_training(c, groups), reference,
+                                  name + " deduplicated");
+  }
+}
+
 // One counts exchange per MoE layer forward with or without recompute (the recompute replays
 // it); the row exchanges run again in the recompute.
 TEST(Recompute, MoeRecomputeReplaysTheCountsExchange) {

@@ -210,6 +210,7 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   phase_trace_ = std::make_unique<TracedPhases>();
   for (auto& layer : model_->moe_layers()) {
     layer->set_overlap_degree(config_.parallel.overlap_degree);
+    layer->set_dedup_dispatch(config_.parallel.dedup_dispatch);
     if (config_.logging.trace) layer->set_observer(phase_trace_.get());  // hooks cost nothing off
   }
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));

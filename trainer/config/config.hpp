@@ -80,6 +80,7 @@ struct ParallelConfig {
   double bucket_mb = 25.0;             // gradient all-reduce bucket size
   bool comm_worker = true;             // run collectives on the communication worker thread
   int64_t overlap_degree = 1;          // MoE dispatch/experts/combine pipeline chunks
+  bool dedup_dispatch = false;         // one row per (token, EP rank) on the wire
   bool overlap_grad_sync = true;       // all-reduce gradient buckets during backward
   bool distributed_optimizer = false;  // ZeRO-1: masters and AdamW state sharded over DP
   Precision grad_reduce_dtype = Precision::kFp32;  // dtype of the gradient collectives
@@ -131,7 +132,7 @@ struct DataConfig {
   bool mask_loss_after_eod = false;        // no loss on predicting the token after an EOD
   TokenWidth dtype = TokenWidth::kUint16;  // bin token width
   double val_fraction = 0.05;
-  std::string tokenizer;  // tokenizer.json (or its directory) the data was tokenized with
+  std::string tokenizer;            // tokenizer.json (or its directory) the data was tokenized with
   int64_t builtin_bytes = 2000000;  // size of the generated built-in corpus
   // Where data.path was set ("configs/x.yaml:33" or "--set data.path=..."), for messages; not
   // part of the YAML. A relative path is resolved against the config file's directory when the

@@ -239,6 +239,13 @@ const std::vector<KeySpec>& config_schema() {
               "MoE layer pipeline: split the routed rows into n chunks so chunk i+1's dispatch "
               "and chunk i−1's combine run while chunk i is in the experts (forward and "
               "backward); 1 = one chunk (shared experts still overlap the dispatch)"),
+      bool_key(KEY(parallel.dedup_dispatch),
+               "MoE all-to-all sends each token once per expert-parallel rank, not once per "
+               "(token, expert) pick: the rank applies the gates and sums its experts' outputs, "
+               "so both exchanges carry fewer rows when a token's experts share ranks (with "
+               "group-limited routing aligned to ranks: at most topk_groups·ranks-per-group "
+               "rows); costs one small index exchange per layer; sums split by rank (fp32 "
+               "rounding)"),
       bool_key(KEY(parallel.overlap_grad_sync),
                "All-reduce each gradient bucket as soon as backward has produced it"),
       bool_key(KEY(parallel.distributed_optimizer),
