@@ -12,6 +12,10 @@ enum class ScoreFunction { kSoftmax, kSigmoid };
 enum class Routing { kTokenChoice, kExpertChoice };
 enum class AuxLossScope { kMicroBatch, kSequence, kGlobalBatch };
 enum class DropPolicy { kProbs, kPosition };  // over-full expert drops lowest gate / latest slot
+// What the dispatch all-to-all sends (parallel.dedup_dispatch; moe/token_dispatcher.hpp,
+// moe/node_hop.hpp): one row per kept pick, one per (token, EP rank), or one per (token, node)
+// fanned out inside the node.
+enum class DispatchDedup { kNone, kRank, kNode };
 
 struct RouterConfig {
   ScoreFunction score = ScoreFunction::kSoftmax;

@@ -12,7 +12,7 @@
 namespace moeforge::moe {
 
 MoeLayerImpl::MoeLayerImpl(int64_t hidden_size, const MoeConfig& config, parallel::Communicator& ep)
-    : config_(config), dispatcher_(ep, config.num_experts) {
+    : config_(config), dispatcher_(ep, config.num_experts), ep_(ep) {
   router = register_module("router", Router(hidden_size, config));
   experts = register_module("experts", GroupedExperts(dispatcher_.num_local_experts(), hidden_size,
                                                       config.expert_ffn_size));
@@ -50,6 +50,16 @@ void on_gradient(bool observed, const at::Tensor& t, Callback callback) {
   if (observed && t.requires_grad()) t.register_hook([callback](const at::Tensor&) { callback(); });
 }
 }  // namespace
+
+void MoeLayerImpl::set_dedup_dispatch(DispatchDedup mode, int64_t ranks_per_node) {
+  dedup_ = mode;
+  node_hop_.reset();
+  const int64_t ep = dispatcher_.ep_size();
+  // Two hops only where the EP group spans nodes of equal consecutive runs.
+  if (mode == DispatchDedup::kNode && ranks_per_node > 0 && ranks_per_node < ep &&
+      ep % ranks_per_node == 0)
+    node_hop_ = std::make_unique<NodeHop>(ep_, config_.num_experts, ranks_per_node);
+}
 
 void MoeLayerImpl::set_recompute(MoeRecompute recompute) {
   recompute_ = recompute;
@@ -95,7 +105,12 @@ MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
   const bool gathered = gathers_in_experts(x, kept.capacity);
   const int64_t chunks =
       gathered ? 1 : std::clamp<int64_t>(overlap_degree_, 1, std::max<int64_t>(1, x.size(0)));
-  const bool dedup = dedup_dispatch_ && !gathered && recorder_ == nullptr;
+  const bool dedup = dedup_ != DispatchDedup::kNone && !gathered && recorder_ == nullptr;
+  if (dedup && node_hop_ && !(config_.capacity.pad && kept.capacity > 0)) {
+    out.y = node_hop_experts_combine(x, route.gates, route.expert_ids, kept.mask, chunks)
+                .to(x.scalar_type());
+    return out;
+  }
   const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks, dedup);
   mark("plan+counts a2a");
   if (gathered) {
@@ -163,7 +178,8 @@ MoeLayerImpl::Kept MoeLayerImpl::keep_mask(const RouterOutput& route, int64_t to
 // last combine is. Backward runs the same pipeline in reverse (parallel/all_to_all.hpp).
 at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                                   const std::vector<DispatchPlan>& plans,
-                                                  int64_t capacity, at::Tensor* slot_norms) {
+                                                  int64_t capacity, at::Tensor* slot_norms,
+                                                  bool with_shared) {
   const int64_t chunks = static_cast<int64_t>(plans.size()), tokens = x.size(0);
   const bool observed = observer_ != nullptr && at::GradMode::is_enabled();
   const auto marks = [this](const char* phase) { return [this, phase] { mark(phase); }; };
@@ -190,7 +206,8 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
     shared_parts.push_back(shared_experts->forward(part));
     mark("shared experts");
   };
-  if (shared_experts) run_shared(0, shared_split);
+  const bool shared = shared_experts && with_shared;
+  if (shared) run_shared(0, shared_split);
   for (int64_t c = 0; c < chunks; ++c) {
     if (c + 1 < chunks) start_dispatch(c + 1);
     // [R_c, H] by local expert (deduplicated: each received row copied to its experts).
@@ -203,7 +220,7 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
     on_gradient(observed, expert_rows, marks("combine a2a backward"));
     combining[c] = dispatcher_.start_combine(expert_rows, plans[c]);
   }
-  if (shared_experts) run_shared(shared_split, tokens - shared_split);
+  if (shared) run_shared(shared_split, tokens - shared_split);
   // y[t] = Σ_j gate[t, j] · out[t, j], each token's rows added in (global expert, slot) order.
   at::Tensor y;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -217,12 +234,40 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
     y = dispatcher_.unpermute(combined, gates, plans[c], y);
     mark("unpermute");
   }
-  auto out = shared_experts ? y + at::cat(shared_parts, 0) : y;
+  auto out = shared ? y + at::cat(shared_parts, 0) : y;
   // The layer's backward starts here: restart the observer's clock.
   on_gradient(observed, out, [this] {
     if (observer_) observer_->forward_started();
   });
   return out;
+}
+
+// Two-hop dispatch (moe/node_hop.hpp): each token once to each node holding one of its experts,
+// the shared experts computed while those rows cross the network, then the rank-deduplicated
+// pipeline inside the gateway's node on the rows it received, and one row per (token, node)
+// back. `chunks` must be the same on every EP rank (the gateways' row counts differ).
+at::Tensor MoeLayerImpl::node_hop_experts_combine(const at::Tensor& x, const at::Tensor& gates,
+                                                  const at::Tensor& expert_ids,
+                                                  const at::Tensor& keep, int64_t chunks) {
+  const auto hop = node_hop_->plan(expert_ids, keep);
+  const auto rows = to_compute_dtype(x, x);
+  const auto pending = node_hop_->start(rows, gates, expert_ids, keep, hop);
+  mark("node hop plan + a2a start");
+  at::Tensor shared;
+  if (shared_experts) {
+    shared = shared_experts->forward(x);
+    mark("shared experts");
+  }
+  const auto in = node_hop_->finish(pending);
+  mark("node hop a2a");
+  const auto plans = dispatcher_.plan_chunks(in.expert_ids, in.keep, chunks, /*deduplicate=*/true);
+  mark("plan+counts a2a");
+  const auto node_out = dispatch_experts_combine(in.rows, in.gates, plans, /*capacity=*/0,
+                                                 /*slot_norms=*/nullptr, /*with_shared=*/false);
+  auto y = node_hop_->combine(node_out.to(rows.scalar_type()), hop,
+                              at::zeros(x.sizes(), node_out.options()));
+  mark("node combine a2a");
+  return shared.defined() ? y + shared : y;
 }
 
 // All experts local, CPU fp32 (moe/gathered_experts.hpp): steps 4-7 expert by expert, with no

@@ -11,8 +11,11 @@
 // run forward and backward together.
 #include <torch/nn/module.h>
 
+#include <memory>
+
 #include "moe/experts.hpp"
 #include "moe/moe_config.hpp"
+#include "moe/node_hop.hpp"
 #include "moe/phase_observer.hpp"
 #include "moe/router.hpp"
 #include "moe/routing_recorder.hpp"
@@ -76,10 +79,14 @@ class MoeLayerImpl : public torch::nn::Module {
 
   // Pipeline chunks of dispatch / experts / combine (parallel.overlap_degree).
   void set_overlap_degree(int64_t chunks) { overlap_degree_ = chunks; }
-  // Send each token once per EP rank instead of once per (token, expert) pick
-  // (parallel.dedup_dispatch; moe/token_dispatcher.hpp). The routing recorder keeps per-pick
-  // rows, so a recorded forward dispatches rows per pick.
-  void set_dedup_dispatch(bool dedup) { dedup_dispatch_ = dedup; }
+  // What the all-to-all sends (parallel.dedup_dispatch): one row per pick, per (token, EP rank)
+  // (moe/token_dispatcher.hpp) or per (token, node) (moe/node_hop.hpp; needs the EP group's
+  // `ranks_per_node`, and uses per-rank rows when the group is on one node or the layout is
+  // unknown = 0). The routing recorder keeps per-pick rows, so a recorded forward sends those;
+  // padded capacity takes per-rank rows instead of the node hop.
+  void set_dedup_dispatch(DispatchDedup mode, int64_t ranks_per_node = 0);
+  // Whether the node hop is in use (the two-hop dispatch applies to this EP group).
+  bool uses_node_hop() const { return node_hop_ != nullptr; }
   void set_recompute(MoeRecompute recompute);
   // Tests and benchmarks: take the dispatch pipeline even where the gathered-experts path
   // (moe/gathered_experts.hpp) applies, to compare the two.
@@ -106,9 +113,13 @@ class MoeLayerImpl : public torch::nn::Module {
                     const at::Tensor& global_load_fraction) const;
   Kept keep_mask(const RouterOutput& route, int64_t tokens) const;
   // `slot_norms` (optional, [T·k] fp32): receives each kept slot's expert output norm.
+  // `with_shared`: run the shared experts on x inside the pipeline (false: the caller does).
   at::Tensor dispatch_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                       const std::vector<DispatchPlan>& plans, int64_t capacity,
-                                      at::Tensor* slot_norms = nullptr);
+                                      at::Tensor* slot_norms = nullptr, bool with_shared = true);
+  at::Tensor node_hop_experts_combine(const at::Tensor& x, const at::Tensor& gates,
+                                      const at::Tensor& expert_ids, const at::Tensor& keep,
+                                      int64_t chunks);
   void record(const RouterOutput& route, const Kept& kept, const at::Tensor& slot_norms,
               int64_t seq_len) const;
   bool gathers_in_experts(const at::Tensor& x, int64_t capacity) const;
@@ -120,7 +131,9 @@ class MoeLayerImpl : public torch::nn::Module {
   MoeConfig config_;
   TokenDispatcher dispatcher_;
   int64_t overlap_degree_ = 1;
-  bool dedup_dispatch_ = false;
+  DispatchDedup dedup_ = DispatchDedup::kNone;
+  parallel::Communicator& ep_;
+  std::unique_ptr<NodeHop> node_hop_;
   bool force_pipeline_ = false;
   MoeRecompute recompute_;
   PhaseObserver* observer_ = nullptr;

@@ -118,7 +118,8 @@ void TokenDispatcher::plan_unique_rows(DispatchPlan& plan, const at::Tensor& slo
   plan.deduplicated = true;
   // The rows on the wire are the present keys in order: by destination rank, then token.
   const auto real = present.narrow(0, 0, ep * chunk_tokens);
-  plan.unique_token = at::nonzero(real).view({-1}).remainder(chunk_tokens) + first_token;
+  const int64_t divisor = std::max<int64_t>(1, chunk_tokens);  // an empty chunk has no keys
+  plan.unique_token = at::nonzero(real).view({-1}).remainder(divisor) + first_token;
   std::vector<int64_t> send_start(ep), recv_start(ep);
   int64_t sent_rows = 0;
   for (int64_t p = 0; p < ep; ++p) {
@@ -134,7 +135,7 @@ void TokenDispatcher::plan_unique_rows(DispatchPlan& plan, const at::Tensor& slo
   // which (local expert, source) pair.
   const auto row_of_key = real.to(at::kLong).cumsum(0) - 1;
   const auto pair_keys = slot_keys.index_select(0, plan.slot_order - first_token * plan.top_k);
-  const auto pair_destination = at::floor_divide(pair_keys, chunk_tokens);
+  const auto pair_destination = at::floor_divide(pair_keys, divisor);
   const auto row_in_block = row_of_key.index_select(0, pair_keys) -
                             at::tensor(send_start, options).index_select(0, pair_destination);
   const int64_t pairs_received =
@@ -169,22 +170,20 @@ at::Tensor TokenDispatcher::exchange_counts(const at::Tensor& counts) const {
   return at::cat({counts.reshape({-1}), received.reshape({-1}).to(counts.device())}).cpu();
 }
 
-namespace {
-// On CUDA, advanced indexing: its backward is a sorted accumulate instead of index_select's
-// atomic index_add (k atomic adds per token row). On the CPU both sum in index order.
-at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+at::Tensor take_rows(const at::Tensor& x, const at::Tensor& index) {
+  // index_select's CUDA backward does k atomic adds per token row; on the CPU both sum in
+  // index order.
   if (x.is_cuda()) return x.index({index});
   return x.index_select(0, index);
 }
-}  // namespace
 
 at::Tensor TokenDispatcher::permute(const at::Tensor& x, const DispatchPlan& plan) const {
   // [N, H] one row per kept pair, or [U, H] one per (token, destination) when deduplicated.
-  return gather_rows(x, plan.deduplicated ? plan.unique_token : plan.token_of_row);
+  return take_rows(x, plan.deduplicated ? plan.unique_token : plan.token_of_row);
 }
 
 at::Tensor TokenDispatcher::expand(const at::Tensor& received, const DispatchPlan& plan) const {
-  return plan.deduplicated ? gather_rows(received, plan.pair_row) : received;  // [R, H]
+  return plan.deduplicated ? take_rows(received, plan.pair_row) : received;  // [R, H]
 }
 
 at::Tensor TokenDispatcher::reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,

@@ -31,6 +31,10 @@
 
 namespace moeforge::moe {
 
+// Rows of x [T, H] at `index`: index_select on the CPU; on CUDA advanced indexing, whose
+// backward is a sorted accumulate instead of index_select's atomic index_add.
+at::Tensor take_rows(const at::Tensor& x, const at::Tensor& index);
+
 struct DispatchPlan {
   int64_t num_tokens = 0;
   int64_t top_k = 0;

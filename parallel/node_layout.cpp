@@ -39,6 +39,15 @@ int nodes_spanned(const NodeLayout& layout, int first, int ep_size) {
   return static_cast<int>(nodes.size());
 }
 
+int ep_ranks_per_node(const NodeLayout& layout, int first, int ep_size) {
+  const int nodes = nodes_spanned(layout, first, ep_size);
+  if (ep_size % nodes != 0) return 0;
+  const int run = ep_size / nodes;
+  for (int i = 0; i < ep_size; ++i)
+    if (layout.node_of_rank[first + i] != layout.node_of_rank[first + i / run * run]) return 0;
+  return run;
+}
+
 namespace {
 
 std::string ranks_per_node(const NodeLayout& layout) {

@@ -25,6 +25,10 @@ NodeLayout discover_node_layout(MPI_Comm world);
 // Nodes an EP group of `ep_size` ranks starting at world rank `first` spans.
 int nodes_spanned(const NodeLayout& layout, int first, int ep_size);
 
+// Ranks per node of that EP group when it is cut into equal runs of consecutive ranks, one run
+// per node (what the two-hop dispatch needs); 0 when it is not.
+int ep_ranks_per_node(const NodeLayout& layout, int first, int ep_size);
+
 // One line for the start banner: nodes × ranks, where EP and data parallelism run, and whether
 // group-limited routing (num_groups > 1) is aligned to nodes.
 std::string describe_node_layout(const NodeLayout& layout, int ep_size, int64_t num_experts,

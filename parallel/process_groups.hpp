@@ -21,6 +21,7 @@ struct ProcessGroups {
   std::shared_ptr<Communicator> ep;
   std::shared_ptr<Communicator> edp;
   int ep_size = 1;
+  int ep_ranks_per_node = 0;  // the EP group's ranks per node (node_layout.hpp); 0 = unknown
 
   int ep_rank() const { return ep->rank(); }
   int dp_rank() const { return edp->rank(); }  // which EP group this rank is in

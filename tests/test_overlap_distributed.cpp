@@ -4,6 +4,7 @@
 // gradient buckets all-reduced during backward equal the blocking path; whole training runs
 // are the same with and without the communication worker; the simulated link never makes a
 // collective faster than its model.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -12,6 +13,7 @@
 
 #include "moe/moe_layer.hpp"
 #include "parallel/mpi_communicator.hpp"
+#include "parallel/node_layout.hpp"
 #include "parallel/process_groups.hpp"
 #include "parallel/simulated_link.hpp"
 #include "test_support.hpp"
@@ -36,7 +38,8 @@ struct LayerResult {
 };
 
 LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64_t chunks, int rank,
-                      bool dedup = false) {
+                      moe::DispatchDedup dedup = moe::DispatchDedup::kNone,
+                      int64_t ranks_per_node = 0) {
   moe::MoeLayer layer(16, config, ep);
   {
     at::NoGradGuard no_grad;
@@ -54,7 +57,9 @@ LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64
     }
   }
   layer->set_overlap_degree(chunks);
-  layer->set_dedup_dispatch(dedup);
+  layer->set_dedup_dispatch(dedup, ranks_per_node);
+  EXPECT_EQ(layer->uses_node_hop(),
+            dedup == moe::DispatchDedup::kNode && ranks_per_node > 0 && ranks_per_node < ep.size());
   layer->train();
   at::manual_seed(1000 + rank);
   const auto x = at::randn({24, 16}).set_requires_grad(true);
@@ -149,10 +154,75 @@ TEST(Overlap, DeduplicatedDispatchEqualsRowDispatchInEveryMode) {
     SCOPED_TRACE(mode.name);
     const auto reference = run_layer(config, *groups.ep, 1, world_comm.rank());
     for (const int64_t chunks : {1, 3}) {
-      const auto r = run_layer(config, *groups.ep, chunks, world_comm.rank(), /*dedup=*/true);
+      const auto r =
+          run_layer(config, *groups.ep, chunks, world_comm.rank(), moe::DispatchDedup::kRank);
       expect_same_layer_result(
           r, reference,
           std::string(mode.name) + ", deduplicated, chunks " + std::to_string(chunks));
+    }
+  }
+}
+
+// Two hops, with every node size the world allows (ranks_per_node 1: every rank its own node;
+// world / 2: two nodes): the same layer as the row dispatch, forward and every gradient. Padded
+// capacity takes per-rank rows (the gateway gathers several sources' rows per expert).
+TEST(Overlap, NodeHopDispatchEqualsRowDispatchInEveryMode) {
+  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+  const int world = world_size();
+  const auto groups = parallel::with_communication_options(
+      parallel::make_process_groups(world_comm, world), /*worker=*/true, parallel::LinkModel{});
+  for (const auto& mode : layer_modes()) {
+    const auto config = layer_config(mode);
+    SCOPED_TRACE(mode.name);
+    const auto reference = run_layer(config, *groups.ep, 1, world_comm.rank());
+    for (const int64_t ranks_per_node : std::set<int64_t>{1, world / 2})
+      for (const int64_t chunks : {1, 3}) {
+        const auto r = run_layer(config, *groups.ep, chunks, world_comm.rank(),
+                                 moe::DispatchDedup::kNode, ranks_per_node);
+        expect_same_layer_result(r, reference,
+                                 fmt::format("{}, node hop, {} rank(s) per node, chunks {}",
+                                             mode.name, ranks_per_node, chunks));
+      }
+  }
+}
+
+// The node hop's rows are exactly the distinct (token, node) pairs of the kept picks, each sent
+// to the node's rank with this rank's local index; with group-limited routing aligned to the
+// nodes (one group per token) every token crosses to at most one node.
+TEST(Overlap, NodeHopSendsEachTokenOncePerNode) {
+  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+  const int ep = world_comm.size(), rank = world_comm.rank();
+  const int64_t ranks_per_node = ep / 2 > 0 ? ep / 2 : 1, nodes = ep / ranks_per_node;
+  const int64_t experts = 4 * ep, per_node = experts / nodes, tokens = 40, top_k = 3;
+  moe::NodeHop hop(world_comm, experts, ranks_per_node);
+  at::manual_seed(91 + rank);
+  for (const bool node_limited : {false, true}) {
+    auto ids = std::get<1>(at::topk(at::rand({tokens, experts}), top_k, 1));
+    if (node_limited)  // every pick inside one node's experts: node t % nodes
+      ids = ids.remainder(per_node) + (at::arange(tokens) % nodes * per_node).unsqueeze(1);
+    const auto keep = at::rand({tokens, top_k}) < 0.8;
+    const auto plan = hop.plan(ids, keep);
+    const auto id = ids.accessor<int64_t, 2>();
+    const auto kept = keep.accessor<bool, 2>();
+    std::vector<int64_t> expected(nodes, 0);
+    int64_t crossing = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::set<int64_t> on;
+      for (int64_t j = 0; j < top_k; ++j)
+        if (kept[t][j]) on.insert(id[t][j] / per_node);
+      for (const auto n : on) ++expected[n];
+      crossing += static_cast<int64_t>(on.size()) - (on.count(rank / ranks_per_node) ? 1 : 0);
+    }
+    ASSERT_EQ(plan.send.size(), static_cast<size_t>(nodes));
+    int64_t sent_off_node = 0;
+    for (int64_t n = 0; n < nodes; ++n) {
+      EXPECT_EQ(plan.send[n].rows, expected[n]) << "rows to node " << n;
+      EXPECT_EQ(plan.send[n].peer, n * ranks_per_node + rank % ranks_per_node) << "gateway";
+      if (n != rank / ranks_per_node) sent_off_node += plan.send[n].rows;
+    }
+    EXPECT_EQ(sent_off_node, crossing);
+    if (node_limited) {
+      EXPECT_LE(sent_off_node, tokens);
     }
   }
 }
@@ -193,6 +263,22 @@ TEST(Overlap, DeduplicatedPlanSendsEachTokenOncePerRank) {
     EXPECT_GE(plan.pair_row.min().item<int64_t>(), 0);
     EXPECT_LT(plan.pair_row.max().item<int64_t>(), plan.unique_received);
   }
+}
+
+TEST(NodeLayout, EpRanksPerNodeNeedsEqualConsecutiveRuns) {
+  const auto layout = [](std::vector<int> nodes) {
+    parallel::NodeLayout l;
+    l.node_of_rank = nodes;
+    l.nodes = static_cast<int>(std::set<int>(nodes.begin(), nodes.end()).size());
+    return l;
+  };
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 0, 1, 1}), 0, 4), 2);
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 1, 2, 3}), 0, 4), 1);
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 0, 0, 0}), 0, 4), 4);  // one node
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 0, 1, 1, 2, 2, 3, 3}), 4, 4), 2);
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 1, 0, 1}), 0, 4), 0);        // round robin
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 0, 0, 1, 1, 1}), 0, 6), 3);  // 2 × 3
+  EXPECT_EQ(parallel::ep_ranks_per_node(layout({0, 0, 0, 1}), 0, 4), 0);        // 3 + 1
 }
 
 TokenDataset open_data(const Config& c) {
@@ -242,11 +328,18 @@ TEST(Overlap, TrainingIsTheSameWithAndWithoutTheWorker) {
   config.parallel.overlap_degree = 3;
   const auto overlapped =
       Trainer(config, groups, open_data(config), testing::quiet_run()).run().steps;
-  config.parallel.dedup_dispatch = true;
+  config.parallel.dedup_dispatch = moe::DispatchDedup::kRank;
   const auto deduplicated =
       Trainer(config, groups, open_data(config), testing::quiet_run()).run().steps;
-  for (const auto* run : {&overlapped, &deduplicated}) {
-    const char* what = run == &overlapped ? "overlapped" : "deduplicated";
+  config.parallel.dedup_dispatch = moe::DispatchDedup::kNode;
+  auto two_node_groups = groups;
+  two_node_groups.ep_ranks_per_node = world / 2;
+  const auto node_hop =
+      Trainer(config, two_node_groups, open_data(config), testing::quiet_run()).run().steps;
+  for (const auto* run : {&overlapped, &deduplicated, &node_hop}) {
+    const char* what = run == &overlapped     ? "overlapped"
+                       : run == &deduplicated ? "deduplicated"
+                                              : "node hop";
     ASSERT_EQ(run->size(), reference.size()) << what;
     for (size_t i = 0; i < reference.size(); ++i) {
       EXPECT_LE(relative_difference((*run)[i].loss, reference[i].loss), 1e-6)

@@ -89,7 +89,7 @@ TEST(Recompute, BitwiseTheSameAsNoneAtEveryEpSize) {
 TEST(Recompute, DeduplicatedDispatchBitwiseTheSameAsNone) {
   parallel::MpiCommunicator world(MPI_COMM_WORLD);
   auto config = distributed_recompute_config(world_size());
-  config.parallel.dedup_dispatch = true;
+  config.parallel.dedup_dispatch = moe::DispatchDedup::kRank;
   const auto groups = parallel::make_process_groups(world, world_size());
   const auto reference = testing::trace_training(config, groups);
   for (const auto& [name, recompute] : testing::recompute_options()) {

@@ -168,8 +168,11 @@ int run_training(PreparedRun& run, const TrainArgs& args, int rank) {
   install_stop_signal_handlers();
   parallel::MpiCommunicator world(MPI_COMM_WORLD);
   world.set_timeout(config.parallel.timeout_s);  // the groups split from it inherit it
-  const auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
+  auto groups = parallel::make_process_groups(world, config.parallel.ep_size);
   const auto layout = parallel::discover_node_layout(MPI_COMM_WORLD);
+  const int ep_size = static_cast<int>(config.parallel.ep_size);
+  groups.ep_ranks_per_node =
+      parallel::ep_ranks_per_node(layout, world.rank() / ep_size * ep_size, ep_size);
   if (rank == 0 && run.options.print)
     std::cout << parallel::describe_node_layout(layout, config.parallel.ep_size,
                                                 config.moe.num_experts,

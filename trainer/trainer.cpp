@@ -208,11 +208,18 @@ Trainer::Trainer(const Config& config, const parallel::ProcessGroups& groups, To
   at::manual_seed(static_cast<uint64_t>(config_.train.seed));
   model_ = DecoderLM(config_, *groups_.ep);
   phase_trace_ = std::make_unique<TracedPhases>();
+  bool node_hop = false;
   for (auto& layer : model_->moe_layers()) {
     layer->set_overlap_degree(config_.parallel.overlap_degree);
-    layer->set_dedup_dispatch(config_.parallel.dedup_dispatch);
+    layer->set_dedup_dispatch(config_.parallel.dedup_dispatch, groups_.ep_ranks_per_node);
+    node_hop = layer->uses_node_hop();
     if (config_.logging.trace) layer->set_observer(phase_trace_.get());  // hooks cost nothing off
   }
+  if (config_.parallel.dedup_dispatch == moe::DispatchDedup::kNode && !node_hop && is_root_ &&
+      options_.print)
+    std::cout << "parallel.dedup_dispatch: node — the EP group is on one node (or its ranks are "
+                 "not in equal consecutive runs per node): one row per (token, rank) instead"
+              << std::endl;
   initialize_parameters(*model_, config_, static_cast<uint64_t>(config_.train.seed));
   model_->to(device_);  // initialised on the host, so every device starts from the same weights
   model_->train();

@@ -77,10 +77,10 @@ struct SimulatedLinkConfig {
 
 struct ParallelConfig {
   int64_t ep_size = 1;
-  double bucket_mb = 25.0;             // gradient all-reduce bucket size
-  bool comm_worker = true;             // run collectives on the communication worker thread
-  int64_t overlap_degree = 1;          // MoE dispatch/experts/combine pipeline chunks
-  bool dedup_dispatch = false;         // one row per (token, EP rank) on the wire
+  double bucket_mb = 25.0;     // gradient all-reduce bucket size
+  bool comm_worker = true;     // run collectives on the communication worker thread
+  int64_t overlap_degree = 1;  // MoE dispatch/experts/combine pipeline chunks
+  moe::DispatchDedup dedup_dispatch = moe::DispatchDedup::kNone;  // rows on the wire
   bool overlap_grad_sync = true;       // all-reduce gradient buckets during backward
   bool distributed_optimizer = false;  // ZeRO-1: masters and AdamW state sharded over DP
   Precision grad_reduce_dtype = Precision::kFp32;  // dtype of the gradient collectives
@@ -186,6 +186,9 @@ MOEFORGE_ENUM_TEXT(moe::Routing, std::pair{moe::Routing::kTokenChoice, "token_ch
 MOEFORGE_ENUM_TEXT(moe::AuxLossScope, std::pair{moe::AuxLossScope::kMicroBatch, "micro_batch"},
                    std::pair{moe::AuxLossScope::kSequence, "sequence"},
                    std::pair{moe::AuxLossScope::kGlobalBatch, "global_batch"});
+MOEFORGE_ENUM_TEXT(moe::DispatchDedup, std::pair{moe::DispatchDedup::kNone, "none"},
+                   std::pair{moe::DispatchDedup::kRank, "rank"},
+                   std::pair{moe::DispatchDedup::kNode, "node"});
 MOEFORGE_ENUM_TEXT(moe::DropPolicy, std::pair{moe::DropPolicy::kProbs, "probs"},
                    std::pair{moe::DropPolicy::kPosition, "position"});
 MOEFORGE_ENUM_TEXT(RopeScalingType, std::pair{RopeScalingType::kNone, "none"},

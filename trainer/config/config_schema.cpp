@@ -239,13 +239,15 @@ const std::vector<KeySpec>& config_schema() {
               "MoE layer pipeline: split the routed rows into n chunks so chunk i+1's dispatch "
               "and chunk i−1's combine run while chunk i is in the experts (forward and "
               "backward); 1 = one chunk (shared experts still overlap the dispatch)"),
-      bool_key(KEY(parallel.dedup_dispatch),
-               "MoE all-to-all sends each token once per expert-parallel rank, not once per "
-               "(token, expert) pick: the rank applies the gates and sums its experts' outputs, "
-               "so both exchanges carry fewer rows when a token's experts share ranks (with "
-               "group-limited routing aligned to ranks: at most topk_groups·ranks-per-group "
-               "rows); costs one small index exchange per layer; sums split by rank (fp32 "
-               "rounding)"),
+      enum_key<moe::DispatchDedup>(
+          KEY(parallel.dedup_dispatch),
+          "Rows the MoE all-to-all sends: none = one per kept (token, expert) pick; rank = one "
+          "per (token, EP rank), the rank applying the gates and summing its experts' outputs "
+          "(one small index exchange per layer); node = one per (token, node) to the rank of "
+          "that node with this rank's local index, which fans it out inside the node "
+          "(DeepSeek-V3's two-hop dispatch; for EP groups spanning nodes, with group-limited "
+          "routing aligned to nodes; not with capacity.pad; falls back to rank when the EP "
+          "group is on one node). Sums are split by rank/node: fp32 rounding"),
       bool_key(KEY(parallel.overlap_grad_sync),
                "All-reduce each gradient bucket as soon as backward has produced it"),
       bool_key(KEY(parallel.distributed_optimizer),
