@@ -22,7 +22,7 @@ NODES=$("$C" traffic "$MOEFORGE_CLUSTER" | wc -l)
 RANKS=$(awk '{ split($2, s, "="); n += s[2] } END { print n }' \
   "/run/moeforge-cluster/$MOEFORGE_CLUSTER/hostfile")
 mkdir -p "$OUT"
-sent() { "$C" traffic "$MOEFORGE_CLUSTER" | awk '{ s += $3 } END { printf "%d\n", s }'; }
+sent() { "$C" traffic "$MOEFORGE_CLUSTER" | awk '{ s += $3 } END { printf "%.0f\n", s }'; }
 echo "nodes $NODES, ranks $RANKS, ep_size $RANKS, $CONFIG, $STEPS steps"
 for repeat in $(seq "${REPEATS:-2}"); do
   for routing in "unrestricted:" \
