@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <numeric>
+#include <utility>
 
 #include "moe/load_balancing.hpp"
 #include "parallel/all_to_all.hpp"
@@ -22,48 +23,90 @@ DispatchPlan TokenDispatcher::plan(const at::Tensor& expert_ids, const at::Tenso
   return std::move(plan_chunks(expert_ids, keep, 1).front());
 }
 
+namespace {
+
+// Slots of tokens [first, last) as flat expert ids; dropped slots (keep false) get the id E, so
+// they sort after every expert's rows and are cut off once the counts are on the host: no
+// data-dependent shape (and host read) before that.
+at::Tensor chunk_slot_ids(const at::Tensor& expert_ids, const at::Tensor& keep, int64_t first,
+                          int64_t last, int64_t num_experts) {
+  const auto flat_ids = expert_ids.narrow(0, first, last - first).reshape({-1});
+  if (!keep.defined()) return flat_ids;
+  return at::where(keep.narrow(0, first, last - first).reshape({-1}), flat_ids,
+                   at::full({}, num_experts, flat_ids.options()));
+}
+
+// Deduplicated plans: the key of each slot, destination rank · T_c + token (dropped slots:
+// rank ep), and which of the (ep + 1) · T_c keys occur.
+std::pair<at::Tensor, at::Tensor> destination_token_keys(const at::Tensor& flat_ids, int64_t local,
+                                                         int64_t ep, int64_t chunk_tokens,
+                                                         int64_t top_k) {
+  const auto keys = at::floor_divide(flat_ids, local) * chunk_tokens +
+                    at::arange(chunk_tokens, flat_ids.options()).repeat_interleave(top_k);
+  auto present = at::zeros({(ep + 1) * chunk_tokens}, flat_ids.options().dtype(at::kBool))
+                     .index_fill_(0, keys, true);
+  return {keys, present};
+}
+
+// Send blocks: rows of global expert g = p·El + e are contiguous in the permuted order and go to
+// EP rank p. Receive blocks: expert-major layout (local expert, then source rank), so the
+// experts read contiguous per-expert rows with no reorder after the exchange. `sent(p, e)` and
+// `received(p, e)`: rows this rank sends to p for its local expert e / receives from p for e.
+template <class Sent, class Received>
+void lay_out_blocks(DispatchPlan& plan, int64_t ep, int64_t local, Sent sent, Received received) {
+  plan.send_rows.assign(ep, 0);
+  plan.recv_rows.assign(ep, 0);
+  plan.rows_per_local_expert.assign(local, 0);
+  int64_t offset = 0;
+  for (int64_t p = 0; p < ep; ++p)
+    for (int64_t e = 0; e < local; ++e) {
+      plan.send_blocks.push_back({static_cast<int>(p), offset, sent(p, e)});
+      plan.send_rows[p] += sent(p, e);
+      offset += sent(p, e);
+    }
+  offset = 0;
+  for (int64_t e = 0; e < local; ++e)
+    for (int64_t p = 0; p < ep; ++p) {
+      plan.recv_blocks.push_back({static_cast<int>(p), offset, received(p, e)});
+      offset += received(p, e);
+      plan.recv_rows[p] += received(p, e);
+      plan.rows_per_local_expert[e] += received(p, e);
+    }
+}
+
+}  // namespace
+
 std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_ids,
                                                        const at::Tensor& keep, int64_t chunks,
                                                        bool deduplicate) const {
   at::NoGradGuard no_grad;
-  const int64_t ep = ep_.size();
+  const int64_t ep = ep_.size(), local = num_local_experts_;
   const int64_t tokens = expert_ids.size(0), top_k = expert_ids.size(1);
-  const int64_t local = num_local_experts_;
   const int64_t width = local + (deduplicate ? 1 : 0);  // counts per destination rank
-  const auto index_options = expert_ids.options().dtype(at::kLong);
   chunks = std::max<int64_t>(1, chunks);
   std::vector<DispatchPlan> plans(chunks);
   std::vector<at::Tensor> chunk_counts;        // [ep, width] per chunk
   std::vector<at::Tensor> slot_keys, present;  // deduplicated plans, per chunk
+  // Chunk c: tokens [c·T/n, (c+1)·T/n), i.e. flat slots [first·k, last·k).
+  const auto first_token = [&](int64_t c) { return c * tokens / chunks; };
   for (int64_t c = 0; c < chunks; ++c) {
     auto& plan = plans[c];
     plan.num_tokens = tokens;
     plan.top_k = top_k;
-    // Chunk c: tokens [c·T/n, (c+1)·T/n), i.e. flat slots [first·k, last·k).
-    const int64_t first = c * tokens / chunks, last = (c + 1) * tokens / chunks;
-    auto flat_ids = expert_ids.narrow(0, first, last - first).reshape({-1});
-    // Dropped slots get the id E, so they sort after every expert's rows and are cut off once
-    // the counts are on the host: no data-dependent shape (and host read) before that.
-    if (keep.defined())
-      flat_ids = at::where(keep.narrow(0, first, last - first).reshape({-1}), flat_ids,
-                           at::full({}, num_experts_, index_options));
+    const int64_t first = first_token(c), last = first_token(c + 1);
+    const auto flat_ids = chunk_slot_ids(expert_ids, keep, first, last, num_experts_);
     // Stable sort keeps slot order within an expert, so the permutation is ep-independent.
-    const auto by_expert = at::argsort(flat_ids, /*stable=*/true);
-    plan.slot_order =
-        at::arange(first * top_k, last * top_k, index_options).index_select(0, by_expert);
+    plan.slot_order = at::arange(first * top_k, last * top_k, flat_ids.options())
+                          .index_select(0, at::argsort(flat_ids, /*stable=*/true));
     auto counts =
         count_ids(flat_ids, num_experts_ + 1).narrow(0, 0, num_experts_).view({ep, local});
-    if (deduplicate) {
-      // Key of each slot: destination rank · T_c + token (dropped slots: rank ep). The distinct
-      // keys below rank ep are the rows on the wire; their count per rank joins the counts.
-      const int64_t chunk_tokens = last - first;
-      slot_keys.push_back(at::floor_divide(flat_ids, local) * chunk_tokens +
-                          at::arange(chunk_tokens, index_options).repeat_interleave(top_k));
-      present.push_back(at::zeros({(ep + 1) * chunk_tokens}, index_options.dtype(at::kBool))
-                            .index_fill_(0, slot_keys.back(), true));
+    if (deduplicate) {  // the rows per destination rank join the counts exchange
+      auto [keys, marks] = destination_token_keys(flat_ids, local, ep, last - first, top_k);
       const auto unique_rows =
-          present.back().view({ep + 1, chunk_tokens}).narrow(0, 0, ep).sum(1, false, at::kLong);
+          marks.view({ep + 1, last - first}).narrow(0, 0, ep).sum(1, false, at::kLong);
       counts = at::cat({counts, unique_rows.unsqueeze(1)}, 1);
+      slot_keys.push_back(std::move(keys));
+      present.push_back(std::move(marks));
     }
     chunk_counts.push_back(counts);
   }
@@ -73,37 +116,19 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
   for (int64_t c = 0; c < chunks; ++c) {
     auto& plan = plans[c];
     const int64_t* count = count_data + c * ep * width;
-    plan.send_rows.assign(ep, 0);
-    plan.recv_rows.assign(ep, 0);
-    plan.rows_per_local_expert.assign(local, 0);
-    // Send blocks: rows of global expert g = p·El + e are contiguous in the permuted order and go
-    // to EP rank p. Receive blocks: expert-major layout (local expert, then source rank), so the
-    // experts read contiguous per-expert rows with no reorder after the exchange.
-    int64_t offset = 0;
-    for (int64_t p = 0; p < ep; ++p)
-      for (int64_t e = 0; e < local; ++e) {
-        plan.send_blocks.push_back({static_cast<int>(p), offset, count[p * width + e]});
-        plan.send_rows[p] += count[p * width + e];
-        offset += count[p * width + e];
-      }
-    plan.slot_order = plan.slot_order.narrow(0, 0, offset);  // the kept rows
+    lay_out_blocks(
+        plan, ep, local, [&](int64_t p, int64_t e) { return count[p * width + e]; },
+        [&](int64_t p, int64_t e) { return recv[(p * chunks + c) * width + e]; });
+    const int64_t kept = std::accumulate(plan.send_rows.begin(), plan.send_rows.end(), int64_t{0});
+    plan.slot_order = plan.slot_order.narrow(0, 0, kept);
     plan.token_of_row = at::floor_divide(plan.slot_order, top_k);
-    offset = 0;
-    for (int64_t e = 0; e < local; ++e)
-      for (int64_t p = 0; p < ep; ++p) {
-        const int64_t rows = recv[(p * chunks + c) * width + e];
-        plan.recv_blocks.push_back({static_cast<int>(p), offset, rows});
-        offset += rows;
-        plan.recv_rows[p] += rows;
-        plan.rows_per_local_expert[e] += rows;
-      }
     if (!deduplicate) continue;
     std::vector<int64_t> sent(ep), received(ep);
     for (int64_t p = 0; p < ep; ++p) {
       sent[p] = count[p * width + local];
       received[p] = recv[(p * chunks + c) * width + local];
     }
-    plan_unique_rows(plan, slot_keys[c], present[c], c * tokens / chunks, sent, received);
+    plan_unique_rows(plan, slot_keys[c], present[c], first_token(c), sent, received);
   }
   return plans;
 }
