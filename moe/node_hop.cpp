@@ -28,10 +28,7 @@ NodeHopPlan NodeHop::plan(const at::Tensor& expert_ids, const at::Tensor& keep) 
   // Distinct (node, token) keys of the kept picks: node · T + token (dropped picks: node N).
   auto node = at::floor_divide(expert_ids, num_experts_ / nodes_);
   if (keep.defined()) node = at::where(keep, node, at::full({}, nodes_, options));
-  const auto keys = node * tokens + at::arange(tokens, options).unsqueeze(1);
-  const auto present = at::zeros({(nodes_ + 1) * tokens}, options.dtype(at::kBool))
-                           .index_fill_(0, keys.reshape({-1}), true)
-                           .narrow(0, 0, nodes_ * tokens);
+  const auto present = destination_token_keys(node, nodes_).second.narrow(0, 0, nodes_ * tokens);
   std::vector<int64_t> gateways;
   for (int64_t n = 0; n < nodes_; ++n) gateways.push_back(gateway(n));
   const auto send_counts =

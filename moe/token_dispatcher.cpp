@@ -36,16 +36,9 @@ at::Tensor chunk_slot_ids(const at::Tensor& expert_ids, const at::Tensor& keep, 
                    at::full({}, num_experts, flat_ids.options()));
 }
 
-// Deduplicated plans: the key of each slot, destination rank · T_c + token (dropped slots:
-// rank ep), and which of the (ep + 1) · T_c keys occur.
-std::pair<at::Tensor, at::Tensor> destination_token_keys(const at::Tensor& flat_ids, int64_t local,
-                                                         int64_t ep, int64_t chunk_tokens,
-                                                         int64_t top_k) {
-  const auto keys = at::floor_divide(flat_ids, local) * chunk_tokens +
-                    at::arange(chunk_tokens, flat_ids.options()).repeat_interleave(top_k);
-  auto present = at::zeros({(ep + 1) * chunk_tokens}, flat_ids.options().dtype(at::kBool))
-                     .index_fill_(0, keys, true);
-  return {keys, present};
+// Rows this rank receives for its experts: one per (local expert, source) pair.
+int64_t pairs_received(const DispatchPlan& plan) {
+  return std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
 }
 
 // Send blocks: rows of global expert g = p·El + e are contiguous in the permuted order and go to
@@ -101,7 +94,8 @@ std::vector<DispatchPlan> TokenDispatcher::plan_chunks(const at::Tensor& expert_
     auto counts =
         count_ids(flat_ids, num_experts_ + 1).narrow(0, 0, num_experts_).view({ep, local});
     if (deduplicate) {  // the rows per destination rank join the counts exchange
-      auto [keys, marks] = destination_token_keys(flat_ids, local, ep, last - first, top_k);
+      auto [keys, marks] =
+          destination_token_keys(at::floor_divide(flat_ids, local).view({last - first, top_k}), ep);
       const auto unique_rows =
           marks.view({ep + 1, last - first}).narrow(0, 0, ep).sum(1, false, at::kLong);
       counts = at::cat({counts, unique_rows.unsqueeze(1)}, 1);
@@ -163,10 +157,8 @@ void TokenDispatcher::plan_unique_rows(DispatchPlan& plan, const at::Tensor& slo
   const auto pair_destination = at::floor_divide(pair_keys, divisor);
   const auto row_in_block = row_of_key.index_select(0, pair_keys) -
                             at::tensor(send_start, options).index_select(0, pair_destination);
-  const int64_t pairs_received =
-      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
   const auto received_row = ep_.all_to_all_blocks(row_in_block.unsqueeze(1), plan.send_blocks,
-                                                  plan.recv_blocks, pairs_received)
+                                                  plan.recv_blocks, pairs_received(plan))
                                 .view({-1});
   // Received rows are laid out by source: add the start of the pair's source block.
   std::vector<int64_t> block_start, block_rows;
@@ -193,6 +185,16 @@ at::Tensor TokenDispatcher::exchange_counts(const at::Tensor& counts) const {
   const auto received =
       ep_.all_to_all_v(send_counts, std::vector<int64_t>(ep, 1), std::vector<int64_t>(ep, 1));
   return at::cat({counts.reshape({-1}), received.reshape({-1}).to(counts.device())}).cpu();
+}
+
+std::pair<at::Tensor, at::Tensor> destination_token_keys(const at::Tensor& destination,
+                                                         int64_t destinations) {
+  const int64_t tokens = destination.size(0);
+  const auto keys =
+      (destination * tokens + at::arange(tokens, destination.options()).unsqueeze(1)).reshape({-1});
+  auto present = at::zeros({(destinations + 1) * tokens}, destination.options().dtype(at::kBool))
+                     .index_fill_(0, keys, true);
+  return {keys, present};
 }
 
 at::Tensor take_rows(const at::Tensor& x, const at::Tensor& index) {
@@ -223,11 +225,9 @@ at::Tensor TokenDispatcher::reduce(const at::Tensor& expert_out, const at::Tenso
 PendingRows TokenDispatcher::start_gates(const at::Tensor& gates, const DispatchPlan& plan) const {
   const auto pair_gates = gates.reshape({-1}).index_select(0, plan.slot_order).unsqueeze(1);
   if (ep_.size() == 1) return {pair_gates, {}};
-  const int64_t received =
-      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
   return {{},
           parallel::start_all_to_all_blocks(pair_gates, ep_, plan.send_blocks, plan.recv_blocks,
-                                            received)};
+                                            pairs_received(plan))};
 }
 
 at::Tensor TokenDispatcher::dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const {
@@ -245,11 +245,9 @@ PendingRows TokenDispatcher::start_dispatch(const at::Tensor& permuted,
     return {{},
             parallel::start_all_to_all_blocks(permuted, ep_, plan.unique_send, plan.unique_recv,
                                               plan.unique_received)};
-  const int64_t received =
-      std::accumulate(plan.recv_rows.begin(), plan.recv_rows.end(), int64_t{0});
   return {{},
           parallel::start_all_to_all_blocks(permuted, ep_, plan.send_blocks, plan.recv_blocks,
-                                            received)};
+                                            pairs_received(plan))};
 }
 
 PendingRows TokenDispatcher::start_combine(const at::Tensor& expert_out,

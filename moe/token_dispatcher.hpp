@@ -24,6 +24,7 @@
 // Collective: plan/dispatch/combine must be called by every EP-group member in the same order.
 #include <ATen/core/Tensor.h>
 
+#include <utility>
 #include <vector>
 
 #include "parallel/all_to_all.hpp"
@@ -34,6 +35,12 @@ namespace moeforge::moe {
 // Rows of x [T, H] at `index`: index_select on the CPU; on CUDA advanced indexing, whose
 // backward is a sorted accumulate instead of index_select's atomic index_add.
 at::Tensor take_rows(const at::Tensor& x, const at::Tensor& index);
+
+// Distinct (destination, token) pairs among picks. `destination` [T, k]: where each pick goes,
+// `destinations` for dropped picks. Returns each pick's key destination·T + token ([T·k]) and
+// which of the (destinations + 1)·T keys occur ([(destinations + 1)·T] bool).
+std::pair<at::Tensor, at::Tensor> destination_token_keys(const at::Tensor& destination,
+                                                         int64_t destinations);
 
 struct DispatchPlan {
   int64_t num_tokens = 0;
