@@ -66,9 +66,60 @@ void MoeLayerImpl::set_recompute(MoeRecompute recompute) {
   experts->set_recompute_activation(recompute.expert_activation);
 }
 
+// Spine steps 4-7 in flight: the plans' chunks and their pending exchanges.
+struct MoeLayerImpl::Pipeline {
+  at::Tensor x, gates;
+  std::vector<DispatchPlan> plans;
+  int64_t capacity = 0;
+  at::Tensor* slot_norms = nullptr;  // routing analysis: each kept slot's expert output norm
+  bool shared = false;               // run the shared experts inside the pipeline
+  bool observed = false;
+  std::vector<at::Tensor> permuted, shared_parts;
+  std::vector<PendingRows> dispatched, pair_gates, combining;
+  int64_t chunks() const { return static_cast<int64_t>(plans.size()); }
+};
+
+// A forward between begin() and end(): the output (y set once the combine is back) and, while
+// exchanges are in flight, the pipeline that owns them.
+struct MoeLayerImpl::InFlight {
+  MoeOutput out;
+  std::unique_ptr<Pipeline> pipeline;  // null: finished inside begin()
+  bool advanced = false;
+};
+
 MoeOutput MoeLayerImpl::forward(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs) {
-  return recompute_.layer ? forward_recomputed(x, seq_len, inputs)
-                          : forward_stored(x, seq_len, inputs);
+  if (recompute_.layer) return forward_recomputed(x, seq_len, inputs);
+  return forward_stored(x, seq_len, inputs);
+}
+
+std::shared_ptr<MoeLayerImpl::InFlight> MoeLayerImpl::begin(const at::Tensor& x, int64_t seq_len,
+                                                            const RoutingInputs& inputs) {
+  if (!recompute_.layer) return begin_stored(x, seq_len, inputs);
+  auto flight = std::make_shared<InFlight>();
+  flight->out = forward_recomputed(x, seq_len, inputs);
+  return flight;
+}
+
+void MoeLayerImpl::advance(InFlight& flight) {
+  if (flight.advanced) return;
+  flight.advanced = true;
+  if (flight.pipeline) pipeline_experts(*flight.pipeline);
+}
+
+MoeOutput MoeLayerImpl::end(InFlight& flight) {
+  advance(flight);
+  if (flight.pipeline) {
+    const auto dtype = flight.pipeline->x.scalar_type();
+    // The combine sums in fp32 (the gates'); the block's residual stream keeps x's dtype.
+    flight.out.y = finish_pipeline(*flight.pipeline).to(dtype);
+    flight.pipeline.reset();
+  }
+  return flight.out;
+}
+
+MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
+                                       const RoutingInputs& inputs) {
+  return end(*begin_stored(x, seq_len, inputs));
 }
 
 // The whole layer as one recomputed region: only x is kept. The recompute routes with the same
@@ -86,14 +137,18 @@ MoeOutput MoeLayerImpl::forward_recomputed(const at::Tensor& x, int64_t seq_len,
   return {outputs[0], outputs[1], outputs[2], *counters};
 }
 
-// The MoE step, spine steps 1-7 (docs/architecture.md, "One MoE layer").
-MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
-                                       const RoutingInputs& inputs) {
+// The MoE step, spine steps 1-7 (docs/architecture.md, "One MoE layer"), up to the started
+// dispatch; end() finishes it.
+std::shared_ptr<MoeLayerImpl::InFlight> MoeLayerImpl::begin_stored(const at::Tensor& x,
+                                                                   int64_t seq_len,
+                                                                   const RoutingInputs& inputs) {
   if (observer_) observer_->forward_started();
+  auto flight = std::make_shared<InFlight>();
+  auto& out = flight->out;
   const double factor = capacity_factor(config_.capacity, config_.router.routing, is_training());
   const RouterOutput route = router->forward(x, factor, inputs.noise_seed);  // ids, gates [T, k]
   mark("route");
-  MoeOutput out = balance(route, seq_len, inputs.global_load_fraction);
+  out = balance(route, seq_len, inputs.global_load_fraction);
   mark("balance");
   const Kept kept = keep_mask(route, x.size(0));
   const auto slots = out.counters.load.sum();
@@ -109,22 +164,24 @@ MoeOutput MoeLayerImpl::forward_stored(const at::Tensor& x, int64_t seq_len,
   if (dedup && node_hop_ && !(config_.capacity.pad && kept.capacity > 0)) {
     out.y = node_hop_experts_combine(x, route.gates, route.expert_ids, kept.mask, chunks)
                 .to(x.scalar_type());
-    return out;
+    return flight;
   }
-  const auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks, dedup);
+  auto plans = dispatcher_.plan_chunks(route.expert_ids, kept.mask, chunks, dedup);
   mark("plan+counts a2a");
   if (gathered) {
     out.y = gathered_experts_combine(x, route.gates, plans.front());
-    return out;
+    return flight;
   }
-  // The combine sums in fp32 (the gates'); the block's residual stream keeps x's dtype.
-  at::Tensor slot_norms;
-  if (recorder_) slot_norms = at::zeros({route.expert_ids.numel()}, x.options().dtype(at::kFloat));
-  out.y = dispatch_experts_combine(x, route.gates, plans, kept.capacity,
-                                   recorder_ ? &slot_norms : nullptr)
-              .to(x.scalar_type());
-  if (recorder_) record(route, kept, slot_norms, seq_len);
-  return out;
+  if (recorder_) {
+    auto slot_norms = at::zeros({route.expert_ids.numel()}, x.options().dtype(at::kFloat));
+    out.y = dispatch_experts_combine(x, route.gates, plans, kept.capacity, &slot_norms)
+                .to(x.scalar_type());
+    record(route, kept, slot_norms, seq_len);
+    return flight;
+  }
+  flight->pipeline = start_pipeline(x, route.gates, std::move(plans), kept.capacity,
+                                    /*slot_norms=*/nullptr, /*with_shared=*/true);
+  return flight;
 }
 
 void MoeLayerImpl::record(const RouterOutput& route, const Kept& kept, const at::Tensor& slot_norms,
@@ -180,63 +237,91 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
                                                   const std::vector<DispatchPlan>& plans,
                                                   int64_t capacity, at::Tensor* slot_norms,
                                                   bool with_shared) {
-  const int64_t chunks = static_cast<int64_t>(plans.size()), tokens = x.size(0);
-  const bool observed = observer_ != nullptr && at::GradMode::is_enabled();
-  const auto marks = [this](const char* phase) { return [this, phase] { mark(phase); }; };
+  auto pipeline = start_pipeline(x, gates, plans, capacity, slot_norms, with_shared);
+  pipeline_experts(*pipeline);
+  return finish_pipeline(*pipeline);
+}
+
+// Permute every chunk, start the first dispatch, and run the first half of the shared experts
+// while it is in flight.
+std::unique_ptr<MoeLayerImpl::Pipeline> MoeLayerImpl::start_pipeline(
+    const at::Tensor& x, const at::Tensor& gates, std::vector<DispatchPlan> plans, int64_t capacity,
+    at::Tensor* slot_norms, bool with_shared) {
+  auto p = std::make_unique<Pipeline>();
+  p->x = x;
+  p->gates = gates;
+  p->plans = std::move(plans);
+  p->capacity = capacity;
+  p->slot_norms = slot_norms;
+  p->shared = shared_experts && with_shared;
+  p->observed = observer_ != nullptr && at::GradMode::is_enabled();
+  const auto chunks = p->chunks();
   // The layer's input is fresh per forward inside a model; a caller's leaf would keep the hook.
-  if (!x.is_leaf()) on_gradient(observed, x, marks("permute + route backward"));
+  if (!x.is_leaf()) on_gradient(p->observed, x, [this] { mark("permute + route backward"); });
   const auto rows = to_compute_dtype(x, x);  // bf16 under autocast: experts and a2a in bf16
-  std::vector<at::Tensor> permuted;
-  for (const auto& plan : plans) {
-    permuted.push_back(dispatcher_.permute(rows, plan));  // [N_c, H]
-    on_gradient(observed, permuted.back(), marks("dispatch a2a backward"));
+  for (const auto& plan : p->plans) {
+    p->permuted.push_back(dispatcher_.permute(rows, plan));  // [N_c, H]
+    on_gradient(p->observed, p->permuted.back(), [this] { mark("dispatch a2a backward"); });
   }
   mark("permute");
-  std::vector<PendingRows> dispatched(chunks), pair_gates(chunks), combining(chunks);
-  const auto start_dispatch = [&](int64_t c) {
-    dispatched[c] = dispatcher_.start_dispatch(permuted[c], plans[c]);
-    if (plans[c].deduplicated) pair_gates[c] = dispatcher_.start_gates(gates, plans[c]);
-  };
-  start_dispatch(0);
-  const int64_t shared_split = tokens / 2;
-  std::vector<at::Tensor> shared_parts;
-  const auto run_shared = [&](int64_t begin, int64_t count) {
-    const auto part = x.narrow(0, begin, count);
-    on_gradient(observed, part, marks("shared experts backward"));
-    shared_parts.push_back(shared_experts->forward(part));
-    mark("shared experts");
-  };
-  const bool shared = shared_experts && with_shared;
-  if (shared) run_shared(0, shared_split);
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (c + 1 < chunks) start_dispatch(c + 1);
+  p->dispatched.resize(chunks);
+  p->pair_gates.resize(chunks);
+  p->combining.resize(chunks);
+  start_dispatch(*p, 0);
+  if (p->shared) run_shared(*p, 0, x.size(0) / 2);
+  return p;
+}
+
+void MoeLayerImpl::start_dispatch(Pipeline& p, int64_t chunk) {
+  const auto& plan = p.plans[chunk];
+  p.dispatched[chunk] = dispatcher_.start_dispatch(p.permuted[chunk], plan);
+  if (plan.deduplicated) p.pair_gates[chunk] = dispatcher_.start_gates(p.gates, plan);
+}
+
+void MoeLayerImpl::run_shared(Pipeline& p, int64_t begin, int64_t count) {
+  const auto part = p.x.narrow(0, begin, count);
+  on_gradient(p.observed, part, [this] { mark("shared experts backward"); });
+  p.shared_parts.push_back(shared_experts->forward(part));
+  mark("shared experts");
+}
+
+// Each chunk through the experts as its rows arrive, its combine started at once; the second
+// half of the shared experts while the last combine is in flight.
+void MoeLayerImpl::pipeline_experts(Pipeline& p) {
+  for (int64_t c = 0; c < p.chunks(); ++c) {
+    const auto& plan = p.plans[c];
+    if (c + 1 < p.chunks()) start_dispatch(p, c + 1);
     // [R_c, H] by local expert (deduplicated: each received row copied to its experts).
-    const auto local_rows = dispatcher_.expand(dispatcher_.finish(dispatched[c]), plans[c]);
+    const auto local_rows = dispatcher_.expand(dispatcher_.finish(p.dispatched[c]), plan);
     mark("dispatch a2a");
-    on_gradient(observed, local_rows, marks("experts backward"));
-    auto expert_rows = run_experts(local_rows, plans[c], capacity);
-    if (plans[c].deduplicated)  // gate-weighted sum per received row: one row back per token
-      expert_rows = dispatcher_.reduce(expert_rows, dispatcher_.finish(pair_gates[c]), plans[c]);
-    on_gradient(observed, expert_rows, marks("combine a2a backward"));
-    combining[c] = dispatcher_.start_combine(expert_rows, plans[c]);
+    on_gradient(p.observed, local_rows, [this] { mark("experts backward"); });
+    auto expert_rows = run_experts(local_rows, plan, p.capacity);
+    if (plan.deduplicated)  // gate-weighted sum per received row: one row back per token
+      expert_rows = dispatcher_.reduce(expert_rows, dispatcher_.finish(p.pair_gates[c]), plan);
+    on_gradient(p.observed, expert_rows, [this] { mark("combine a2a backward"); });
+    p.combining[c] = dispatcher_.start_combine(expert_rows, plan);
   }
-  if (shared) run_shared(shared_split, tokens - shared_split);
-  // y[t] = Σ_j gate[t, j] · out[t, j], each token's rows added in (global expert, slot) order.
+  const int64_t tokens = p.x.size(0), split = tokens / 2;
+  if (p.shared) run_shared(p, split, tokens - split);
+}
+
+// y[t] = Σ_j gate[t, j] · out[t, j], each token's rows added in (global expert, slot) order.
+at::Tensor MoeLayerImpl::finish_pipeline(Pipeline& p) {
   at::Tensor y;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const auto combined = dispatcher_.finish(combining[c]);  // [N_c, H]
+  for (int64_t c = 0; c < p.chunks(); ++c) {
+    const auto combined = dispatcher_.finish(p.combining[c]);  // [N_c, H]
     mark("combine a2a");
-    on_gradient(observed, combined, marks("unpermute backward"));
+    on_gradient(p.observed, combined, [this] { mark("unpermute backward"); });
     // Routing analysis: each row is one kept slot's expert output, before its gate.
-    if (slot_norms)
-      slot_norms->index_copy_(0, plans[c].slot_order,
-                              combined.detach().to(at::kFloat).norm(2, {1}));
-    y = dispatcher_.unpermute(combined, gates, plans[c], y);
+    if (p.slot_norms)
+      p.slot_norms->index_copy_(0, p.plans[c].slot_order,
+                                combined.detach().to(at::kFloat).norm(2, {1}));
+    y = dispatcher_.unpermute(combined, p.gates, p.plans[c], y);
     mark("unpermute");
   }
-  auto out = shared ? y + at::cat(shared_parts, 0) : y;
+  auto out = p.shared ? y + at::cat(p.shared_parts, 0) : y;
   // The layer's backward starts here: restart the observer's clock.
-  on_gradient(observed, out, [this] {
+  on_gradient(p.observed, out, [this] {
     if (observer_) observer_->forward_started();
   });
   return out;

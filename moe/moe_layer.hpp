@@ -72,6 +72,19 @@ class MoeLayerImpl : public torch::nn::Module {
   // x: [T, H]; seq_len: tokens per sequence (for sequence-scope aux loss).
   MoeOutput forward(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs = {});
 
+  // The same forward in three steps, so that two micro-batches can run through the layer
+  // interleaved (parallel.micro_batch_overlap) and one's tokens cross the network while the
+  // other computes: `begin` routes, plans (the counts exchange) and starts the dispatch;
+  // `advance` runs the experts and starts the combine; `end` waits for the combine and returns
+  // what forward() returns. forward() is the three in a row. Paths with no exchange to wait for
+  // (all experts local, the two-hop dispatch, the whole layer recomputed, the routing
+  // recorder) finish inside `begin`. Every EP rank must make the same calls in the same order.
+  struct InFlight;
+  std::shared_ptr<InFlight> begin(const at::Tensor& x, int64_t seq_len,
+                                  const RoutingInputs& inputs = {});
+  void advance(InFlight& flight);
+  MoeOutput end(InFlight& flight);
+
   int64_t first_local_expert() const { return dispatcher_.first_local_expert(); }
   int64_t num_local_experts() const { return dispatcher_.num_local_experts(); }
   int64_t num_experts() const { return config_.num_experts; }
@@ -106,7 +119,10 @@ class MoeLayerImpl : public torch::nn::Module {
     at::Tensor mask;       // [T, k] bool, undefined = every slot
     int64_t capacity = 0;  // per expert; 0 = dropless
   };
+  struct Pipeline;  // spine steps 4-7 in flight, pipelined over the plans' chunks
   void mark(const char* phase) const;
+  std::shared_ptr<InFlight> begin_stored(const at::Tensor& x, int64_t seq_len,
+                                         const RoutingInputs& inputs);
   MoeOutput forward_stored(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs);
   MoeOutput forward_recomputed(const at::Tensor& x, int64_t seq_len, const RoutingInputs& inputs);
   MoeOutput balance(const RouterOutput& route, int64_t seq_len,
@@ -117,6 +133,13 @@ class MoeLayerImpl : public torch::nn::Module {
   at::Tensor dispatch_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                       const std::vector<DispatchPlan>& plans, int64_t capacity,
                                       at::Tensor* slot_norms = nullptr, bool with_shared = true);
+  std::unique_ptr<Pipeline> start_pipeline(const at::Tensor& x, const at::Tensor& gates,
+                                           std::vector<DispatchPlan> plans, int64_t capacity,
+                                           at::Tensor* slot_norms, bool with_shared);
+  void start_dispatch(Pipeline& p, int64_t chunk);
+  void run_shared(Pipeline& p, int64_t begin, int64_t count);
+  void pipeline_experts(Pipeline& p);
+  at::Tensor finish_pipeline(Pipeline& p);
   at::Tensor node_hop_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                       const at::Tensor& expert_ids, const at::Tensor& keep,
                                       int64_t chunks);

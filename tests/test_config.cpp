@@ -324,6 +324,37 @@ TEST(Config, RecomputeModulesCombine) {
   EXPECT_NE(to_yaml(none).find("recompute: \"none\""), std::string::npos);
 }
 
+// parallel.micro_batch_overlap runs micro-batches in pairs, with the MoE layer's exchanges
+// outside any recomputed region.
+TEST(Config, MicroBatchOverlapRules) {
+  const auto error_of = [](const std::string& yaml) -> std::string {
+    try {
+      load_config_from_string(yaml, "m.yaml");
+    } catch (const UserError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string on = "parallel: {micro_batch_overlap: true}\n";
+  EXPECT_NE(error_of(on + "train: {grad_accum: 3}\n")
+                .find("m.yaml:1: parallel.micro_batch_overlap: runs micro-batches two at a "
+                      "time: train.grad_accum must be even, got 3"),
+            std::string::npos)
+      << error_of(on + "train: {grad_accum: 3}\n");
+  EXPECT_NE(error_of(on + "train: {grad_accum: 1}\n").find("must be even, got 1"),
+            std::string::npos);
+  for (const char* region : {"block", "moe", "[attention, moe]"}) {
+    const auto message =
+        error_of(on + "train: {grad_accum: 2, recompute: " + std::string(region) + "}\n");
+    EXPECT_NE(message.find("train.recompute may name attention and moe_act with it, not block "
+                           "or moe"),
+              std::string::npos)
+        << region << ": " << message;
+  }
+  EXPECT_EQ(error_of(on + "train: {grad_accum: 4, recompute: [attention, moe_act]}\n"), "");
+  EXPECT_EQ(error_of("train: {grad_accum: 3, recompute: block}\n"), "");
+}
+
 TEST(Config, WorldSizeRules) {
   auto c = load_config_from_string("parallel:\n  ep_size: 4\n", "x.yaml");
   EXPECT_NO_THROW(validate_for_world(c, 4));

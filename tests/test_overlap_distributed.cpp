@@ -1,13 +1,15 @@
 // Communication overlap under mpiexec (2 and 4 ranks): the pipelined MoE layer
 // (overlap_degree 2, 4) equals one chunk for every routing/capacity mode, forward and backward,
 // and so does the deduplicated dispatch (one row per token and rank);
-// gradient buckets all-reduced during backward equal the blocking path; whole training runs
-// are the same with and without the communication worker; the simulated link never makes a
-// collective faster than its model.
+// gradient buckets all-reduced during backward equal the blocking path; two micro-batches
+// interleaved through the model (parallel.micro_batch_overlap) compute what each computes alone;
+// whole training runs are the same with and without the communication worker; the simulated link
+// never makes a collective faster than its model.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -346,6 +348,90 @@ TEST(Overlap, TrainingIsTheSameWithAndWithoutTheWorker) {
           << what << " step " << i;
       EXPECT_LE(relative_difference((*run)[i].grad_norm, reference[i].grad_norm), 1e-5) << what;
     }
+  }
+}
+
+// parallel.micro_batch_overlap, one model: forward_pair's outputs are those of each micro-batch
+// alone bit for bit (the same operations on the same inputs, only interleaved), and one backward
+// of both losses gives the gradients of the two backwards within fp32 rounding (a parameter used
+// by both sums their contributions in another order).
+TEST(MicroBatchOverlap, PairEqualsEachMicroBatchAlone) {
+  const int world = world_size(), rank = parallel::MpiCommunicator(MPI_COMM_WORLD).rank();
+  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+  const auto groups = parallel::make_process_groups(world_comm, world);
+  struct Variant {
+    const char* name;
+    std::function<void(Config&)> apply;
+  };
+  const std::vector<Variant> variants = {
+      {"plain", [](Config&) {}},
+      {"3 chunks, rank dedup, capacity drops",
+       [](Config& c) {
+         c.parallel.overlap_degree = 3;
+         c.parallel.dedup_dispatch = moe::DispatchDedup::kRank;
+         c.moe.capacity.factor = 1.0;
+       }},
+      {"recompute attention + moe_act, first block dense", [](Config& c) {
+         c.train.recompute.attention = c.train.recompute.moe_act = true;
+         c.model.num_layers = 3;
+         c.moe.first_k_dense = 1;
+       }}};
+  for (const auto& variant : variants) {
+    auto config = testing::small_test_config();
+    config.parallel.ep_size = world;
+    variant.apply(config);
+    DecoderLM model(config, *groups.ep);
+    initialize_parameters(*model, config, 11);
+    for (auto& layer : model->moe_layers()) {  // the trainer's settings (recompute: the block's)
+      layer->set_overlap_degree(config.parallel.overlap_degree);
+      layer->set_dedup_dispatch(config.parallel.dedup_dispatch);
+    }
+    at::manual_seed(100 + rank);
+    const std::array<at::Tensor, 2> tokens{at::randint(256, {2, 16}, at::kLong),
+                                           at::randint(256, {2, 16}, at::kLong)};
+    const auto loss_of = [](const LmOutput& out, const at::Tensor& tokens) {
+      return language_model_loss(out.logits, tokens) + 0.01 * out.aux_loss + 0.001 * out.z_loss;
+    };
+    std::array<LmOutput, 2> alone;
+    std::map<std::string, at::Tensor> alone_grads;
+    for (int m = 0; m < 2; ++m) {
+      alone[m] = model->forward(tokens[m]);
+      loss_of(alone[m], tokens[m]).backward();
+    }
+    for (const auto& p : model->named_parameters()) alone_grads[p.key()] = p.value().grad().clone();
+    model->zero_grad();
+    const auto pair = model->forward_pair(tokens, {});
+    (loss_of(pair[0], tokens[0]) + loss_of(pair[1], tokens[1])).backward();
+    for (int m = 0; m < 2; ++m) {
+      EXPECT_TRUE(at::equal(pair[m].logits, alone[m].logits)) << variant.name << " " << m;
+      EXPECT_TRUE(at::equal(pair[m].aux_loss, alone[m].aux_loss)) << variant.name;
+      EXPECT_TRUE(at::equal(pair[m].z_loss, alone[m].z_loss)) << variant.name;
+      ASSERT_EQ(pair[m].routing.size(), alone[m].routing.size()) << variant.name;
+      for (size_t l = 0; l < pair[m].routing.size(); ++l) {
+        EXPECT_TRUE(at::equal(pair[m].routing[l].load, alone[m].routing[l].load)) << variant.name;
+        EXPECT_TRUE(at::equal(pair[m].routing[l].slot_counts, alone[m].routing[l].slot_counts));
+      }
+    }
+    for (const auto& p : model->named_parameters())
+      EXPECT_LE(relative_error(p.value().grad(), alone_grads.at(p.key())), 1e-6)
+          << variant.name << " " << p.key();
+  }
+}
+
+// The trainer with micro_batch_overlap trains like one micro-batch at a time: grad_accum 2 and
+// 4, with the worker, pipeline chunks and gradient buckets sent during backward.
+TEST(MicroBatchOverlap, TrainingIsTheSame) {
+  const int world = world_size();
+  for (const int64_t accum : {2, 4}) {
+    auto config = testing::small_test_config();
+    config.train.steps = 5;
+    config.train.grad_accum = accum;
+    config.parallel.overlap_degree = 2;
+    config.parallel.bucket_mb = 0.005;
+    const auto reference = testing::train_steps_on(MPI_COMM_WORLD, config, world);
+    config.parallel.micro_batch_overlap = true;
+    const auto paired = testing::train_steps_on(MPI_COMM_WORLD, config, world);
+    testing::expect_same_curve(paired, reference, "grad_accum " + std::to_string(accum), 1e-6);
   }
 }
 

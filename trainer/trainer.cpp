@@ -368,38 +368,27 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
       global_aux ? global_load_fractions(samples_consumed) : std::vector<at::Tensor>{};
   dense_sync_->zero_grad();
   expert_sync_->zero_grad();
-  for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
-    const int64_t first = first_sample(samples_consumed, micro);
-    const auto batch =
-        data_.train_samples(first, t.micro_batch_size, t.seed).to(device_);  // [B, S+1]
-    const auto forward_start = parallel::trace::Clock::now();
-    LmOutput out;
-    at::Tensor lm_loss;
-    {
-      const AutocastScope autocast(device_, bf16_);
-      {
-        RECORD_USER_SCOPE("forward");
-        out = model_->forward(batch.narrow(1, 0, t.seq_len), routing_inputs(first, fractions));
-      }
-      RECORD_USER_SCOPE("loss");
-      lm_loss = language_model_loss(out.logits, targets_of(batch));
-    }
-    parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
-    const auto total =
-        lm_loss + balancing.aux_loss.coeff * out.aux_loss + balancing.z_loss.coeff * out.z_loss;
-    if (micro == t.grad_accum - 1) {  // gradients are final in this backward: sync as they come
+  // parallel.micro_batch_overlap: two micro-batches per forward and backward, interleaved.
+  const int64_t group = config_.parallel.micro_batch_overlap && t.grad_accum % 2 == 0 ? 2 : 1;
+  for (int64_t micro = 0; micro < t.grad_accum; micro += group) {
+    const auto forward = forward_micro_batches(samples_consumed, micro, group, fractions);
+    if (micro + group == t.grad_accum) {  // gradients are final in this backward: sync as they come
       dense_sync_->prepare_for_backward();
       expert_sync_->prepare_for_backward();
     }
     {
       const parallel::trace::Span span("compute", "backward");
       RECORD_USER_SCOPE("backward");
-      (total / static_cast<double>(t.grad_accum)).backward();
+      (forward.total / static_cast<double>(t.grad_accum)).backward();
     }
-    totals.losses +=
-        at::stack({lm_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()}).to(at::kDouble) /
-        static_cast<double>(t.grad_accum);
-    accumulate_routing(out.routing, totals);
+    for (size_t m = 0; m < forward.outs.size(); ++m) {
+      const auto& out = forward.outs[m];
+      totals.losses +=
+          at::stack({forward.lm_losses[m].detach(), out.aux_loss.detach(), out.z_loss.detach()})
+              .to(at::kDouble) /
+          static_cast<double>(t.grad_accum);
+      accumulate_routing(out.routing, totals);
+    }
   }
   // Read once per step (on a GPU, the step's only wait for the device besides the MoE counts).
   const double loss = totals.losses[0].item<double>();
@@ -412,6 +401,47 @@ Trainer::MicroBatchTotals Trainer::forward_backward(int64_t samples_consumed) {
   dense_sync_->synchronize();
   expert_sync_->synchronize();
   return totals;
+}
+
+Trainer::MicroBatchForward Trainer::forward_micro_batches(
+    int64_t samples_consumed, int64_t micro, int64_t count,
+    const std::vector<at::Tensor>& fractions) {
+  const auto& t = config_.train;
+  std::vector<at::Tensor> batches;  // [B, S+1] each
+  std::vector<std::vector<moe::RoutingInputs>> routing;
+  for (int64_t m = micro; m < micro + count; ++m) {
+    const int64_t first = first_sample(samples_consumed, m);
+    batches.push_back(data_.train_samples(first, t.micro_batch_size, t.seed).to(device_));
+    routing.push_back(routing_inputs(first, fractions));
+  }
+  const auto inputs = [&](size_t m) { return batches[m].narrow(1, 0, t.seq_len); };
+  const auto forward_start = parallel::trace::Clock::now();
+  MicroBatchForward result;
+  {
+    const AutocastScope autocast(device_, bf16_);
+    {
+      RECORD_USER_SCOPE("forward");
+      if (count == 2) {
+        auto pair = model_->forward_pair({inputs(0), inputs(1)}, {routing[0], routing[1]});
+        result.outs = {std::move(pair[0]), std::move(pair[1])};
+      } else {
+        result.outs.push_back(model_->forward(inputs(0), routing[0]));
+      }
+    }
+    RECORD_USER_SCOPE("loss");
+    for (size_t m = 0; m < batches.size(); ++m)
+      result.lm_losses.push_back(
+          language_model_loss(result.outs[m].logits, targets_of(batches[m])));
+  }
+  parallel::trace::record("compute", "forward", forward_start, parallel::trace::Clock::now());
+  const auto& balancing = config_.moe.balancing;
+  for (size_t m = 0; m < batches.size(); ++m) {
+    const auto& out = result.outs[m];
+    const auto one = result.lm_losses[m] + balancing.aux_loss.coeff * out.aux_loss +
+                     balancing.z_loss.coeff * out.z_loss;
+    result.total = result.total.defined() ? result.total + one : one;
+  }
+  return result;
 }
 
 void Trainer::accumulate_routing(const std::vector<moe::RoutingCounters>& routing,

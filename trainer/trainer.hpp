@@ -111,6 +111,15 @@ class Trainer {
   MoeLayerMetrics layer_metrics(size_t index, const std::array<double, kRoutingValues>& sums,
                                 const at::Tensor& global_load) const;
   MicroBatchTotals forward_backward(int64_t samples_consumed);
+  // The forward of micro-batches [micro, micro + count): one, or two interleaved
+  // (parallel.micro_batch_overlap). `total`: the loss their one backward starts from.
+  struct MicroBatchForward {
+    std::vector<LmOutput> outs;
+    std::vector<at::Tensor> lm_losses;
+    at::Tensor total;  // Σ CE + aux.coeff·aux + z.coeff·z over the micro-batches
+  };
+  MicroBatchForward forward_micro_batches(int64_t samples_consumed, int64_t micro, int64_t count,
+                                          const std::vector<at::Tensor>& fractions);
   // Adds every MoE layer's counters of the micro-batch just run to `totals`.
   void accumulate_routing(const std::vector<moe::RoutingCounters>& routing,
                           MicroBatchTotals& totals) const;

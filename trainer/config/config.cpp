@@ -266,6 +266,15 @@ void validate(const Config& c, const Locations& locations, const std::string& so
   rule(c.parallel.backend != BackendChoice::kNccl || c.train.device == DeviceKind::kCuda,
        "parallel.backend",
        "nccl carries CUDA tensors: set train.device: cuda, or use parallel.backend: mpi / auto");
+  rule(!c.parallel.micro_batch_overlap || c.train.grad_accum % 2 == 0,
+       "parallel.micro_batch_overlap",
+       fmt::format("runs micro-batches two at a time: train.grad_accum must be even, got {}",
+                   c.train.grad_accum));
+  rule(!c.parallel.micro_batch_overlap || !(c.train.recompute.block || c.train.recompute.moe),
+       "parallel.micro_batch_overlap",
+       "interleaves the MoE layer's exchanges with the other micro-batch's compute, which a "
+       "recomputed block or MoE layer runs as one piece: train.recompute may name attention "
+       "and moe_act with it, not block or moe");
   rule(c.train.seq_len <= m.max_seq_len, "train.seq_len",
        fmt::format("{} is longer than model.max_seq_len = {}", c.train.seq_len, m.max_seq_len));
   rule(c.train.min_lr <= c.train.lr, "train.min_lr",

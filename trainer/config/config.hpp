@@ -81,6 +81,7 @@ struct ParallelConfig {
   bool comm_worker = true;     // run collectives on the communication worker thread
   int64_t overlap_degree = 1;  // MoE dispatch/experts/combine pipeline chunks
   moe::DispatchDedup dedup_dispatch = moe::DispatchDedup::kNone;  // rows on the wire
+  bool micro_batch_overlap = false;    // two micro-batches interleaved through the model
   bool overlap_grad_sync = true;       // all-reduce gradient buckets during backward
   bool distributed_optimizer = false;  // ZeRO-1: masters and AdamW state sharded over DP
   Precision grad_reduce_dtype = Precision::kFp32;  // dtype of the gradient collectives

@@ -248,6 +248,12 @@ const std::vector<KeySpec>& config_schema() {
           "(DeepSeek-V3's two-hop dispatch; for EP groups spanning nodes, with group-limited "
           "routing aligned to nodes; not with capacity.pad; falls back to rank when the EP "
           "group is on one node). Sums are split by rank/node: fp32 rounding"),
+      bool_key(KEY(parallel.micro_batch_overlap),
+               "Run the step's micro-batches two at a time, interleaved block by block, so one "
+               "micro-batch's MoE dispatch and combine cross the network while the other runs "
+               "attention and its experts (forward and backward; DeepSeek-V3-style two-batch "
+               "overlap). Each micro-batch computes what it would alone; needs an even "
+               "train.grad_accum; not with train.recompute block or moe"),
       bool_key(KEY(parallel.overlap_grad_sync),
                "All-reduce each gradient bucket as soon as backward has produced it"),
       bool_key(KEY(parallel.distributed_optimizer),

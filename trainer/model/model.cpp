@@ -171,17 +171,44 @@ at::Tensor DecoderBlockImpl::forward(const at::Tensor& x, const moe::RoutingInpu
                                      LmOutput& out, AttentionCache* cache) {
   auto result = recompute_.block && !cache ? forward_recomputed(x, routing)
                                            : forward_stored(x, routing, cache);
-  if (moe_mlp) {
-    out.aux_loss = out.aux_loss + result.aux_loss;
-    out.z_loss = out.z_loss + result.z_loss;
-    out.routing.push_back(std::move(result.counters));
-  }
-  return result.h;
+  auto h = result.h;
+  add_to(std::move(result), out);
+  return h;
+}
+
+void DecoderBlockImpl::add_to(Result result, LmOutput& out) const {
+  if (!moe_mlp) return;
+  out.aux_loss = out.aux_loss + result.aux_loss;
+  out.z_loss = out.z_loss + result.z_loss;
+  out.routing.push_back(std::move(result.counters));
+}
+
+DecoderBlockImpl::InFlight DecoderBlockImpl::begin(const at::Tensor& x,
+                                                   const moe::RoutingInputs& routing,
+                                                   LmOutput& out) {
+  if (moe_mlp && !recompute_.block) return begin_moe(x, routing);
+  return {forward(x, routing, out), nullptr, 0, 0};
+}
+
+void DecoderBlockImpl::advance(InFlight& flight) {
+  if (flight.moe) moe_mlp->advance(*flight.moe);
+}
+
+at::Tensor DecoderBlockImpl::end(InFlight& flight, LmOutput& out) {
+  if (!flight.moe) return flight.h;
+  auto result = end_moe(flight);
+  auto h = result.h;
+  add_to(std::move(result), out);
+  return h;
 }
 
 DecoderBlockImpl::Result DecoderBlockImpl::forward_stored(const at::Tensor& x,
                                                           const moe::RoutingInputs& routing,
                                                           AttentionCache* cache) {
+  if (moe_mlp && !cache) {
+    auto flight = begin_moe(x, routing);
+    return end_moe(flight);
+  }
   const auto normed_in = attn_norm->forward(x);
   auto h = x + (cache ? attn->forward(normed_in, cache) : attention(normed_in));
   const auto normed = mlp_norm->forward(h);
@@ -194,6 +221,24 @@ DecoderBlockImpl::Result DecoderBlockImpl::forward_stored(const at::Tensor& x,
   auto moe_out = moe_mlp->forward(normed.reshape({batch * seq, hidden}), seq, routing);  // [T, H]
   return {h + moe_out.y.view({batch, seq, hidden}), moe_out.aux_loss, moe_out.z_loss,
           std::move(moe_out.counters)};
+}
+
+// Attention, then the MoE layer up to its started dispatch.
+DecoderBlockImpl::InFlight DecoderBlockImpl::begin_moe(const at::Tensor& x,
+                                                       const moe::RoutingInputs& routing) {
+  auto h = x + attention(attn_norm->forward(x));
+  const auto normed = mlp_norm->forward(h);
+  RECORD_USER_SCOPE("moe");
+  const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);
+  auto moe = moe_mlp->begin(normed.reshape({batch * seq, hidden}), seq, routing);  // [T, H]
+  return {std::move(h), std::move(moe), batch, seq};
+}
+
+DecoderBlockImpl::Result DecoderBlockImpl::end_moe(InFlight& flight) {
+  auto moe_out = moe_mlp->end(*flight.moe);
+  flight.moe.reset();
+  return {flight.h + moe_out.y.view({flight.batch, flight.seq, -1}), moe_out.aux_loss,
+          moe_out.z_loss, std::move(moe_out.counters)};
 }
 
 // The region's outputs are the block's differentiable results; the routing counters (no
@@ -234,28 +279,72 @@ DecoderLMImpl::DecoderLMImpl(const Config& config, parallel::Communicator& ep) {
   }
 }
 
-LmOutput DecoderLMImpl::forward(const at::Tensor& tokens,
-                                const std::vector<moe::RoutingInputs>& routing, KvCache* cache) {
+namespace {
+LmOutput empty_output(const at::Tensor& tokens) {
   LmOutput out;
   const auto scalar = tokens.options().dtype(at::kFloat);
   out.aux_loss = at::zeros({}, scalar);
   out.z_loss = at::zeros({}, scalar);
-  auto h = [&] {
-    RECORD_USER_SCOPE("embedding");
-    return embed->forward(tokens);  // [B, S, H]
-  }();
-  const moe::RoutingInputs defaults;
+  return out;
+}
+
+const moe::RoutingInputs& routing_of(const std::vector<moe::RoutingInputs>& routing,
+                                     const LmOutput& out) {
+  static const moe::RoutingInputs defaults;
+  const size_t moe_index = out.routing.size();  // MoE blocks seen so far
+  return moe_index < routing.size() ? routing[moe_index] : defaults;
+}
+}  // namespace
+
+at::Tensor DecoderLMImpl::embed_tokens(const at::Tensor& tokens) {
+  RECORD_USER_SCOPE("embedding");
+  return embed->forward(tokens);  // [B, S, H]
+}
+
+void DecoderLMImpl::head(const at::Tensor& h, LmOutput& out) {
+  const auto normed = norm->forward(h);
+  RECORD_USER_SCOPE("lm head");
+  out.logits = lm_head ? lm_head->forward(normed) : at::matmul(normed, embed->weight.t());
+  out.logits = out.logits.to(at::promote_types(out.logits.scalar_type(), at::kFloat));
+}
+
+LmOutput DecoderLMImpl::forward(const at::Tensor& tokens,
+                                const std::vector<moe::RoutingInputs>& routing, KvCache* cache) {
+  auto out = empty_output(tokens);
+  auto h = embed_tokens(tokens);
   if (cache) cache->layers.resize(layers->size());
   for (size_t block = 0; block < layers->size(); ++block) {
-    const size_t moe_index = out.routing.size();  // MoE blocks seen so far
-    const auto& inputs = moe_index < routing.size() ? routing[moe_index] : defaults;
-    h = layers[block]->as<DecoderBlockImpl>()->forward(h, inputs, out,
+    h = layers[block]->as<DecoderBlockImpl>()->forward(h, routing_of(routing, out), out,
                                                        cache ? &cache->layers[block] : nullptr);
   }
-  h = norm->forward(h);
-  RECORD_USER_SCOPE("lm head");
-  out.logits = lm_head ? lm_head->forward(h) : at::matmul(h, embed->weight.t());
-  out.logits = out.logits.to(at::promote_types(out.logits.scalar_type(), at::kFloat));
+  head(h, out);
+  return out;
+}
+
+// Per block: micro-batch 0 finishes the previous block's combine and starts this block's
+// dispatch, then micro-batch 1 does the same (its attention hides 0's dispatch, and 0's
+// previous combine hid behind 1's experts), then both run their experts (each hiding the
+// other's exchange). Backward runs the mirror image (parallel/all_to_all.hpp).
+std::array<LmOutput, 2> DecoderLMImpl::forward_pair(
+    const std::array<at::Tensor, 2>& tokens,
+    const std::array<std::vector<moe::RoutingInputs>, 2>& routing) {
+  std::array<LmOutput, 2> out{empty_output(tokens[0]), empty_output(tokens[1])};
+  std::array<DecoderBlockImpl::InFlight, 2> flight;
+  for (int m = 0; m < 2; ++m) flight[m].h = embed_tokens(tokens[m]);
+  DecoderBlockImpl* previous = nullptr;
+  for (const auto& layer : *layers) {
+    auto* block = layer->as<DecoderBlockImpl>();
+    for (int m = 0; m < 2; ++m) {
+      const auto h = previous ? previous->end(flight[m], out[m]) : flight[m].h;
+      flight[m] = block->begin(h, routing_of(routing[m], out[m]), out[m]);
+    }
+    for (auto& f : flight) block->advance(f);
+    previous = block;
+  }
+  for (int m = 0; m < 2; ++m) {
+    const auto h = previous ? previous->end(flight[m], out[m]) : flight[m].h;
+    head(h, out[m]);
+  }
   return out;
 }
 

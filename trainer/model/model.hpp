@@ -85,6 +85,19 @@ class DecoderBlockImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const moe::RoutingInputs& routing, LmOutput& out,
                      AttentionCache* cache = nullptr);
 
+  // The same forward in the MoE layer's three steps (moe::MoeLayerImpl::begin), for two
+  // micro-batches interleaved (DecoderLMImpl::forward_pair): `begin` runs attention and starts
+  // the MoE dispatch, `advance` runs the experts, `end` adds the combined output. A dense block
+  // and a recomputed block finish inside `begin`.
+  struct InFlight {
+    at::Tensor h;  // the output once finished; else the residual stream after attention
+    std::shared_ptr<moe::MoeLayerImpl::InFlight> moe;  // null: finished
+    int64_t batch = 0, seq = 0;
+  };
+  InFlight begin(const at::Tensor& x, const moe::RoutingInputs& routing, LmOutput& out);
+  void advance(InFlight& flight);
+  at::Tensor end(InFlight& flight, LmOutput& out);
+
   RMSNorm attn_norm{nullptr}, mlp_norm{nullptr};
   Attention attn{nullptr};
   moe::FeedForward dense_mlp{nullptr};  // registered as "mlp" when the block is dense
@@ -99,6 +112,9 @@ class DecoderBlockImpl : public torch::nn::Module {
   };
   Result forward_stored(const at::Tensor& x, const moe::RoutingInputs& routing,
                         AttentionCache* cache = nullptr);
+  InFlight begin_moe(const at::Tensor& x, const moe::RoutingInputs& routing);
+  Result end_moe(InFlight& flight);
+  void add_to(Result result, LmOutput& out) const;
   // train.recompute: block — only x is kept; the whole block runs again in backward.
   Result forward_recomputed(const at::Tensor& x, const moe::RoutingInputs& routing);
   at::Tensor attention(const at::Tensor& normed);  // recomputed when train.recompute: attention
@@ -121,6 +137,13 @@ class DecoderLMImpl : public torch::nn::Module {
   // `cache` (inference): tokens continue the cached positions, and are appended to the cache.
   LmOutput forward(const at::Tensor& tokens, const std::vector<moe::RoutingInputs>& routing = {},
                    KvCache* cache = nullptr);
+  // Two micro-batches at once (parallel.micro_batch_overlap), block by block: while one's MoE
+  // dispatch or combine crosses the network, the other runs attention or its experts. Each
+  // output equals forward() of that micro-batch alone (the same operations on the same
+  // inputs); one backward of both losses mirrors the interleaving.
+  std::array<LmOutput, 2> forward_pair(
+      const std::array<at::Tensor, 2>& tokens,
+      const std::array<std::vector<moe::RoutingInputs>, 2>& routing);
 
   std::vector<moe::MoeLayer> moe_layers() const;
   // Global id of this rank's first expert (every MoE layer holds the same range); 0 if none.
@@ -130,6 +153,10 @@ class DecoderLMImpl : public torch::nn::Module {
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
   torch::nn::Linear lm_head{nullptr};  // null when tied to embed
+
+ private:
+  at::Tensor embed_tokens(const at::Tensor& tokens);
+  void head(const at::Tensor& h, LmOutput& out);  // final norm and LM head → out.logits
 };
 TORCH_MODULE(DecoderLM);
 
