@@ -229,7 +229,7 @@ MoeLayerImpl::Kept MoeLayerImpl::keep_mask(const RouterOutput& route, int64_t to
   return kept;
 }
 
-// Spine steps 4-7, pipelined over the plans' chunks: chunk c+1's dispatch and chunk c-1's
+// Spine steps 4-7, pipelined over the plans' chunks: later chunks' dispatches and chunk c-1's
 // combine are in flight while chunk c is in the experts; the shared experts run on the first
 // half of the tokens while the first dispatch is in flight and on the second half while the
 // last combine is. Backward runs the same pipeline in reverse (parallel/all_to_all.hpp).
@@ -242,8 +242,8 @@ at::Tensor MoeLayerImpl::dispatch_experts_combine(const at::Tensor& x, const at:
   return finish_pipeline(*pipeline);
 }
 
-// Permute every chunk, start the first dispatch, and run the first half of the shared experts
-// while it is in flight.
+// Permute every chunk, start every dispatch, and run the first half of the shared experts
+// while they are in flight.
 std::unique_ptr<MoeLayerImpl::Pipeline> MoeLayerImpl::start_pipeline(
     const at::Tensor& x, const at::Tensor& gates, std::vector<DispatchPlan> plans, int64_t capacity,
     at::Tensor* slot_norms, bool with_shared) {
@@ -267,7 +267,10 @@ std::unique_ptr<MoeLayerImpl::Pipeline> MoeLayerImpl::start_pipeline(
   p->dispatched.resize(chunks);
   p->pair_gates.resize(chunks);
   p->combining.resize(chunks);
-  start_dispatch(*p, 0);
+  // Every chunk's dispatch at once: the worker sends them back to back in chunk order, so the
+  // link stays busy through the experts (and, with micro-batch overlap, through the other
+  // micro-batch's attention).
+  for (int64_t c = 0; c < chunks; ++c) start_dispatch(*p, c);
   if (p->shared) run_shared(*p, 0, x.size(0) / 2);
   return p;
 }
@@ -290,7 +293,6 @@ void MoeLayerImpl::run_shared(Pipeline& p, int64_t begin, int64_t count) {
 void MoeLayerImpl::pipeline_experts(Pipeline& p) {
   for (int64_t c = 0; c < p.chunks(); ++c) {
     const auto& plan = p.plans[c];
-    if (c + 1 < p.chunks()) start_dispatch(p, c + 1);
     // [R_c, H] by local expert (deduplicated: each received row copied to its experts).
     const auto local_rows = dispatcher_.expand(dispatcher_.finish(p.dispatched[c]), plan);
     mark("dispatch a2a");
