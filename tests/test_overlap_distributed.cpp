@@ -419,7 +419,8 @@ TEST(MicroBatchOverlap, PairEqualsEachMicroBatchAlone) {
 }
 
 // The trainer with micro_batch_overlap trains like one micro-batch at a time: grad_accum 2 and
-// 4, with the worker, pipeline chunks and gradient buckets sent during backward.
+// 4, with the worker, pipeline chunks, gradient buckets sent during backward and router jitter
+// (so handing a micro-batch the other's routing inputs would show).
 TEST(MicroBatchOverlap, TrainingIsTheSame) {
   const int world = world_size();
   for (const int64_t accum : {2, 4}) {
@@ -428,6 +429,7 @@ TEST(MicroBatchOverlap, TrainingIsTheSame) {
     config.train.grad_accum = accum;
     config.parallel.overlap_degree = 2;
     config.parallel.bucket_mb = 0.005;
+    config.moe.router.jitter_eps = 0.05;  // each micro-batch routes with its own noise seed
     const auto reference = testing::train_steps_on(MPI_COMM_WORLD, config, world);
     config.parallel.micro_batch_overlap = true;
     const auto paired = testing::train_steps_on(MPI_COMM_WORLD, config, world);
