@@ -8,6 +8,7 @@
 #   RATES="off 25gbit 5gbit 1gbit 400mbit" STEPS=4 OUT=/tmp/e2e  (defaults)
 #   MODES="off:parallel.comm_worker=false on:parallel.overlap_degree=2"  (default)
 #       space-separated LABEL:KEY=VALUE[,KEY=VALUE...], each KEY=VALUE passed as --set
+#   BURST=BYTES tbf burst (default: launch/cluster.sh's, rate x 1 ms and at least 256 KiB)
 #   RESUME=DIR  resume every run from this checkpoint (e.g. runs/small/checkpoints/step-00000120)
 #       and run STEPS steps after it: routing as trained, not as initialised. From the initial
 #       weights small.yaml's router collapses within a few steps (MaxVio 7: every token's picks
@@ -35,7 +36,7 @@ done
 # Bytes each node has sent so far ("node0 node1 ..."): each is one direction of the link.
 sent() { "$C" traffic "$MOEFORGE_CLUSTER" | awk '{printf "%s ", $3}'; }
 for rate in ${RATES:-off 25gbit 5gbit 1gbit 400mbit}; do
-  "$C" shape "$MOEFORGE_CLUSTER" "$rate"
+  "$C" shape "$MOEFORGE_CLUSTER" "$rate" ${BURST:-}
   for mode in "${MODE_LIST[@]}"; do
     m=${mode%%:*}; extra=${mode#*:}; run="$OUT/$rate-$m"
     b0=$(sent)

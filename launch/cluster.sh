@@ -63,12 +63,15 @@ node_ns() { echo "$1-n$2"; }
 switch_ns() { echo "$1-sw"; }
 node_count() { cat "$(state_dir "$1")/nodes"; }
 
-# tbf needs a burst of at least one rate-period of the kernel timer; rate x 1 ms, at least 64 KiB.
+# tbf needs a burst of at least one rate-period of the kernel timer (rate x 1 ms) and more than
+# one GSO packet (64 KiB + headers): tbf cuts larger packets into MTU segments, and with a
+# 64 KiB burst it cut every one, which put the kernel at 21% of this machine's 2 cores during a
+# 250 Mbit/s run (6.7% with 256 KiB; docs/benchmarks.md). Hence rate x 1 ms, at least 256 KiB.
 default_burst() {
   local rate="$1" bits
   bits="$(rate_bits "$rate")"
   local bytes=$((bits / 8 / 1000))
-  ((bytes >= 65536)) || bytes=65536
+  ((bytes >= 262144)) || bytes=262144
   echo "$bytes"
 }
 
