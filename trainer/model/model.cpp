@@ -205,28 +205,26 @@ at::Tensor DecoderBlockImpl::end(InFlight& flight, LmOutput& out) {
 DecoderBlockImpl::Result DecoderBlockImpl::forward_stored(const at::Tensor& x,
                                                           const moe::RoutingInputs& routing,
                                                           AttentionCache* cache) {
-  if (moe_mlp && !cache) {
-    auto flight = begin_moe(x, routing);
+  if (moe_mlp) {
+    auto flight = begin_moe(x, routing, cache);
     return end_moe(flight);
   }
-  const auto normed_in = attn_norm->forward(x);
-  auto h = x + (cache ? attn->forward(normed_in, cache) : attention(normed_in));
-  const auto normed = mlp_norm->forward(h);
-  if (dense_mlp) {
-    RECORD_USER_SCOPE("dense mlp");
-    return Result::dense(h + dense_mlp->forward(normed));
-  }
-  RECORD_USER_SCOPE("moe");
-  const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);
-  auto moe_out = moe_mlp->forward(normed.reshape({batch * seq, hidden}), seq, routing);  // [T, H]
-  return {h + moe_out.y.view({batch, seq, hidden}), moe_out.aux_loss, moe_out.z_loss,
-          std::move(moe_out.counters)};
+  const auto h = with_attention(x, cache);
+  RECORD_USER_SCOPE("dense mlp");
+  return Result::dense(h + dense_mlp->forward(mlp_norm->forward(h)));
+}
+
+// x + attention(attn_norm(x)): the residual stream after the block's attention.
+at::Tensor DecoderBlockImpl::with_attention(const at::Tensor& x, AttentionCache* cache) {
+  const auto normed = attn_norm->forward(x);
+  return x + (cache ? attn->forward(normed, cache) : attention(normed));
 }
 
 // Attention, then the MoE layer up to its started dispatch.
 DecoderBlockImpl::InFlight DecoderBlockImpl::begin_moe(const at::Tensor& x,
-                                                       const moe::RoutingInputs& routing) {
-  auto h = x + attention(attn_norm->forward(x));
+                                                       const moe::RoutingInputs& routing,
+                                                       AttentionCache* cache) {
+  auto h = with_attention(x, cache);
   const auto normed = mlp_norm->forward(h);
   RECORD_USER_SCOPE("moe");
   const int64_t batch = normed.size(0), seq = normed.size(1), hidden = normed.size(2);

@@ -112,7 +112,9 @@ class DecoderBlockImpl : public torch::nn::Module {
   };
   Result forward_stored(const at::Tensor& x, const moe::RoutingInputs& routing,
                         AttentionCache* cache = nullptr);
-  InFlight begin_moe(const at::Tensor& x, const moe::RoutingInputs& routing);
+  at::Tensor with_attention(const at::Tensor& x, AttentionCache* cache);
+  InFlight begin_moe(const at::Tensor& x, const moe::RoutingInputs& routing,
+                     AttentionCache* cache = nullptr);
   Result end_moe(InFlight& flight);
   void add_to(Result result, LmOutput& out) const;
   // train.recompute: block — only x is kept; the whole block runs again in backward.
