@@ -1,5 +1,8 @@
 #include "parallel/comm_worker.hpp"
 
+#include <algorithm>
+#include <chrono>
+
 #include "parallel/trace.hpp"
 
 namespace moeforge::parallel {
@@ -28,17 +31,26 @@ bool Work::done() const {
 }
 
 void Work::run(const std::function<at::Tensor()>& operation) const {
-  at::Tensor result;
-  std::exception_ptr error;
   try {
-    result = operation();
+    complete(operation());
   } catch (...) {
-    error = std::current_exception();
+    fail(std::current_exception());
   }
+}
+
+void Work::complete(at::Tensor result) const {
   {
     std::lock_guard<std::mutex> lock(state_->mutex);
     state_->result = std::move(result);
-    state_->error = error;
+    state_->done = true;
+  }
+  state_->finished.notify_all();
+}
+
+void Work::fail(std::exception_ptr error) const {
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->error = std::move(error);
     state_->done = true;
   }
   state_->finished.notify_all();
@@ -65,27 +77,110 @@ bool CommWorker::on_worker_thread() const {
 }
 
 Work CommWorker::submit(std::function<at::Tensor()> operation, std::string name) {
-  Work work;
+  return enqueue({Work(), std::move(operation), {}, std::move(name)});
+}
+
+Work CommWorker::submit_posted(std::function<std::unique_ptr<Posted>()> start, std::string name) {
+  return enqueue({Work(), {}, std::move(start), std::move(name)});
+}
+
+Work CommWorker::enqueue(Item item) {
+  Work work = item.work;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    queue_.push_back({work, std::move(operation), std::move(name)});
+    queue_.push_back(std::move(item));
   }
   wake_.notify_one();
   return work;
 }
 
+namespace {
+
+// Trace lanes of collectives in flight at once: each gets the first lane free when it starts,
+// so a lane's spans never overlap.
+constexpr const char* kLanes[] = {"comm", "comm 2", "comm 3", "comm 4"};
+constexpr int kLaneCount = sizeof(kLanes) / sizeof(kLanes[0]);
+
+}  // namespace
+
+struct CommWorker::Running {
+  Work work;
+  std::unique_ptr<Posted> posted;
+  std::string name;
+  trace::Clock::time_point start;
+  int lane = 0;
+};
+
+void CommWorker::start(Item& item, std::vector<Running>& running) {
+  std::vector<bool> busy(kLaneCount, false);
+  for (const auto& r : running) busy[r.lane] = true;
+  const int lane = static_cast<int>(std::find(busy.begin(), busy.end() - 1, false) - busy.begin());
+  const auto started = trace::Clock::now();
+  if (item.operation) {
+    item.work.run(item.operation);
+    trace::record(kLanes[lane], item.name, started, trace::Clock::now());
+    return;
+  }
+  try {
+    running.push_back({item.work, item.start(), std::move(item.name), started, lane});
+  } catch (...) {
+    item.work.fail(std::current_exception());
+  }
+}
+
+bool CommWorker::poll(std::vector<Running>& running) {
+  bool progressed = false;
+  for (auto it = running.begin(); it != running.end();) {
+    bool done = false;
+    try {
+      done = it->posted->test();
+    } catch (...) {
+      it->work.fail(std::current_exception());
+      it = running.erase(it);
+      progressed = true;
+      continue;
+    }
+    if (!done) {
+      ++it;
+      continue;
+    }
+    trace::record(kLanes[it->lane], it->name, it->start, trace::Clock::now());
+    it->work.complete(std::move(it->posted->result));
+    it = running.erase(it);
+    progressed = true;
+  }
+  return progressed;
+}
+
 void CommWorker::loop() {
+  std::vector<Running> running;
+  // While collectives are in flight: yield for the first 100 µs without progress (most finish
+  // there), then sleep 20-100 µs between polls, waking at once for new submissions. A
+  // busy-polling worker would steal the core the compute thread (or a peer rank) needs.
+  auto last_progress = std::chrono::steady_clock::now();
+  auto sleep = std::chrono::microseconds(20);
   for (;;) {
-    Item item;
+    std::deque<Item> ready;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping and drained
-      item = std::move(queue_.front());
-      queue_.pop_front();
+      const auto has_work = [&] { return stopping_ || !queue_.empty(); };
+      if (running.empty()) {
+        wake_.wait(lock, has_work);
+      } else if (std::chrono::steady_clock::now() - last_progress >
+                 std::chrono::microseconds(100)) {
+        wake_.wait_for(lock, sleep, has_work);
+        sleep = std::min(sleep * 2, std::chrono::microseconds(100));
+      }
+      if (stopping_ && queue_.empty() && running.empty()) return;  // stopping and drained
+      ready.swap(queue_);
     }
-    const trace::Span span("comm", item.name);
-    item.work.run(item.operation);
+    for (auto& item : ready) start(item, running);
+    if (poll(running) || !ready.empty()) {
+      last_progress = std::chrono::steady_clock::now();
+      sleep = std::chrono::microseconds(20);
+    } else if (std::chrono::steady_clock::now() - last_progress <= std::chrono::microseconds(100)) {
+      std::this_thread::yield();
+    }
   }
 }
 

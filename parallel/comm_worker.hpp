@@ -1,20 +1,28 @@
 #pragma once
-// The communication worker: one thread per process that executes submitted collectives in
+// The communication worker: one thread per process that starts submitted collectives in
 // submission order, like a CUDA stream, so the compute thread posts a collective, computes, and
 // waits only when it needs the result.
+//
+// Split-phase collectives (submit_posted; every MPI collective on host tensors) are started in
+// order and then polled together, so they finish in whatever order the network delivers them:
+// a small counts exchange or gradient bucket is not held behind a large exchange posted before
+// it. Others (submit; a modelled link, staged device tensors) run to completion in turn, while
+// MPI keeps progressing what is in flight.
 //
 // Threading contract (why MPI_THREAD_SERIALIZED is enough and chosen): while the worker runs,
 // every MPI call of the process is made by the worker thread (communicators are wrapped in
 // QueuedCommunicator, whose synchronous calls are submit + wait). MPI calls therefore never
 // overlap in time, which is what SERIALIZED promises; MULTIPLE would add locking inside
 // OpenMPI on every call and is not needed. Collectives of all process groups share this one
-// FIFO, so every rank must submit them in the same order — as MPI already requires per group.
+// queue, so every rank must submit them in the same order — as MPI already requires per group.
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "parallel/work.hpp"
 
@@ -25,9 +33,13 @@ class CommWorker {
   // The process's worker (started on first use, joined at exit).
   static CommWorker& instance();
 
-  // Queues `operation`; it runs on the worker thread after everything submitted before it.
-  // `name` labels it in traces.
+  // Queues `operation`; it runs on the worker thread after everything submitted before it has
+  // been started. `name` labels it in traces.
   Work submit(std::function<at::Tensor()> operation, std::string name = "collective");
+  // Queues a split-phase collective: `start` posts it (after everything submitted before it has
+  // been started) and the worker polls the returned Posted until it completes.
+  Work submit_posted(std::function<std::unique_ptr<Posted>()> start,
+                     std::string name = "collective");
 
   // True on the worker thread (synchronous calls made there run inline, not re-queued).
   bool on_worker_thread() const;
@@ -35,16 +47,24 @@ class CommWorker {
   ~CommWorker();
 
  private:
+  struct Item {
+    Work work;
+    std::function<at::Tensor()> operation;           // run to completion, or
+    std::function<std::unique_ptr<Posted>()> start;  // post and poll
+    std::string name;
+  };
+  struct Running;
+
   CommWorker();
+  Work enqueue(Item item);
   void loop();
+  // Starts `item`: runs it, or posts it into `running`.
+  void start(Item& item, std::vector<Running>& running);
+  // Completes the finished collectives of `running`; true when any did.
+  bool poll(std::vector<Running>& running);
 
   std::mutex mutex_;
   std::condition_variable wake_;
-  struct Item {
-    Work work;
-    std::function<at::Tensor()> operation;
-    std::string name;
-  };
   std::deque<Item> queue_;
   bool stopping_ = false;
   std::thread thread_;

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -85,6 +86,18 @@ class Communicator {
     return Work::completed(reduce_scatter(input));
   }
   virtual Work all_gather_async(at::Tensor tensor) { return Work::completed(all_gather(tensor)); }
+
+  // Split-phase execution, for the communication worker (parallel/comm_worker.hpp): `post`
+  // runs `collective` (exactly one call of this communicator's blocking forms, whose result it
+  // returns) but returns once the backend has started it; the Posted finishes it, so several
+  // collectives can be in flight at once. The default runs it to completion here.
+  using Collective = std::function<at::Tensor(Communicator&)>;
+  virtual std::unique_ptr<Posted> post(const Collective& collective);
+
+  // The communicator that can post() this one's collectives on CPU tensors, or nullptr. A
+  // wrapper that hands CPU tensors through unchanged forwards its inner's; one that works on
+  // the data around the call (staging to a device, a modelled link) has none.
+  virtual Communicator* split_phase_for_cpu() { return nullptr; }
 };
 
 // The group of one process: every collective is a copy. Needs no MPI (tools, benchmarks, tests).

@@ -129,8 +129,71 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm) : comm_(comm) {
   MPI_Group_free(&world_group);
 }
 
+struct MpiCommunicator::InFlight {
+  bool started = false;  // one collective per post()
+  std::vector<MPI_Request> requests;
+  std::vector<int> peers;
+  const char* what = "";
+  std::vector<std::shared_ptr<const void>> held;
+};
+
+class MpiCommunicator::PostedRequests final : public Posted {
+ public:
+  PostedRequests(const MpiCommunicator& comm, InFlight flight)
+      : comm_(comm), flight_(std::move(flight)), start_(std::chrono::steady_clock::now()) {}
+
+  bool test() override {
+    int done = 0;
+    check_mpi(MPI_Testall(static_cast<int>(flight_.requests.size()), flight_.requests.data(), &done,
+                          MPI_STATUSES_IGNORE),
+              flight_.what);
+    if (done) return true;
+    const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start_;
+    if (comm_.timeout_s_ > 0 && waited.count() > comm_.timeout_s_)
+      comm_.abort_on_timeout(flight_.requests, flight_.what, flight_.peers);
+    return false;
+  }
+
+ private:
+  const MpiCommunicator& comm_;
+  InFlight flight_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+std::unique_ptr<Posted> MpiCommunicator::post(const Collective& collective) {
+  InFlight flight;
+  posting_ = &flight;
+  at::Tensor result;
+  try {
+    result = collective(*this);
+  } catch (...) {
+    posting_ = nullptr;  // nothing was posted: MPI checks its arguments before starting
+    throw;
+  }
+  posting_ = nullptr;
+  auto posted = std::make_unique<PostedRequests>(*this, std::move(flight));
+  posted->result = std::move(result);
+  return posted;
+}
+
+void MpiCommunicator::hold(std::shared_ptr<const void> buffer) const {
+  if (posting_) posting_->held.push_back(std::move(buffer));
+}
+
+void MpiCommunicator::hold(const at::Tensor& buffer) const {
+  if (posting_) hold(std::make_shared<const at::Tensor>(buffer));
+}
+
 void MpiCommunicator::wait(std::vector<MPI_Request>& requests, const char* what,
                            const std::vector<int>& peers) const {
+  if (posting_) {
+    if (posting_->started) throw std::logic_error("MpiCommunicator::post: one collective per post");
+    posting_->started = true;
+    posting_->requests = std::move(requests);
+    posting_->peers = peers;
+    posting_->what = what;
+    return;
+  }
   if (requests.empty()) return;
   // Yielding polls for the first 100 µs (most exchanges end there; yield hands the core to
   // whoever needs it), then sleeps of 20-100 µs. A blocking MPI wait busy-polls in OpenMPI,
@@ -195,6 +258,7 @@ void MpiCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
   TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(),
               "MPI all_reduce needs a contiguous CPU tensor");
   if (size_ == 1 || tensor.numel() == 0) return;
+  hold(tensor);
   MPI_Request request;
   check_mpi(MPI_Iallreduce(MPI_IN_PLACE, tensor.data_ptr(), static_cast<int>(tensor.numel()),
                            reduction_type(tensor.scalar_type()), mpi_op(op, tensor.scalar_type()),
@@ -227,16 +291,25 @@ at::Tensor MpiCommunicator::all_to_all_v(const at::Tensor& input,
     return output;
   }
   if (row_bytes == 0) return output;
-  RowType row(row_bytes);
-  const auto send_counts = to_int_counts(send_rows, "all_to_all_v");
-  const auto recv_counts = to_int_counts(recv_rows, "all_to_all_v");
-  const auto send_displs = displacements(send_counts);
-  const auto recv_displs = displacements(recv_counts);
+  const auto row = std::make_shared<const RowType>(row_bytes);
+  hold(row);
+  // A nonblocking v-collective reads its count arrays until it completes.
+  struct Layout {
+    std::vector<int> send_counts, recv_counts, send_displs, recv_displs;
+  };
+  auto layout = std::make_shared<Layout>();
+  layout->send_counts = to_int_counts(send_rows, "all_to_all_v");
+  layout->recv_counts = to_int_counts(recv_rows, "all_to_all_v");
+  layout->send_displs = displacements(layout->send_counts);
+  layout->recv_displs = displacements(layout->recv_counts);
+  hold(layout);
+  hold(source);
   MPI_Request request;
-  check_mpi(MPI_Ialltoallv(source.data_ptr(), send_counts.data(), send_displs.data(), row.get(),
-                           output.data_ptr(), recv_counts.data(), recv_displs.data(), row.get(),
-                           comm_, &request),
-            "MPI_Ialltoallv");
+  check_mpi(
+      MPI_Ialltoallv(source.data_ptr(), layout->send_counts.data(), layout->send_displs.data(),
+                     row->get(), output.data_ptr(), layout->recv_counts.data(),
+                     layout->recv_displs.data(), row->get(), comm_, &request),
+      "MPI_Ialltoallv");
   wait(request, "MPI_Ialltoallv");
   return output;
 }
@@ -254,7 +327,8 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
   // Point-to-point per block, every block contiguous on both sides: the data lands in place
   // with one copy (no packing), which a derived-datatype Alltoallw does not guarantee. The tag
   // is the block's position among the non-empty blocks exchanged with that peer.
-  RowType row(row_bytes);
+  const auto row = std::make_shared<const RowType>(row_bytes);
+  hold(row);
   std::vector<MPI_Request> requests;
   requests.reserve(send.size() + recv.size());
   const auto post = [&](const std::vector<RowBlock>& blocks, void* base, bool sending) {
@@ -266,11 +340,13 @@ at::Tensor MpiCommunicator::all_to_all_blocks(const at::Tensor& input,
       const int rows = to_int_counts({block.rows}, "all_to_all_blocks")[0];
       const int tag = next_tag[block.peer]++;
       check_mpi(
-          sending ? MPI_Isend(first_row, rows, row.get(), block.peer, tag, comm_, &requests.back())
-                  : MPI_Irecv(first_row, rows, row.get(), block.peer, tag, comm_, &requests.back()),
+          sending
+              ? MPI_Isend(first_row, rows, row->get(), block.peer, tag, comm_, &requests.back())
+              : MPI_Irecv(first_row, rows, row->get(), block.peer, tag, comm_, &requests.back()),
           sending ? "MPI_Isend" : "MPI_Irecv");
     }
   };
+  hold(source);
   post(recv, output.data_ptr(), /*sending=*/false);  // receives first: no unexpected messages
   post(send, source.data_ptr(), /*sending=*/true);
   std::vector<int> peers;  // of each request, in posting order
@@ -286,9 +362,11 @@ void MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
               "MPI broadcast needs a contiguous CPU tensor");
   if (size_ == 1 || tensor.numel() == 0) return;
   const int64_t bytes = tensor.numel() * tensor.element_size();
-  RowType row(bytes);
+  const auto row = std::make_shared<const RowType>(bytes);
+  hold(row);
+  hold(tensor);
   MPI_Request request;
-  check_mpi(MPI_Ibcast(tensor.data_ptr(), 1, row.get(), root, comm_, &request), "MPI_Ibcast");
+  check_mpi(MPI_Ibcast(tensor.data_ptr(), 1, row->get(), root, comm_, &request), "MPI_Ibcast");
   wait(request, "MPI_Ibcast");
 }
 
@@ -303,10 +381,12 @@ at::Tensor MpiCommunicator::all_gather(const at::Tensor& tensor) {
     output[0].copy_(source);
     return output;
   }
-  RowType row(bytes);
+  const auto row = std::make_shared<const RowType>(bytes);
+  hold(row);
+  hold(source);
   MPI_Request request;
-  check_mpi(MPI_Iallgather(source.data_ptr(), 1, row.get(), output.data_ptr(), 1, row.get(), comm_,
-                           &request),
+  check_mpi(MPI_Iallgather(source.data_ptr(), 1, row->get(), output.data_ptr(), 1, row->get(),
+                           comm_, &request),
             "MPI_Iallgather");
   wait(request, "MPI_Iallgather");
   return output;
@@ -322,6 +402,7 @@ at::Tensor MpiCommunicator::reduce_scatter(const at::Tensor& input) {
   auto output = at::empty({count}, source.options());
   if (count == 0) return output;
   const auto type = source.scalar_type();
+  hold(source);
   MPI_Request request;
   check_mpi(MPI_Ireduce_scatter_block(source.data_ptr(), output.data_ptr(), static_cast<int>(count),
                                       reduction_type(type), mpi_op(ReduceOp::kSum, type), comm_,

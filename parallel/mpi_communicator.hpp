@@ -33,6 +33,11 @@ class MpiCommunicator final : public Communicator {
   at::Tensor all_gather(const at::Tensor& tensor) override;
   at::Tensor reduce_scatter(const at::Tensor& input) override;
   void barrier() override;
+  // Posting: the collective's MPI requests are started and handed to the returned Posted,
+  // which polls them with MPI_Testall (and enforces the timeout); buffers and count arrays are
+  // kept alive in it until they complete.
+  std::unique_ptr<Posted> post(const Collective& collective) override;
+  Communicator* split_phase_for_cpu() override { return this; }
 
   // A new communicator for the members with the same `color`, ordered by `key` (MPI_Comm_split).
   // It inherits the timeout.
@@ -49,6 +54,10 @@ class MpiCommunicator final : public Communicator {
   void wait(std::vector<MPI_Request>& requests, const char* what,
             const std::vector<int>& peers = {}) const;
   void wait(MPI_Request request, const char* what) const;
+  // Keeps `buffer` (a send buffer, a datatype, count arrays) alive until the collective being
+  // posted completes; a blocking call waits before returning, so it needs nothing kept.
+  void hold(std::shared_ptr<const void> buffer) const;
+  void hold(const at::Tensor& buffer) const;
   [[noreturn]] void abort_on_timeout(std::vector<MPI_Request>& requests, const char* what,
                                      const std::vector<int>& peers) const;
   MPI_Comm comm_;
@@ -56,6 +65,10 @@ class MpiCommunicator final : public Communicator {
   int size_ = 1;
   std::vector<int> world_ranks_;  // of each member
   double timeout_s_ = 0.0;
+  struct InFlight;
+  class PostedRequests;
+  // Set while post() runs a collective: wait() hands its requests here instead of waiting.
+  InFlight* posting_ = nullptr;
 };
 
 }  // namespace moeforge::parallel

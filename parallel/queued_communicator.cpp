@@ -3,99 +3,117 @@
 #include "parallel/comm_worker.hpp"
 
 namespace moeforge::parallel {
+namespace {
+
+bool on_host(const at::Tensor& tensor) {
+  return tensor.device().is_cpu();
+}
+
+}  // namespace
 
 QueuedCommunicator::QueuedCommunicator(std::shared_ptr<Communicator> inner)
-    : inner_(std::move(inner)) {}
+    : inner_(std::move(inner)), split_phase_(inner_->split_phase_for_cpu()) {}
 
-at::Tensor QueuedCommunicator::run(const std::function<at::Tensor()>& operation, const char* name) {
+Work QueuedCommunicator::submit(Collective collective, bool host, std::string name) {
   auto& worker = CommWorker::instance();
-  if (worker.on_worker_thread()) return operation();
-  return worker.submit(operation, name).wait();
+  auto inner = inner_;  // keeps split_phase_ (inside it) alive too
+  if (split_phase_ && host)
+    return worker.submit_posted(
+        [inner, target = split_phase_, collective = std::move(collective)] {
+          return target->post(collective);
+        },
+        std::move(name));
+  return worker.submit([inner, collective = std::move(collective)] { return collective(*inner); },
+                       std::move(name));
+}
+
+at::Tensor QueuedCommunicator::run(const Collective& collective, bool host, const char* name) {
+  if (CommWorker::instance().on_worker_thread()) return collective(*inner_);
+  return submit(collective, host, name).wait();
 }
 
 void QueuedCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
   run(
-      [&] {
-        inner_->all_reduce(tensor, op);
-        return at::Tensor();
+      [&](Communicator& c) {
+        c.all_reduce(tensor, op);
+        return tensor;
       },
-      "all_reduce (sync)");
+      on_host(tensor), "all_reduce (sync)");
 }
 
 at::Tensor QueuedCommunicator::all_to_all_v(const at::Tensor& input,
                                             const std::vector<int64_t>& send_rows,
                                             const std::vector<int64_t>& recv_rows) {
-  return run([&] { return inner_->all_to_all_v(input, send_rows, recv_rows); },
-             "all_to_all_v (sync)");
+  return run([&](Communicator& c) { return c.all_to_all_v(input, send_rows, recv_rows); },
+             on_host(input), "all_to_all_v (sync)");
 }
 
 at::Tensor QueuedCommunicator::all_to_all_blocks(const at::Tensor& input,
                                                  const std::vector<RowBlock>& send,
                                                  const std::vector<RowBlock>& recv,
                                                  int64_t output_rows) {
-  return run([&] { return inner_->all_to_all_blocks(input, send, recv, output_rows); },
-             "all_to_all (sync)");
+  return run([&](Communicator& c) { return c.all_to_all_blocks(input, send, recv, output_rows); },
+             on_host(input), "all_to_all (sync)");
 }
 
 void QueuedCommunicator::broadcast(at::Tensor& tensor, int root) {
   run(
-      [&] {
-        inner_->broadcast(tensor, root);
-        return at::Tensor();
+      [&](Communicator& c) {
+        c.broadcast(tensor, root);
+        return tensor;
       },
-      "broadcast");
+      on_host(tensor), "broadcast");
 }
 
 at::Tensor QueuedCommunicator::all_gather(const at::Tensor& tensor) {
-  return run([&] { return inner_->all_gather(tensor); }, "all_gather");
+  return run([&](Communicator& c) { return c.all_gather(tensor); }, on_host(tensor), "all_gather");
 }
 
 void QueuedCommunicator::barrier() {
   run(
-      [&] {
-        inner_->barrier();
+      [](Communicator& c) {
+        c.barrier();
         return at::Tensor();
       },
-      "barrier");
+      /*host=*/true, "barrier");
 }
+
+at::Tensor QueuedCommunicator::reduce_scatter(const at::Tensor& input) {
+  return run([&](Communicator& c) { return c.reduce_scatter(input); }, on_host(input),
+             "reduce_scatter (sync)");
+}
+
+// The asynchronous forms capture their arguments by value: the caller goes on computing.
 
 Work QueuedCommunicator::all_to_all_blocks_async(const at::Tensor& input,
                                                  const std::vector<RowBlock>& send,
                                                  const std::vector<RowBlock>& recv,
                                                  int64_t output_rows) {
-  // Captured by value: the caller goes on computing while this runs.
-  auto inner = inner_;
-  return CommWorker::instance().submit(
-      [inner, input, send, recv, output_rows] {
-        return inner->all_to_all_blocks(input, send, recv, output_rows);
+  return submit(
+      [input, send, recv, output_rows](Communicator& c) {
+        return c.all_to_all_blocks(input, send, recv, output_rows);
       },
+      on_host(input),
       "all_to_all " + std::to_string(input.size(0)) + "→" + std::to_string(output_rows) + " rows");
 }
 
 Work QueuedCommunicator::all_reduce_async(at::Tensor tensor, ReduceOp op) {
-  auto inner = inner_;
-  return CommWorker::instance().submit(
-      [inner, tensor, op]() mutable {
-        inner->all_reduce(tensor, op);
+  return submit(
+      [tensor, op](Communicator& c) mutable {
+        c.all_reduce(tensor, op);
         return tensor;
       },
-      "all_reduce " + std::to_string(tensor.nbytes() / 1024) + " KiB");
-}
-
-at::Tensor QueuedCommunicator::reduce_scatter(const at::Tensor& input) {
-  return run([&] { return inner_->reduce_scatter(input); }, "reduce_scatter (sync)");
+      on_host(tensor), "all_reduce " + std::to_string(tensor.nbytes() / 1024) + " KiB");
 }
 
 Work QueuedCommunicator::reduce_scatter_async(at::Tensor input) {
-  auto inner = inner_;
-  return CommWorker::instance().submit([inner, input] { return inner->reduce_scatter(input); },
-                                       "reduce_scatter " + std::to_string(input.numel()));
+  return submit([input](Communicator& c) { return c.reduce_scatter(input); }, on_host(input),
+                "reduce_scatter " + std::to_string(input.numel()));
 }
 
 Work QueuedCommunicator::all_gather_async(at::Tensor tensor) {
-  auto inner = inner_;
-  return CommWorker::instance().submit([inner, tensor] { return inner->all_gather(tensor); },
-                                       "all_gather " + std::to_string(tensor.numel()));
+  return submit([tensor](Communicator& c) { return c.all_gather(tensor); }, on_host(tensor),
+                "all_gather " + std::to_string(tensor.numel()));
 }
 
 }  // namespace moeforge::parallel

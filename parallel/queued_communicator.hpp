@@ -2,7 +2,8 @@
 // QueuedCommunicator: runs every collective of an inner communicator on the process's
 // communication worker (parallel/comm_worker.hpp). Synchronous calls are submit + wait;
 // the *_async calls return a Work at once. Collectives keep their per-group order because the
-// worker is a FIFO.
+// worker starts them in submission order. Host tensors go split-phase (posted, then polled
+// with the others in flight) when the inner communicator can post them.
 #include <memory>
 
 #include "parallel/communicator.hpp"
@@ -32,9 +33,13 @@ class QueuedCommunicator final : public Communicator {
   Work all_gather_async(at::Tensor tensor) override;
 
  private:
-  // Runs `operation` on the worker and waits (inline when already on the worker thread).
-  at::Tensor run(const std::function<at::Tensor()>& operation, const char* name);
+  // Queues `collective` (one call on the inner communicator) on the worker: posted split-phase
+  // when its tensors are on the `host` and the inner communicator can, else run in turn.
+  Work submit(Collective collective, bool host, std::string name);
+  // Submits and waits (runs inline when already on the worker thread).
+  at::Tensor run(const Collective& collective, bool host, const char* name);
   std::shared_ptr<Communicator> inner_;
+  Communicator* split_phase_;  // inner_->split_phase_for_cpu(), owned through inner_
 };
 
 }  // namespace moeforge::parallel

@@ -40,6 +40,10 @@ at::Tensor StagingCommunicator::all_gather(const at::Tensor& tensor) {
   return inner_->all_gather(tensor.to(native_)).to(tensor.device());
 }
 
+at::Tensor StagingCommunicator::reduce_scatter(const at::Tensor& input) {
+  return inner_->reduce_scatter(input.to(native_)).to(input.device());
+}
+
 Work StagingCommunicator::all_to_all_blocks_async(const at::Tensor& input,
                                                   const std::vector<RowBlock>& send,
                                                   const std::vector<RowBlock>& recv,

@@ -27,10 +27,15 @@ class StagingCommunicator final : public Communicator {
                                const std::vector<RowBlock>& recv, int64_t output_rows) override;
   void broadcast(at::Tensor& tensor, int root) override;
   at::Tensor all_gather(const at::Tensor& tensor) override;
+  at::Tensor reduce_scatter(const at::Tensor& input) override;
   void barrier() override { inner_->barrier(); }
   Work all_to_all_blocks_async(const at::Tensor& input, const std::vector<RowBlock>& send,
                                const std::vector<RowBlock>& recv, int64_t output_rows) override;
   Work all_reduce_async(at::Tensor tensor, ReduceOp op = ReduceOp::kSum) override;
+  // Host tensors pass straight through when the native memory is the host's.
+  Communicator* split_phase_for_cpu() override {
+    return native_.is_cpu() ? inner_->split_phase_for_cpu() : nullptr;
+  }
 
  private:
   bool is_native(const at::Tensor& tensor) const { return tensor.device() == native_; }

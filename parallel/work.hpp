@@ -25,6 +25,9 @@ class Work {
 
   // Called by whoever executes the operation (the worker): runs it and publishes the outcome.
   void run(const std::function<at::Tensor()>& operation) const;
+  // Or publishes an outcome obtained otherwise (a split-phase collective that completed).
+  void complete(at::Tensor result) const;
+  void fail(std::exception_ptr error) const;
 
  private:
   struct State {
@@ -36,6 +39,16 @@ class Work {
     std::function<void()> on_wait;
   };
   std::shared_ptr<State> state_;
+};
+
+// A collective started by its backend but not finished: the communication worker polls test()
+// (it also enforces the backend's timeout) and, once it returns true, hands `result` to the
+// waiting Work. Inputs and output stay alive in the Posted until then.
+class Posted {
+ public:
+  virtual ~Posted() = default;
+  virtual bool test() = 0;
+  at::Tensor result;
 };
 
 }  // namespace moeforge::parallel

@@ -1,5 +1,6 @@
-// The communication worker: FIFO execution off the calling thread, results and errors through
-// Work, and synchronous calls of a QueuedCommunicator that equal the inner communicator's.
+// The communication worker: FIFO execution off the calling thread, posted (split-phase)
+// collectives started in order and completed in any order, results and errors through Work, and
+// synchronous calls of a QueuedCommunicator that equal the inner communicator's.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
@@ -82,6 +83,56 @@ TEST(CommWorker, ErrorsReachTheWaiter) {
   EXPECT_EQ(CommWorker::instance().submit([] { return at::ones({2}); }).wait().sum().item<float>(),
             2.0f);
   EXPECT_TRUE(Work::completed(at::ones({1})).done());
+}
+
+// A split-phase collective that completes when its test sees `release` set (or throws
+// `error` there), recording in `log` when it was started.
+struct Gated final : Posted {
+  const std::atomic<bool>* release = nullptr;
+  const char* error = nullptr;
+  bool test() override {
+    if (error) throw std::runtime_error(error);
+    return release->load();
+  }
+};
+
+Work submit_gated(std::vector<std::string>& log, std::string name, const std::atomic<bool>& release,
+                  float value, const char* error = nullptr) {
+  return CommWorker::instance().submit_posted([&log, name, &release, value, error] {
+    log.push_back(name);  // only the worker touches it
+    auto posted = std::make_unique<Gated>();
+    posted->release = &release;
+    posted->error = error;
+    posted->result = at::full({1}, value);
+    return posted;
+  });
+}
+
+// Posted collectives are started in submission order but complete as they finish: the second
+// one's waiter is answered while the first is still in flight, and a failing test() reaches
+// only its own waiter.
+TEST(CommWorker, PostedCollectivesFinishInAnyOrder) {
+  std::vector<std::string> log;
+  std::atomic<bool> first_done{false}, always{true};
+  auto first = submit_gated(log, "first", first_done, 1.0f);
+  auto plain = CommWorker::instance().submit([&log] {
+    log.push_back("plain");
+    return at::full({1}, 2.0f);
+  });
+  auto second = submit_gated(log, "second", always, 3.0f);
+  auto failing = submit_gated(log, "failing", always, 4.0f, "link down");
+  EXPECT_EQ(second.wait().item<float>(), 3.0f);
+  EXPECT_EQ(plain.wait().item<float>(), 2.0f);
+  EXPECT_THROW(failing.wait(), std::runtime_error);
+  EXPECT_FALSE(first.done());
+  first_done = true;
+  EXPECT_EQ(first.wait().item<float>(), 1.0f);
+  EXPECT_EQ(log, (std::vector<std::string>{"first", "plain", "second", "failing"}));
+  // A start that throws reaches its waiter, and the worker goes on.
+  auto refused = CommWorker::instance().submit_posted(
+      []() -> std::unique_ptr<Posted> { throw std::invalid_argument("bad split sizes"); });
+  EXPECT_THROW(refused.wait(), std::invalid_argument);
+  EXPECT_EQ(submit_gated(log, "after", always, 5.0f).wait().item<float>(), 5.0f);
 }
 
 TEST(QueuedCommunicator, SynchronousAndAsynchronousCallsMatchTheInnerCommunicator) {

@@ -3,8 +3,9 @@
 // and so does the deduplicated dispatch (one row per token and rank);
 // gradient buckets all-reduced during backward equal the blocking path; two micro-batches
 // interleaved through the model (parallel.micro_batch_overlap) compute what each computes alone;
-// whole training runs are the same with and without the communication worker; the simulated link
-// never makes a collective faster than its model.
+// whole training runs are the same with and without the communication worker, whose MPI
+// collectives of different groups may be started in different orders on different ranks; the
+// simulated link never makes a collective faster than its model.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -12,11 +13,13 @@
 #include <map>
 #include <numeric>
 #include <set>
+#include <thread>
 
 #include "moe/moe_layer.hpp"
 #include "parallel/mpi_communicator.hpp"
 #include "parallel/node_layout.hpp"
 #include "parallel/process_groups.hpp"
+#include "parallel/queued_communicator.hpp"
 #include "parallel/simulated_link.hpp"
 #include "test_support.hpp"
 #include "trainer/data/data.hpp"
@@ -123,6 +126,44 @@ MoeConfig layer_config(const Mode& mode) {
   config.expert_ffn_size = 12;
   mode.apply(config);
   return config;
+}
+
+// The worker posts MPI collectives and polls them together, so collectives of *different*
+// groups need not start in the same order on every rank (MPI requires the order per group
+// only): rank 0 queues a large block exchange on group A and then an all-reduce on group B;
+// the others all-reduce on B first and queue their exchange only after that all-reduce has
+// completed. A worker running one collective at a time deadlocks here (the 30 s watchdog then
+// aborts the job); this one completes rank 0's all-reduce while its exchange waits.
+TEST(CommWorker, CollectivesOfDifferentGroupsStartInAnyOrder) {
+  parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
+  const int rank = world_comm.rank(), world = world_comm.size();
+  std::shared_ptr<parallel::MpiCommunicator> a = world_comm.split(0, rank),
+                                             b = world_comm.split(0, rank);
+  a->set_timeout(30);
+  b->set_timeout(30);
+  parallel::QueuedCommunicator group_a(a), group_b(b);
+  // Every rank sends `rows` rows of its rank number to every rank.
+  const int64_t rows = 4096;
+  std::vector<parallel::RowBlock> blocks;
+  for (int peer = 0; peer < world; ++peer) blocks.push_back({peer, peer * rows, rows});
+  const auto input = at::full({world * rows, 64}, static_cast<float>(rank));
+  const auto exchange = [&] {
+    return group_a.all_to_all_blocks_async(input, blocks, blocks, world * rows);
+  };
+  const auto expected_rows = at::arange(world, at::kFloat).repeat_interleave(rows);
+  const float expected_sum = world * (world - 1) / 2.0f;
+  if (rank == 0) {
+    auto rows_in = exchange();
+    auto sum = group_b.all_reduce_async(at::full({8}, static_cast<float>(rank)));
+    EXPECT_TRUE(at::all(sum.wait() == expected_sum).item<bool>());
+    EXPECT_FALSE(rows_in.done());  // the others post theirs 0.5 s after the all-reduce
+    EXPECT_TRUE(at::equal(rows_in.wait().select(1, 0), expected_rows));
+  } else {
+    auto sum = group_b.all_reduce_async(at::full({8}, static_cast<float>(rank)));
+    EXPECT_TRUE(at::all(sum.wait() == expected_sum).item<bool>());
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    EXPECT_TRUE(at::equal(exchange().wait().select(1, 0), expected_rows));
+  }
 }
 
 TEST(Overlap, PipelinedLayerEqualsOneChunkInEveryMode) {
