@@ -4,7 +4,8 @@
     .venv/bin/python launch/plot_trace.py RUN_DIR/trace --out trace.png [--step-window MS]
 
 RUN_DIR/trace/rank-N.json (written with logging.trace: true) hold trace events; this draws one
-row per (rank, lane) — compute (the training thread) and comm (the communication worker) — with
+row per (rank, lane) — compute (the training thread) and comm, comm 2, ... (the communication
+worker's collectives in flight at once) — with
 each span as a bar coloured by its phase; backward phases of the MoE layers are hatched in their
 forward phase's colour. Dashed vertical lines mark step boundaries (the trainer's "step N"
 spans). The title states the run (out_dir, ranks, ep_size, overlap, simulated link) from

@@ -1,5 +1,6 @@
 #include "parallel/trace.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
 #include <mutex>
@@ -53,8 +54,13 @@ void write(const std::string& path, int rank) {
     taken.swap(events);
   }
   auto list = nlohmann::json::array();
-  const auto lane_id = [](const char* lane) { return std::string(lane) == "comm" ? 2 : 1; };
-  for (const char* lane : {"compute", "comm"})
+  // The worker's lanes ("comm", "comm 2", ...) hold the collectives in flight at once.
+  static const std::vector<std::string> lanes = {"compute", "comm", "comm 2", "comm 3", "comm 4"};
+  const auto lane_id = [](const std::string& lane) {
+    const auto at = std::find(lanes.begin(), lanes.end(), lane);
+    return at == lanes.end() ? 1 : static_cast<int>(at - lanes.begin()) + 1;
+  };
+  for (const auto& lane : lanes)
     list.push_back({{"ph", "M"},
                     {"name", "thread_name"},
                     {"pid", rank},

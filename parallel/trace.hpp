@@ -1,8 +1,9 @@
 #pragma once
 // Per-rank timeline of compute and communication as Chrome trace events (JSON; open in
 // Perfetto or chrome://tracing). Off unless enabled; recording then costs a mutex and a vector
-// push per span. Lanes: "compute" (the training thread's phases) and "comm" (each collective
-// as the communication worker executes it).
+// push per span. Lanes: "compute" (the training thread's phases) and "comm", "comm 2", ...
+// (each collective from its start to its completion on the communication worker; several can
+// be in flight at once, each on the first lane free when it started).
 #include <chrono>
 #include <string>
 
