@@ -80,8 +80,9 @@ Work CommWorker::submit(std::function<at::Tensor()> operation, std::string name)
   return enqueue({Work(), std::move(operation), {}, std::move(name)});
 }
 
-Work CommWorker::submit_posted(std::function<std::unique_ptr<Posted>()> start, std::string name) {
-  return enqueue({Work(), {}, std::move(start), std::move(name)});
+Work CommWorker::submit_posted(std::function<std::unique_ptr<Posted>()> start, std::string name,
+                               const void* in_order) {
+  return enqueue({Work(), {}, std::move(start), std::move(name), in_order});
 }
 
 Work CommWorker::enqueue(Item item) {
@@ -103,57 +104,73 @@ constexpr int kLaneCount = sizeof(kLanes) / sizeof(kLanes[0]);
 
 }  // namespace
 
-struct CommWorker::Running {
-  Work work;
-  std::unique_ptr<Posted> posted;
-  std::string name;
-  trace::Clock::time_point start;
-  int lane = 0;
-};
-
-void CommWorker::start(Item& item, std::vector<Running>& running) {
-  std::vector<bool> busy(kLaneCount, false);
-  for (const auto& r : running) busy[r.lane] = true;
-  const int lane = static_cast<int>(std::find(busy.begin(), busy.end() - 1, false) - busy.begin());
-  const auto started = trace::Clock::now();
+void CommWorker::start(Item item) {
   if (item.operation) {
+    const auto started = trace::Clock::now();
     item.work.run(item.operation);
-    trace::record(kLanes[lane], item.name, started, trace::Clock::now());
+    trace::record(kLanes[0], item.name, started, trace::Clock::now());
     return;
   }
+  const auto same_key = [&](const Running& r) { return r.in_order == item.in_order; };
+  if (item.in_order &&
+      (held_.count(item.in_order) || std::any_of(running_.begin(), running_.end(), same_key))) {
+    held_[item.in_order].push_back(std::move(item));
+    return;
+  }
+  post(std::move(item));
+}
+
+void CommWorker::post(Item item) {
+  std::vector<bool> busy(kLaneCount, false);
+  for (const auto& r : running_) busy[r.lane] = true;
+  const int lane = static_cast<int>(std::find(busy.begin(), busy.end() - 1, false) - busy.begin());
+  const auto started = trace::Clock::now();
+  const void* key = item.in_order;
   try {
-    running.push_back({item.work, item.start(), std::move(item.name), started, lane});
+    running_.push_back({item.work, item.start(), std::move(item.name), started, lane, key});
   } catch (...) {
     item.work.fail(std::current_exception());
+    if (key) release(key);  // nothing of it is in flight: its successor may go
   }
 }
 
-bool CommWorker::poll(std::vector<Running>& running) {
+void CommWorker::release(const void* key) {
+  const auto held = held_.find(key);
+  if (held == held_.end()) return;
+  Item next = std::move(held->second.front());
+  held->second.pop_front();
+  if (held->second.empty()) held_.erase(held);
+  post(std::move(next));
+}
+
+bool CommWorker::poll() {
+  std::vector<const void*> freed;  // in-order keys whose collective completed
   bool progressed = false;
-  for (auto it = running.begin(); it != running.end();) {
+  for (auto it = running_.begin(); it != running_.end();) {
     bool done = false;
     try {
       done = it->posted->test();
+      if (done) {
+        trace::record(kLanes[it->lane], it->name, it->start, trace::Clock::now());
+        it->work.complete(std::move(it->posted->result));
+      }
     } catch (...) {
       it->work.fail(std::current_exception());
-      it = running.erase(it);
-      progressed = true;
-      continue;
+      done = true;
     }
     if (!done) {
       ++it;
       continue;
     }
-    trace::record(kLanes[it->lane], it->name, it->start, trace::Clock::now());
-    it->work.complete(std::move(it->posted->result));
-    it = running.erase(it);
     progressed = true;
+    if (it->in_order) freed.push_back(it->in_order);
+    it = running_.erase(it);
   }
+  for (const void* key : freed) release(key);
   return progressed;
 }
 
 void CommWorker::loop() {
-  std::vector<Running> running;
   // While collectives are in flight: yield for the first 100 µs without progress (most finish
   // there), then sleep between polls, 20 µs doubling up to 1 ms, waking at once for new
   // submissions; a completion is thus seen at most about as late as it has already been
@@ -168,18 +185,18 @@ void CommWorker::loop() {
     {
       std::unique_lock<std::mutex> lock(mutex_);
       const auto has_work = [&] { return stopping_ || !queue_.empty(); };
-      if (running.empty()) {
+      if (running_.empty()) {
         wake_.wait(lock, has_work);
       } else if (std::chrono::steady_clock::now() - last_progress >
                  std::chrono::microseconds(100)) {
         wake_.wait_for(lock, sleep, has_work);
         sleep = std::min(sleep * 2, std::chrono::microseconds(1000));
       }
-      if (stopping_ && queue_.empty() && running.empty()) return;  // stopping and drained
+      if (stopping_ && queue_.empty() && running_.empty()) return;  // stopping and drained
       ready.swap(queue_);
     }
-    for (auto& item : ready) start(item, running);
-    if (poll(running) || !ready.empty()) {
+    for (auto& item : ready) start(std::move(item));
+    if (poll() || !ready.empty()) {
       last_progress = std::chrono::steady_clock::now();
       sleep = std::chrono::microseconds(20);
     } else if (std::chrono::steady_clock::now() - last_progress <= std::chrono::microseconds(100)) {

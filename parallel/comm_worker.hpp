@@ -18,12 +18,14 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "parallel/trace.hpp"
 #include "parallel/work.hpp"
 
 namespace moeforge::parallel {
@@ -37,9 +39,12 @@ class CommWorker {
   // been started. `name` labels it in traces.
   Work submit(std::function<at::Tensor()> operation, std::string name = "collective");
   // Queues a split-phase collective: `start` posts it (after everything submitted before it has
-  // been started) and the worker polls the returned Posted until it completes.
+  // been started) and the worker polls the returned Posted until it completes. Collectives
+  // with the same non-null `in_order` key are posted one at a time, each after the previous
+  // one completed: bulk transfers that must cross the link in order (the chunks of a pipelined
+  // exchange) instead of sharing it and all arriving last.
   Work submit_posted(std::function<std::unique_ptr<Posted>()> start,
-                     std::string name = "collective");
+                     std::string name = "collective", const void* in_order = nullptr);
 
   // True on the worker thread (synchronous calls made there run inline, not re-queued).
   bool on_worker_thread() const;
@@ -52,16 +57,32 @@ class CommWorker {
     std::function<at::Tensor()> operation;           // run to completion, or
     std::function<std::unique_ptr<Posted>()> start;  // post and poll
     std::string name;
+    const void* in_order = nullptr;
   };
-  struct Running;
+  struct Running {
+    Work work;
+    std::unique_ptr<Posted> posted;
+    std::string name;
+    trace::Clock::time_point start;
+    int lane = 0;  // of the trace
+    const void* in_order = nullptr;
+  };
 
   CommWorker();
   Work enqueue(Item item);
   void loop();
-  // Starts `item`: runs it, or posts it into `running`.
-  void start(Item& item, std::vector<Running>& running);
-  // Completes the finished collectives of `running`; true when any did.
-  bool poll(std::vector<Running>& running);
+  // Starts `item`: runs it, posts it, or holds it behind its in-order predecessor.
+  void start(Item item);
+  void post(Item item);
+  // Posts the next collective held behind `key`, if any.
+  void release(const void* key);
+  // Completes the finished collectives in flight (posting their held successors); true when
+  // any did.
+  bool poll();
+
+  // Worker thread only: collectives in flight, and those held behind an in-order key.
+  std::vector<Running> running_;
+  std::map<const void*, std::deque<Item>> held_;
 
   std::mutex mutex_;
   std::condition_variable wake_;

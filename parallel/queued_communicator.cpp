@@ -14,7 +14,7 @@ bool on_host(const at::Tensor& tensor) {
 QueuedCommunicator::QueuedCommunicator(std::shared_ptr<Communicator> inner)
     : inner_(std::move(inner)), split_phase_(inner_->split_phase_for_cpu()) {}
 
-Work QueuedCommunicator::submit(Collective collective, bool host, std::string name) {
+Work QueuedCommunicator::submit(Collective collective, bool host, std::string name, bool bulk) {
   auto& worker = CommWorker::instance();
   auto inner = inner_;  // keeps split_phase_ (inside it) alive too
   if (split_phase_ && host)
@@ -22,14 +22,15 @@ Work QueuedCommunicator::submit(Collective collective, bool host, std::string na
         [inner, target = split_phase_, collective = std::move(collective)] {
           return target->post(collective);
         },
-        std::move(name));
+        std::move(name), bulk ? this : nullptr);
   return worker.submit([inner, collective = std::move(collective)] { return collective(*inner); },
                        std::move(name));
 }
 
-at::Tensor QueuedCommunicator::run(const Collective& collective, bool host, const char* name) {
+at::Tensor QueuedCommunicator::run(const Collective& collective, bool host, const char* name,
+                                   bool bulk) {
   if (CommWorker::instance().on_worker_thread()) return collective(*inner_);
-  return submit(collective, host, name).wait();
+  return submit(collective, host, name, bulk).wait();
 }
 
 void QueuedCommunicator::all_reduce(at::Tensor& tensor, ReduceOp op) {
@@ -53,7 +54,7 @@ at::Tensor QueuedCommunicator::all_to_all_blocks(const at::Tensor& input,
                                                  const std::vector<RowBlock>& recv,
                                                  int64_t output_rows) {
   return run([&](Communicator& c) { return c.all_to_all_blocks(input, send, recv, output_rows); },
-             on_host(input), "all_to_all (sync)");
+             on_host(input), "all_to_all (sync)", /*bulk=*/true);
 }
 
 void QueuedCommunicator::broadcast(at::Tensor& tensor, int root) {
@@ -94,7 +95,8 @@ Work QueuedCommunicator::all_to_all_blocks_async(const at::Tensor& input,
         return c.all_to_all_blocks(input, send, recv, output_rows);
       },
       on_host(input),
-      "all_to_all " + std::to_string(input.size(0)) + "→" + std::to_string(output_rows) + " rows");
+      "all_to_all " + std::to_string(input.size(0)) + "→" + std::to_string(output_rows) + " rows",
+      /*bulk=*/true);
 }
 
 Work QueuedCommunicator::all_reduce_async(at::Tensor tensor, ReduceOp op) {

@@ -34,10 +34,14 @@ class QueuedCommunicator final : public Communicator {
 
  private:
   // Queues `collective` (one call on the inner communicator) on the worker: posted split-phase
-  // when its tensors are on the `host` and the inner communicator can, else run in turn.
-  Work submit(Collective collective, bool host, std::string name);
+  // when its tensors are on the `host` and the inner communicator can, else run in turn. `bulk`
+  // marks the block exchanges, which are posted one at a time per group, in order: they carry
+  // the pipeline's chunks, and sharing the link would make every chunk arrive last. They are
+  // point-to-point messages, ordered among themselves only, so collectives of the group (a
+  // counts exchange) may pass them.
+  Work submit(Collective collective, bool host, std::string name, bool bulk = false);
   // Submits and waits (runs inline when already on the worker thread).
-  at::Tensor run(const Collective& collective, bool host, const char* name);
+  at::Tensor run(const Collective& collective, bool host, const char* name, bool bulk = false);
   std::shared_ptr<Communicator> inner_;
   Communicator* split_phase_;  // inner_->split_phase_for_cpu(), owned through inner_
 };
