@@ -6,6 +6,7 @@
 #include <malloc.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -97,15 +98,17 @@ struct Gated final : Posted {
 };
 
 Work submit_gated(std::vector<std::string>& log, std::string name, const std::atomic<bool>& release,
-                  float value, const char* error = nullptr) {
-  return CommWorker::instance().submit_posted([&log, name, &release, value, error] {
-    log.push_back(name);  // only the worker touches it
-    auto posted = std::make_unique<Gated>();
-    posted->release = &release;
-    posted->error = error;
-    posted->result = at::full({1}, value);
-    return posted;
-  });
+                  float value, const char* error = nullptr, const void* in_order = nullptr) {
+  return CommWorker::instance().submit_posted(
+      [&log, name, &release, value, error] {
+        log.push_back(name);  // only the worker touches it
+        auto posted = std::make_unique<Gated>();
+        posted->release = &release;
+        posted->error = error;
+        posted->result = at::full({1}, value);
+        return posted;
+      },
+      name, in_order);
 }
 
 // Posted collectives are started in submission order but complete as they finish: the second
@@ -135,6 +138,32 @@ TEST(CommWorker, PostedCollectivesFinishInAnyOrder) {
   EXPECT_EQ(submit_gated(log, "after", always, 5.0f).wait().item<float>(), 5.0f);
 }
 
+// Collectives sharing an in-order key are posted one at a time: the second is started only
+// once the first completed, while others pass; a start that throws lets its successor go.
+TEST(CommWorker, InOrderCollectivesArePostedOneAtATime) {
+  std::vector<std::string> log;
+  std::atomic<bool> first_done{false}, always{true};
+  const int key = 0, other_key = 0;
+  auto first = submit_gated(log, "first", first_done, 1.0f, nullptr, &key);
+  auto second = submit_gated(log, "second", always, 2.0f, nullptr, &key);
+  auto other = submit_gated(log, "other", always, 3.0f, nullptr, &other_key);
+  auto unkeyed = submit_gated(log, "unkeyed", always, 4.0f);
+  EXPECT_EQ(other.wait().item<float>(), 3.0f);
+  EXPECT_EQ(unkeyed.wait().item<float>(), 4.0f);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // time to (wrongly) post second
+  EXPECT_FALSE(second.done());
+  first_done = true;
+  EXPECT_EQ(second.wait().item<float>(), 2.0f);
+  EXPECT_EQ(first.wait().item<float>(), 1.0f);
+  EXPECT_EQ(log, (std::vector<std::string>{"first", "other", "unkeyed", "second"}));
+  auto refused = CommWorker::instance().submit_posted(
+      []() -> std::unique_ptr<Posted> { throw std::invalid_argument("bad split sizes"); },
+      "refused", &key);
+  auto next = submit_gated(log, "next", always, 5.0f, nullptr, &key);
+  EXPECT_THROW(refused.wait(), std::invalid_argument);
+  EXPECT_EQ(next.wait().item<float>(), 5.0f);
+}
+
 TEST(QueuedCommunicator, SynchronousAndAsynchronousCallsMatchTheInnerCommunicator) {
   auto inner = std::make_shared<SelfCommunicator>();
   QueuedCommunicator queued(inner);
@@ -146,6 +175,73 @@ TEST(QueuedCommunicator, SynchronousAndAsynchronousCallsMatchTheInnerCommunicato
   auto t = at::ones({3});
   EXPECT_TRUE(at::equal(queued.all_reduce_async(t).wait(), at::ones({3})));
   EXPECT_EQ(queued.backend(), "self+worker");
+}
+
+// A one-process communicator whose collectives post split-phase and complete only once
+// `release` is set, counting the block exchanges in flight at once.
+class HeldCommunicator final : public Communicator {
+ public:
+  std::atomic<bool> release{false};
+  std::atomic<int> blocks_in_flight{0}, most_blocks_in_flight{0};
+
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string backend() const override { return "held"; }
+  void all_reduce(at::Tensor&, ReduceOp) override {}
+  at::Tensor all_to_all_v(const at::Tensor& input, const std::vector<int64_t>& send_rows,
+                          const std::vector<int64_t>& recv_rows) override {
+    return self_.all_to_all_v(input, send_rows, recv_rows);
+  }
+  at::Tensor all_to_all_blocks(const at::Tensor& input, const std::vector<RowBlock>& send,
+                               const std::vector<RowBlock>& recv, int64_t output_rows) override {
+    block_exchange_ = true;
+    return self_.all_to_all_blocks(input, send, recv, output_rows);
+  }
+  void broadcast(at::Tensor&, int) override {}
+  at::Tensor all_gather(const at::Tensor& tensor) override { return self_.all_gather(tensor); }
+  void barrier() override {}
+  Communicator* split_phase_for_cpu() override { return this; }
+
+  std::unique_ptr<Posted> post(const Collective& collective) override {
+    struct Held final : Posted {
+      HeldCommunicator* comm;
+      bool block;
+      bool test() override {
+        if (block && !comm->release) return false;
+        if (block) --comm->blocks_in_flight;
+        return true;
+      }
+    };
+    auto held = std::make_unique<Held>();
+    block_exchange_ = false;
+    held->result = collective(*this);
+    held->comm = this;
+    held->block = block_exchange_;
+    if (held->block)
+      most_blocks_in_flight = std::max(most_blocks_in_flight.load(), ++blocks_in_flight);
+    return held;
+  }
+
+ private:
+  SelfCommunicator self_;
+  bool block_exchange_ = false;  // set by the collective being posted
+};
+
+// A group's block exchanges (the pipeline's bulk rows) are posted one at a time and in order;
+// its counts exchange (all_to_all_v) passes them.
+TEST(QueuedCommunicator, BlockExchangesOfAGroupArePostedOneAtATime) {
+  auto inner = std::make_shared<HeldCommunicator>();
+  QueuedCommunicator queued(inner);
+  const auto input = at::randn({4, 3});
+  const std::vector<RowBlock> blocks = {{0, 0, 4}};
+  std::vector<Work> exchanges;
+  for (int i = 0; i < 3; ++i)
+    exchanges.push_back(queued.all_to_all_blocks_async(input * i, blocks, blocks, 4));
+  EXPECT_TRUE(at::equal(queued.all_to_all_v(input, {4}, {4}), input));  // not held behind them
+  EXPECT_EQ(inner->blocks_in_flight.load(), 1);
+  inner->release = true;
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(exchanges[i].wait(), input * i));
+  EXPECT_EQ(inner->most_blocks_in_flight.load(), 1);
 }
 
 }  // namespace
