@@ -76,8 +76,9 @@ bool CommWorker::on_worker_thread() const {
   return std::this_thread::get_id() == thread_.get_id();
 }
 
-Work CommWorker::submit(std::function<at::Tensor()> operation, std::string name) {
-  return enqueue({Work(), std::move(operation), {}, std::move(name)});
+Work CommWorker::submit(std::function<at::Tensor()> operation, std::string name,
+                        const void* in_order) {
+  return enqueue({Work(), std::move(operation), {}, std::move(name), in_order});
 }
 
 Work CommWorker::submit_posted(std::function<std::unique_ptr<Posted>()> start, std::string name,
@@ -105,27 +106,31 @@ constexpr int kLaneCount = sizeof(kLanes) / sizeof(kLanes[0]);
 }  // namespace
 
 void CommWorker::start(Item item) {
-  if (item.operation) {
-    const auto started = trace::Clock::now();
-    item.work.run(item.operation);
-    trace::record(kLanes[0], item.name, started, trace::Clock::now());
-    return;
-  }
   const auto same_key = [&](const Running& r) { return r.in_order == item.in_order; };
   if (item.in_order &&
       (held_.count(item.in_order) || std::any_of(running_.begin(), running_.end(), same_key))) {
     held_[item.in_order].push_back(std::move(item));
     return;
   }
-  post(std::move(item));
+  launch(std::move(item));
 }
 
-void CommWorker::post(Item item) {
+int CommWorker::free_lane() const {
   std::vector<bool> busy(kLaneCount, false);
   for (const auto& r : running_) busy[r.lane] = true;
-  const int lane = static_cast<int>(std::find(busy.begin(), busy.end() - 1, false) - busy.begin());
+  return static_cast<int>(std::find(busy.begin(), busy.end() - 1, false) - busy.begin());
+}
+
+void CommWorker::launch(Item item) {
+  const int lane = free_lane();
   const auto started = trace::Clock::now();
   const void* key = item.in_order;
+  if (item.operation) {
+    item.work.run(item.operation);
+    trace::record(kLanes[lane], item.name, started, trace::Clock::now());
+    if (key) release(key);
+    return;
+  }
   try {
     running_.push_back({item.work, item.start(), std::move(item.name), started, lane, key});
   } catch (...) {
@@ -140,7 +145,7 @@ void CommWorker::release(const void* key) {
   Item next = std::move(held->second.front());
   held->second.pop_front();
   if (held->second.empty()) held_.erase(held);
-  post(std::move(next));
+  launch(std::move(next));
 }
 
 bool CommWorker::poll() {

@@ -37,7 +37,10 @@ class CommWorker {
 
   // Queues `operation`; it runs on the worker thread after everything submitted before it has
   // been started. `name` labels it in traces.
-  Work submit(std::function<at::Tensor()> operation, std::string name = "collective");
+  // `in_order`: as for submit_posted (a collective that must not overtake, or be overtaken by,
+  // posted ones of the same key).
+  Work submit(std::function<at::Tensor()> operation, std::string name = "collective",
+              const void* in_order = nullptr);
   // Queues a split-phase collective: `start` posts it (after everything submitted before it has
   // been started) and the worker polls the returned Posted until it completes. Collectives
   // with the same non-null `in_order` key are posted one at a time, each after the previous
@@ -71,11 +74,13 @@ class CommWorker {
   CommWorker();
   Work enqueue(Item item);
   void loop();
-  // Starts `item`: runs it, posts it, or holds it behind its in-order predecessor.
+  // Starts `item`, or holds it behind its in-order predecessor.
   void start(Item item);
-  void post(Item item);
-  // Posts the next collective held behind `key`, if any.
+  // Runs it to completion, or posts it into running_.
+  void launch(Item item);
+  // Starts the next collective held behind `key`, if any.
   void release(const void* key);
+  int free_lane() const;  // of the trace
   // Completes the finished collectives in flight (posting their held successors); true when
   // any did.
   bool poll();

@@ -24,7 +24,7 @@ Work QueuedCommunicator::submit(Collective collective, bool host, std::string na
         },
         std::move(name), bulk ? this : nullptr);
   return worker.submit([inner, collective = std::move(collective)] { return collective(*inner); },
-                       std::move(name));
+                       std::move(name), bulk ? this : nullptr);
 }
 
 at::Tensor QueuedCommunicator::run(const Collective& collective, bool host, const char* name,

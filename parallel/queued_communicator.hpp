@@ -35,7 +35,8 @@ class QueuedCommunicator final : public Communicator {
  private:
   // Queues `collective` (one call on the inner communicator) on the worker: posted split-phase
   // when its tensors are on the `host` and the inner communicator can, else run in turn. `bulk`
-  // marks the block exchanges, which are posted one at a time per group, in order: they carry
+  // marks the block exchanges, which are started one at a time per group, in order (run to
+  // completion or posted alike, so host and device exchanges keep one order): they carry
   // the pipeline's chunks, and sharing the link would make every chunk arrive last. They are
   // point-to-point messages, ordered among themselves only, so collectives of the group (a
   // counts exchange) may pass them.

@@ -138,24 +138,33 @@ TEST(CommWorker, PostedCollectivesFinishInAnyOrder) {
   EXPECT_EQ(submit_gated(log, "after", always, 5.0f).wait().item<float>(), 5.0f);
 }
 
-// Collectives sharing an in-order key are posted one at a time: the second is started only
-// once the first completed, while others pass; a start that throws lets its successor go.
+// Collectives sharing an in-order key are started one at a time: the second (posted or run to
+// completion) only once the first completed, while others pass; a start that throws lets its
+// successor go.
 TEST(CommWorker, InOrderCollectivesArePostedOneAtATime) {
   std::vector<std::string> log;
   std::atomic<bool> first_done{false}, always{true};
   const int key = 0, other_key = 0;
   auto first = submit_gated(log, "first", first_done, 1.0f, nullptr, &key);
   auto second = submit_gated(log, "second", always, 2.0f, nullptr, &key);
+  auto blocking = CommWorker::instance().submit(
+      [&log] {
+        log.push_back("blocking");  // a run-to-completion collective keeps its turn too
+        return at::full({1}, 6.0f);
+      },
+      "blocking", &key);
   auto other = submit_gated(log, "other", always, 3.0f, nullptr, &other_key);
   auto unkeyed = submit_gated(log, "unkeyed", always, 4.0f);
   EXPECT_EQ(other.wait().item<float>(), 3.0f);
   EXPECT_EQ(unkeyed.wait().item<float>(), 4.0f);
   std::this_thread::sleep_for(std::chrono::milliseconds(20));  // time to (wrongly) post second
   EXPECT_FALSE(second.done());
+  EXPECT_FALSE(blocking.done());
   first_done = true;
   EXPECT_EQ(second.wait().item<float>(), 2.0f);
+  EXPECT_EQ(blocking.wait().item<float>(), 6.0f);
   EXPECT_EQ(first.wait().item<float>(), 1.0f);
-  EXPECT_EQ(log, (std::vector<std::string>{"first", "other", "unkeyed", "second"}));
+  EXPECT_EQ(log, (std::vector<std::string>{"first", "other", "unkeyed", "second", "blocking"}));
   auto refused = CommWorker::instance().submit_posted(
       []() -> std::unique_ptr<Posted> { throw std::invalid_argument("bad split sizes"); },
       "refused", &key);
