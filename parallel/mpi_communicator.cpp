@@ -198,20 +198,13 @@ void MpiCommunicator::wait(std::vector<MPI_Request>& requests, const char* what,
   // Yielding polls for the first 100 µs (most exchanges end there; yield hands the core to
   // whoever needs it), then sleeps of 20-100 µs. A blocking MPI wait busy-polls in OpenMPI,
   // which on a shared or oversubscribed node steals the core the compute thread (or a peer
-  // rank) needs. The deadline check costs one clock read per poll: the watchdog is free.
-  const auto start = std::chrono::steady_clock::now();
-  const auto spin_until = start + std::chrono::microseconds(100);
+  // rank) needs. Each poll is the posted form's test(), watchdog included (one clock read).
+  PostedRequests pending(
+      *this, {.requests = std::move(requests), .peers = peers, .what = what, .held = {}});
+  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
   auto sleep = std::chrono::microseconds(20);
-  for (;;) {
-    int done = 0;
-    check_mpi(
-        MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE),
-        what);
-    if (done) return;
-    const auto now = std::chrono::steady_clock::now();
-    if (timeout_s_ > 0 && std::chrono::duration<double>(now - start).count() > timeout_s_)
-      abort_on_timeout(requests, what, peers);
-    if (now < spin_until) {
+  while (!pending.test()) {
+    if (std::chrono::steady_clock::now() < spin_until) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(sleep);
