@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/record_function.h>
 #include <torch/autograd.h>
@@ -98,7 +99,11 @@ void for_each_expert(const std::vector<int64_t>& rows, const std::vector<int64_t
   };
   const auto shares = static_cast<int64_t>(bounds.size()) - 1;
   if (shares == 1) return run_share(0);
+  // The shares call ATen ops, which read thread-local state: autograd's grad mode (off inside a
+  // custom function), the profiler's. OpenMP's threads start without the caller's.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state(caller_state);
     for (int64_t share = begin; share < end; ++share) run_share(share);
   });
 }

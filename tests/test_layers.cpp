@@ -13,6 +13,7 @@
 #include "trainer/model/rms_norm.hpp"
 #include "trainer/model/rotary.hpp"
 #include "trainer/optim/optimizer.hpp"
+#include "trainer/runtime/device.hpp"
 
 namespace moeforge {
 namespace {
@@ -20,6 +21,18 @@ namespace {
 double relative_error(const at::Tensor& actual, const at::Tensor& expected) {
   const auto a = actual.to(at::kDouble), e = expected.to(at::kDouble);
   return (a - e).norm().item<double>() / std::max(e.norm().item<double>(), 1e-30);
+}
+
+// The project's kernels (RMSNorm, RoPE, the gathered experts) split their rows with the inline
+// at::parallel_for, which runs everything on the calling thread unless the library was compiled
+// with OpenMP (a build without it left them single-threaded, unnoticed, for a long time).
+TEST(Threads, ProjectKernelsUseEveryIntraOpThread) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  EXPECT_EQ(parallel_for_threads(), 2);
+  at::set_num_threads(1);
+  EXPECT_EQ(parallel_for_threads(), 1);
+  at::set_num_threads(before);
 }
 
 TEST(RMSNorm, MatchesFormula) {

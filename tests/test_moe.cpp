@@ -266,14 +266,29 @@ TEST(MoeLayer, GroupedGemmKernelPathWithEmptyExperts) {
 TEST(MoeLayer, PipelineLoopPathMatchesFloat64Loop) {
   check_layer_against_reference(1, false, 5, 6, /*pipeline=*/true);
 }
+// The gathered path splits the experts into one share per intra-op thread and runs the shares
+// at once: checked at 1, 2 and 3 threads whatever the machine's default.
+template <class Body>
+void at_thread_counts(const Body& body) {
+  const int before = at::get_num_threads();
+  for (const int threads : {1, 2, 3}) {
+    SCOPED_TRACE(testing::Message() << threads << " intra-op threads");
+    at::set_num_threads(threads);
+    body();
+  }
+  at::set_num_threads(before);
+}
+
 TEST(MoeLayer, GatheredPathAtAlignedSizesMatchesFloat64Loop) {
-  check_layer_against_reference(1, false, 8, 12);
-  check_layer_against_reference(0, true, 8, 12);
+  at_thread_counts([] {
+    check_layer_against_reference(1, false, 8, 12);
+    check_layer_against_reference(0, true, 8, 12);
+  });
 }
 
 // The gathered-experts path (ep 1, fp32) against the dispatch pipeline on the same layer and
 // input: outputs and every gradient, with shared experts, capacity drops and expert choice.
-TEST(MoeLayer, GatheredPathMatchesPipeline) {
+void check_gathered_against_pipeline() {
   auto groups = parallel::make_single_process_groups();
   struct Case {
     const char* name;
@@ -310,6 +325,9 @@ TEST(MoeLayer, GatheredPathMatchesPipeline) {
     for (size_t i = 0; i < half; ++i)
       EXPECT_LT(relative_error(grads[i], grads[half + i]), 1e-5) << c.name << " gradient " << i;
   }
+}
+TEST(MoeLayer, GatheredPathMatchesPipeline) {
+  at_thread_counts(check_gathered_against_pipeline);
 }
 
 TEST(GroupedMatmul, KernelAndLoopPathsMatchFloat64PerGroupProducts) {

@@ -4,6 +4,7 @@
 
 #include "trainer/memory_report.hpp"
 #include "trainer/model/flops.hpp"
+#include "trainer/runtime/device.hpp"
 
 namespace moeforge {
 namespace {
@@ -66,11 +67,12 @@ std::string run_banner(const Config& config, const TokenDataset& data, const Ada
       shape.end_step, t.steps, tokens_per_step, shape.world_size, shape.world_size > 1 ? "s" : "",
       t.grad_accum, t.grad_accum > 1 ? "es" : "", t.micro_batch_size, t.seq_len, t.out_dir);
   banner += model_line(config) + "\n" + data_line(config, data, shape) + "\n";
+  const int threads = parallel_for_threads();
   banner += fmt::format(
-      "precision {}{}{} | {}", enum_text(t.precision),
+      "precision {}{}{} | {} intra-op thread{} per rank | {}", enum_text(t.precision),
       config.parallel.distributed_optimizer ? ", distributed optimizer (ZeRO-1)" : "",
       config.parallel.grad_reduce_dtype == Precision::kBf16 ? ", bf16 gradient reduction" : "",
-      describe(memory_report(config, optimizer)));
+      threads, threads > 1 ? "s" : "", describe(memory_report(config, optimizer)));
   for (const auto& note : config.notes) banner += "\nnote: " + note;
   return banner;
 }

@@ -1,12 +1,17 @@
 #include "trainer/runtime/device.hpp"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 #include <sys/resource.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
+#include <set>
+#include <thread>
 #ifdef MOEFORGE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -60,6 +65,16 @@ int64_t peak_memory_bytes(const c10::Device& device) {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;
+}
+
+int parallel_for_threads() {
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const std::lock_guard lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  });
+  return std::max<int>(1, static_cast<int>(seen.size()));
 }
 
 double measure_matmul_tflops(const c10::Device& device, at::ScalarType dtype, int64_t m, int64_t k,

@@ -29,6 +29,11 @@ int64_t peak_memory_bytes(const c10::Device& device);
 double measure_matmul_tflops(const c10::Device& device, at::ScalarType dtype, int64_t m, int64_t k,
                              int64_t n, double min_seconds = 0.2);
 
+// How many threads at::parallel_for spreads over in the project's own kernels (RMSNorm, RoPE,
+// the gathered experts): the intra-op thread count when they were compiled with OpenMP, 1 when
+// not (at::parallel_for is inline, and without OpenMP it runs on the calling thread).
+int parallel_for_threads();
+
 // The groups a run communicates over: `groups` (plain MPI or one-process groups) on the
 // resolved backend, with the communication worker (MPI only: NCCL is asynchronous through its
 // own stream) and the simulated link the config asks for. Collective when the backend is NCCL.
