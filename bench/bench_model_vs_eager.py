@@ -12,6 +12,10 @@ the training process itself) and the ratios moeforge / eager.
     .venv/bin/python bench/bench_model_vs_eager.py [--configs configs/tiny.yaml ...]
         [--steps 20] [--warmup 5] [--rounds 3] [--binary [LABEL=]build/moeforge ...]
 
+MFU is moeforge's own (model FLOPs per token over a matmul peak measured on the device, from its
+metrics); the eager loop's is the same FLOPs per token at its tokens/s. 1 / eager MFU bounds the
+speed-up over eager that any implementation of the same FLOPs could reach on this machine.
+
 Several --binary (e.g. builds before and after a change) run in the same interleaved rounds;
 each gets its ratio to eager and to the first binary.
 
@@ -69,6 +73,7 @@ def run_moeforge(binary, config, steps, warmup, threads, out_dir, extra, launche
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))
             if '"tokens_per_s"' in line]
     return {"tok_s": statistics.median(r["tokens_per_s"] for r in rows[warmup:]),
+            "mfu": statistics.median(r.get("mfu", 0.0) for r in rows[warmup:]),
             "peak_mib": max(r["peak_memory_mib"] for r in rows),
             "loss": rows[-1]["loss"]}
 
@@ -238,6 +243,13 @@ def ratio_text(numerators, denominators):
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def mfu_text(runs, reference):
+    """MFU per round: moeforge's own (its metrics: model FLOPs over a matmul peak measured on the
+    same device), or for the eager loop the same FLOPs per token at its tokens/s."""
+    values = [r.get("mfu") or m["mfu"] * r["tok_s"] / m["tok_s"] for r, m in zip(runs, reference)]
+    return values, f"{statistics.median(values):.2f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["configs/tiny.yaml", "configs/small.yaml"])
@@ -261,14 +273,21 @@ def main():
             results.append(compare(args, config, work))
     first = args.binaries[0][0]
     print(f"\n{'config':<20} {'run':<24} {'tokens/s':>22} {'vs eager':>18} "
-          f"{'vs ' + first:>18} {'peak MiB':>9}")
+          f"{'vs ' + first:>18} {'peak MiB':>9} {'MFU':>5}")
     for r in results:
         rows = [(label, runs) for label, runs in r["mf"].items()] + [("eager", r["eager"])]
         for label, runs in rows:
             vs_eager = ratio_text(runs, r["eager"]) if label != "eager" else ""
             vs_first = ratio_text(runs, r["mf"][first]) if label != first else ""
             print(f"{r['config']:<20} {label:<24} {spread([x['tok_s'] for x in runs]):>22} "
-                  f"{vs_eager:>18} {vs_first:>18} {max(x['peak_mib'] for x in runs):>9.0f}")
+                  f"{vs_eager:>18} {vs_first:>18} {max(x['peak_mib'] for x in runs):>9.0f} "
+                  f"{mfu_text(runs, r['mf'][first])[1]:>5}")
+        eager_mfu, _ = mfu_text(r["eager"], r["mf"][first])
+        ceilings = [1 / m for m in eager_mfu if m > 0]
+        if ceilings:
+            print(f"{r['config']:<20} ceiling vs eager (1 / eager MFU: no implementation of the "
+                  f"same FLOPs beats eager by more) {statistics.median(ceilings):.2f} "
+                  f"({min(ceilings):.2f}-{max(ceilings):.2f})")
     e = results[0]["eager"][0]
     print(f"(eager: transformers {args.hf_arch}, experts '{e['experts']}', attention "
           f"'{e['attention']}'; tokens/s: median over rounds (min-max); ratios: median of the "

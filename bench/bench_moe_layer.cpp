@@ -11,7 +11,11 @@
 //             FLOPs with no routing, the limit a MoE layer can approach;
 //   eager     a torchtitan-style MoE in eager PyTorch (sort + torch._grouped_mm + index_add);
 //   hf        transformers' MixtralSparseMoeBlock (experts_implementation "grouped_mm");
-//   dense-py  the dense SwiGLU in eager PyTorch.
+//   dense-py  the dense SwiGLU in eager PyTorch;
+//   peak      the shape's FLOPs at the rate of a large square fp32 matmul on all threads (MKL
+//             near the machine's FMA peak): no implementation of the same math in fp32 gets
+//             below this time, so "vs peak" is the fraction of peak reached, and a speed-up over
+//             another column beyond that column's time / peak is out of reach.
 // GFLOP/s count the routed experts only (3 GEMMs of 2·H·F per routed slot, ×3 for forward and
 // backward). Rounds are interleaved (every column of every shape once per round); a ratio is
 // taken within each round and reported as the median [min–max] over rounds. Peak MiB is the
@@ -123,6 +127,26 @@ Measurement moeforge_dense(const Shape& s, int iterations) {
         };
       },
       iterations);
+}
+
+// The time `s` would take at the rate of a 2048³ fp32 matmul (at least 0.3 s of repeats).
+Measurement fp32_peak(const Shape& s, int /*iterations*/) {
+  return bench::run_in_child<Measurement>([&] {
+    constexpr int64_t kSize = 2048;
+    const auto a = at::randn({kSize, kSize}), b = at::randn({kSize, kSize});
+    auto c = at::empty({kSize, kSize});
+    at::mm_out(c, a, b);
+    int64_t repeats = 0;
+    const auto start = std::chrono::steady_clock::now();
+    double seconds = 0;
+    while (seconds < 0.3) {
+      at::mm_out(c, a, b);
+      ++repeats;
+      seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    const double rate = 2.0 * kSize * kSize * kSize * repeats / seconds;
+    return Measurement{s.flops() / rate, 0};
+  });
 }
 
 namespace fs = std::filesystem;
@@ -284,6 +308,7 @@ std::vector<Column> columns(const std::vector<std::string>& names) {
     if (name == "pipeline")
       chosen.push_back({name, [](const Shape& s, int n) { return moeforge_moe(s, n, true); }});
     if (name == "dense") chosen.push_back({name, moeforge_dense});
+    if (name == "peak") chosen.push_back({name, fp32_peak});
     if (name == "eager" || name == "hf")
       chosen.push_back({name, [name](const Shape& s, int n) { return python_case(name, s, n); }});
     if (name == "dense-py")
@@ -332,6 +357,28 @@ void print_table(const std::string& title, const std::vector<Shape>& shapes,
       for (const auto& m : samples[i].at(c.name)) peaks.push_back(m.peak_mib);
       fmt::print(" {:>12.0f}", bench::spread_of(peaks).median);
     }
+    fmt::print("\n");
+  }
+}
+
+// With a peak column: each other column's time over the peak time, per round: the most that any
+// fp32 implementation of the same math could be faster than that column.
+void print_ceilings(const std::vector<Shape>& shapes, const std::vector<Column>& cols,
+                    const std::vector<Samples>& samples) {
+  if (std::none_of(cols.begin(), cols.end(), [](const Column& c) { return c.name == "peak"; }))
+    return;
+  fmt::print(
+      "\nceiling: X's time / the time at fp32 matmul peak (no fp32 code beats X by more)\n"
+      "{:<24}",
+      "shape");
+  for (const auto& c : cols)
+    if (c.name != "peak") fmt::print(" {:>21}", c.name);
+  fmt::print("\n");
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    fmt::print("{:<24}", shapes[i].name);
+    for (const auto& c : cols)
+      if (c.name != "peak")
+        fmt::print(" {:>21}", format_spread(speedup(samples[i], "peak", c.name), 2));
     fmt::print("\n");
   }
 }
@@ -406,15 +453,19 @@ int main(int argc, char** argv) {
   }
   fmt::print("{} rounds x {} iterations, {} threads\n", rounds, iterations, at::get_num_threads());
   if (only != "scaling") {
-    const auto cols = pick({"moeforge", "dense", "eager", "hf", "dense-py"});
+    const auto cols = pick({"moeforge", "dense", "eager", "hf", "dense-py", "peak"});
     const auto shapes = reference_shapes();
-    print_table("MoE layer fwd+bwd", shapes, cols, run_rounds(shapes, cols, rounds, iterations));
+    const auto samples = run_rounds(shapes, cols, rounds, iterations);
+    print_table("MoE layer fwd+bwd", shapes, cols, samples);
+    print_ceilings(shapes, cols, samples);
   }
   if (only != "shapes") {
-    const auto cols = pick({"moeforge", "dense", "eager"});
+    const auto cols = pick({"moeforge", "dense", "eager", "peak"});
     const auto shapes = scaling_shapes();
+    const auto samples = run_rounds(shapes, cols, rounds, iterations);
     print_table("Fine-grained scaling at constant work (T 4096, H 512, k·F 2048)", shapes, cols,
-                run_rounds(shapes, cols, rounds, iterations));
+                samples);
+    print_ceilings(shapes, cols, samples);
   }
   return 0;
 }

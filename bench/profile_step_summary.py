@@ -18,9 +18,11 @@ import collections
 import json
 import re
 
-# Ops inside the "moe" scope, by name (first match wins); the rest is "moe: other".
+# Ops inside the "moe" scope, by name (first match wins); the rest is "moe: other". GatheredExperts
+# (ep 1, fp32) is the routed experts' whole backward in one node: its GEMMs, SwiGLU elementwise
+# work and row gathers all count as expert GEMMs there.
 MOE_OPS = [
-    ("moe: expert GEMMs", r"grouped_mm|^aten::mm$|mm_out|GroupedMatmul|^aten::bmm$"),
+    ("moe: expert GEMMs", r"grouped_mm|^aten::mm$|mm_out|GroupedMatmul|GatheredExperts|^aten::bmm$"),
     ("moe: routing (router, top-k, aux/z-loss, counters)",
      r"topk|softmax|sigmoid|logsumexp|bincount|one_hot|histc|entropy|scatter_add|log$|"
      r"^aten::mean|^aten::sum"),
