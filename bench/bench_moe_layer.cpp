@@ -91,8 +91,10 @@ void randomize(Module& module) {
   for (auto& p : module->parameters()) p.normal_(0, 0.02);
 }
 
-// pipeline: the dispatch pipeline instead of the gathered-experts path ep 1 takes in fp32.
-Measurement moeforge_moe(const Shape& s, int iterations, bool pipeline = false) {
+// path: kAuto is the gathered-experts path ep 1 takes in fp32; kPipeline the dispatch pipeline
+// with the gated-rows experts (what expert parallelism runs), kGroupedGemm with grouped GEMMs.
+Measurement moeforge_moe(const Shape& s, int iterations,
+                         moe::ExpertPath path = moe::ExpertPath::kAuto) {
   return measure_in_child(
       [&]() -> Body {
         moe::MoeConfig config;
@@ -104,7 +106,7 @@ Measurement moeforge_moe(const Shape& s, int iterations, bool pipeline = false) 
         at::manual_seed(0);
         moe::MoeLayer layer(s.hidden, config, *groups->ep);
         randomize(layer);
-        layer->force_pipeline(pipeline);
+        layer->force_expert_path(path);
         const auto x = at::randn({s.tokens, s.hidden}).set_requires_grad(true);
         return [groups, layer, x, tokens = s.tokens]() mutable {
           layer->zero_grad();
@@ -306,7 +308,13 @@ std::vector<Column> columns(const std::vector<std::string>& names) {
     if (name == "moeforge")
       chosen.push_back({name, [](const Shape& s, int n) { return moeforge_moe(s, n); }});
     if (name == "pipeline")
-      chosen.push_back({name, [](const Shape& s, int n) { return moeforge_moe(s, n, true); }});
+      chosen.push_back({name, [](const Shape& s, int n) {
+                          return moeforge_moe(s, n, moe::ExpertPath::kPipeline);
+                        }});
+    if (name == "grouped")
+      chosen.push_back({name, [](const Shape& s, int n) {
+                          return moeforge_moe(s, n, moe::ExpertPath::kGroupedGemm);
+                        }});
     if (name == "dense") chosen.push_back({name, moeforge_dense});
     if (name == "peak") chosen.push_back({name, fp32_peak});
     if (name == "eager" || name == "hf")
@@ -426,9 +434,11 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--only", only, "one table")->check(CLI::IsMember({"shapes", "scaling"}));
   app.add_flag("--quick", quick, "2 rounds of 2 iterations");
-  app.add_option("--columns", column_list,
-                 "comma-separated columns, first is the one compared (default: all of the table; "
-                 "also: pipeline = moeforge's dispatch pipeline at ep 1)");
+  app.add_option(
+      "--columns", column_list,
+      "comma-separated columns, first is the one compared (default: all of the table; "
+      "also: pipeline = moeforge's dispatch pipeline at ep 1 (gated-rows experts), grouped = "
+      "the pipeline with grouped-GEMM experts)");
   app.add_flag("--no-python", no_python, "moeforge and its dense column only");
   app.add_flag("--profile", profile, "only: self time per op category of one moeforge step");
   CLI11_PARSE(app, argc, argv);

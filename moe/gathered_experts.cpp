@@ -46,11 +46,13 @@ void add_rows(const at::Tensor& dst, const int64_t* index, const at::Tensor& row
   });
 }
 
-// Scratch blocks reused by every expert, sized for the largest one.
+// Scratch blocks reused by every expert, sized for the largest one; the [rows, H] blocks only
+// where rows are gathered (the rows form reads and writes its blocks in place).
 struct Scratch {
-  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, const at::TensorOptions& options)
-      : rows(at::empty({max_rows, hidden}, options)),
-        other_rows(at::empty({max_rows, hidden}, options)),
+  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, bool row_blocks,
+          const at::TensorOptions& options)
+      : rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
+        other_rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
         activation(at::empty({max_rows, ffn}, options)),
         other_activation(at::empty({max_rows, ffn}, options)) {}
   at::Tensor rows, other_rows, activation, other_activation;
@@ -121,36 +123,61 @@ at::Tensor sum_shares(const std::vector<at::Tensor>& outputs) {
   return outputs[0];
 }
 
+// An expert's n rows of `src`: gathered through `index` into `scratch` (the gathered form), or
+// the consecutive block from row `first` (the rows form: no index).
+at::Tensor expert_rows(const at::Tensor& src, const int64_t* index, int64_t first, int64_t n,
+                       const at::Tensor& scratch) {
+  if (index == nullptr) return src.narrow(0, first, n);
+  const auto rows = scratch.narrow(0, 0, n);
+  gather_rows(src, index, rows);
+  return rows;
+}
+
+// The routed experts, expert by expert, in two forms that share every step but where the rows
+// live: gathered (rows gathered from the token rows x [T, H] through token_of_row, gate-weighted
+// outputs added into y [T, H]) or rows (x is [R, H] already grouped by expert, as the
+// expert-parallel all-to-all delivers it, and y [R, H] is each row's gate-weighted output,
+// written in place; token_of_row is empty and unused).
 class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& row_gates, const at::Tensor& w_gate,
                             const at::Tensor& w_up, const at::Tensor& w_down,
-                            const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert) {
-    const int64_t rows_total = token_of_row.size(0), ffn = w_gate.size(1);
+                            const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert,
+                            bool gathered) {
+    const int64_t rows_total = row_gates.size(0), ffn = w_gate.size(1);
     auto gate_out = at::empty({rows_total, ffn}, x.options());
     auto up_out = at::empty({rows_total, ffn}, x.options());
     const auto bounds = thread_shares(rows_per_expert);
-    const auto y = share_outputs(x, bounds.size() - 1);
+    // Gathered: one y per share (shares may add into the same token); rows: disjoint row blocks.
+    const auto y = gathered
+                       ? share_outputs(x, bounds.size() - 1)
+                       : std::vector<at::Tensor>{at::empty({rows_total, x.size(1)}, x.options())};
     std::vector<Scratch> scratch;
     for (size_t s = 0; s + 1 < bounds.size(); ++s)
-      scratch.emplace_back(largest(rows_per_expert), x.size(1), ffn, x.options());
+      scratch.emplace_back(largest(rows_per_expert), x.size(1), ffn, gathered, x.options());
     for_each_expert(rows_per_expert, bounds, [&](int64_t e, int64_t first, int64_t n, int64_t s) {
       if (n == 0) return;
-      const int64_t* tokens = token_of_row.const_data_ptr<int64_t>() + first;
-      const auto rows = scratch[s].rows.narrow(0, 0, n);
-      gather_rows(x, tokens, rows);
+      const int64_t* tokens = gathered ? token_of_row.const_data_ptr<int64_t>() + first : nullptr;
+      const auto rows = expert_rows(x, tokens, first, n, scratch[s].rows);
       auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
       at::mm_out(g, rows, w_gate[e].t());
       at::mm_out(u, rows, w_up[e].t());
       auto h = scratch[s].activation.narrow(0, 0, n);
       at::silu_out(h, g).mul_(u);
-      auto out = scratch[s].other_rows.narrow(0, 0, n);
-      at::mm_out(out, h, w_down[e].t());
-      add_rows(y[s], tokens, out, row_gates.const_data_ptr<float>() + first);
+      if (gathered) {
+        auto out = scratch[s].other_rows.narrow(0, 0, n);
+        at::mm_out(out, h, w_down[e].t());
+        add_rows(y[s], tokens, out, row_gates.const_data_ptr<float>() + first);
+      } else {
+        auto out = y[0].narrow(0, first, n);
+        at::mm_out(out, h, w_down[e].t());
+        out.mul_(row_gates.narrow(0, first, n).unsqueeze(1));
+      }
     });
     ctx->save_for_backward({x, row_gates, w_gate, w_up, w_down, token_of_row, gate_out, up_out});
     ctx->saved_data["rows"] = rows_per_expert;
+    ctx->saved_data["gathered"] = gathered;
     return sum_shares(y);
   }
 
@@ -160,38 +187,38 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     const auto rows_per_expert = ctx->saved_data["rows"].toIntVector();
     const auto bounds = thread_shares(rows_per_expert);
     Gradients grads(saved, grad_outputs[0].contiguous(), largest(rows_per_expert),
-                    bounds.size() - 1);
+                    bounds.size() - 1, ctx->saved_data["gathered"].toBool());
     for_each_expert(rows_per_expert, bounds, [&](int64_t e, int64_t first, int64_t n, int64_t s) {
       if (n > 0)
         grads.add_expert(e, first, n, grads.shares[s]);
       else
         grads.zero_expert(e);
     });
-    std::vector<at::Tensor> dx;
-    for (const auto& share : grads.shares) dx.push_back(share.x);
-    return {sum_shares(dx), grads.row_gates, grads.w_gate, grads.w_up,
-            grads.w_down,   at::Tensor(),    at::Tensor()};
+    return {grads.x(),    grads.row_gates, grads.w_gate, grads.w_up,
+            grads.w_down, at::Tensor(),    at::Tensor(), at::Tensor()};
   }
 
  private:
-  // One thread share's scratch and its part of dx.
+  // One thread share's scratch and, gathered, its part of dx (rows: the shares write disjoint
+  // rows of one dx).
   struct Share {
-    Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows)
-        : scratch(max_rows, x_in.size(1), wg.size(1), x_in.options()),
+    Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows, const at::Tensor& dx)
+        : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), x_in.options()),
           gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
           gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
           gate_up_weight_grad(at::empty_like(gate_up_weight)),
-          x(at::zeros_like(x_in)) {}
+          x(dx.defined() ? dx : at::zeros_like(x_in)) {}
     Scratch scratch;
     at::Tensor gate_up, gate_up_weight, gate_up_weight_grad;  // [rows, 2F], [2F, H], [2F, H]
-    at::Tensor x;                                             // this share's part of dx
+    at::Tensor x;                                             // this share's dx (or all of it)
   };
 
   // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
   struct Gradients {
     Gradients(const std::vector<at::Tensor>& saved, at::Tensor grad_y, int64_t max_rows,
-              size_t num_shares)
-        : x_in(saved[0]),
+              size_t num_shares, bool gathered_rows)
+        : gathered(gathered_rows),
+          x_in(saved[0]),
           gates_in(saved[1]),
           wg(saved[2]),
           wu(saved[3]),
@@ -204,7 +231,15 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
           w_gate(at::empty_like(wg)),  // every expert's slice is written: by a GEMM or zeroed
           w_up(at::empty_like(wu)),
           w_down(at::empty_like(wd)) {
-      for (size_t s = 0; s < num_shares; ++s) shares.emplace_back(x_in, wg, max_rows);
+      const auto rows_dx = gathered ? at::Tensor() : at::empty_like(x_in);
+      for (size_t s = 0; s < num_shares; ++s) shares.emplace_back(x_in, wg, max_rows, rows_dx);
+    }
+
+    at::Tensor x() const {
+      if (!gathered) return shares.front().x;
+      std::vector<at::Tensor> dx;
+      for (const auto& share : shares) dx.push_back(share.x);
+      return sum_shares(dx);
     }
 
     // An expert that received no rows has a zero gradient.
@@ -215,11 +250,10 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     }
 
     void add_expert(int64_t e, int64_t first, int64_t n, Share& share) {
-      const int64_t* index = tokens.const_data_ptr<int64_t>() + first;
+      const int64_t* index = gathered ? tokens.const_data_ptr<int64_t>() + first : nullptr;
       auto& scratch = share.scratch;
-      const auto rows = scratch.rows.narrow(0, 0, n), dy_rows = scratch.other_rows.narrow(0, 0, n);
-      gather_rows(x_in, index, rows);
-      gather_rows(dy, index, dy_rows);
+      const auto rows = expert_rows(x_in, index, first, n, scratch.rows);
+      const auto dy_rows = expert_rows(dy, index, first, n, scratch.other_rows);
       const auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
       const auto gate = gates_in.narrow(0, first, n).unsqueeze(1);
       auto silu_g = scratch.activation.narrow(0, 0, n);
@@ -245,11 +279,13 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       at::mm_out(share.gate_up_weight_grad, d_gate_up.t(), rows);
       w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));
       w_up[e].copy_(share.gate_up_weight_grad.narrow(0, ffn, ffn));
-      auto d_rows = scratch.other_rows.narrow(0, 0, n);  // dy_rows is no longer needed
+      // Gathered: into dy_rows' scratch (no longer needed), then added to the tokens' rows.
+      auto d_rows = index ? scratch.other_rows.narrow(0, 0, n) : share.x.narrow(0, first, n);
       at::mm_out(d_rows, d_gate_up, share.gate_up_weight);
-      add_rows(share.x, index, d_rows, nullptr);
+      if (index) add_rows(share.x, index, d_rows, nullptr);
     }
 
+    bool gathered;
     at::Tensor x_in, gates_in, wg, wu, wd, tokens, gate_out, up_out, dy;
     at::Tensor row_gates, w_gate, w_up, w_down;  // the gradients (x's: the shares' sum)
     std::vector<Share> shares;
@@ -266,7 +302,18 @@ at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
                   token_of_row.scalar_type() == at::kLong,
               "gathered_experts: CPU fp32 rows and gates, int64 token indices expected");
   return GatheredExperts::apply(x.contiguous(), row_gates.contiguous(), w_gate, w_up, w_down,
-                                token_of_row.contiguous(), rows_per_expert);
+                                token_of_row.contiguous(), rows_per_expert, /*gathered=*/true);
+}
+
+at::Tensor gated_expert_rows(const at::Tensor& rows, const at::Tensor& row_gates,
+                             const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
+                             const at::Tensor& w_up, const at::Tensor& w_down) {
+  TORCH_CHECK(gathered_experts_apply(rows) && row_gates.scalar_type() == at::kFloat &&
+                  row_gates.numel() == rows.size(0),
+              "gated_expert_rows: CPU fp32 rows and one fp32 gate per row expected");
+  return GatheredExperts::apply(rows.contiguous(), row_gates.reshape({-1}).contiguous(), w_gate,
+                                w_up, w_down, at::empty({0}, rows.options().dtype(at::kLong)),
+                                rows_per_expert, /*gathered=*/false);
 }
 
 bool gathered_experts_apply(const at::Tensor& x) {

@@ -28,8 +28,17 @@ at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
                             const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
                             const at::Tensor& w_up, const at::Tensor& w_down);
 
-// Whether gathered_experts serves x: a CPU fp32 input with no autocast (bf16 takes the
-// pipeline, whose grouped GEMMs bound oneDNN's shape cache).
+// The same experts on rows already grouped by expert — what the expert-parallel all-to-all
+// delivers: out [R, H] (fp32), out[r] = row_gates[r] · SwiGLU_e(r)(rows[r]) ([R] or [R, 1]
+// gates). Kept for backward: rows, gates and the two [R, F] GEMM outputs, where the grouped-GEMM
+// experts keep four [R, F] tensors (silu's input and output, up, their product) and the combine
+// kept the returned rows for the gates' gradient. Differentiable in rows, gates and weights.
+at::Tensor gated_expert_rows(const at::Tensor& rows, const at::Tensor& row_gates,
+                             const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
+                             const at::Tensor& w_up, const at::Tensor& w_down);
+
+// Whether gathered_experts and gated_expert_rows serve x: a CPU fp32 input with no autocast (bf16
+// takes the pipeline, whose grouped GEMMs bound oneDNN's shape cache).
 bool gathered_experts_apply(const at::Tensor& x);
 
 }  // namespace moeforge::moe

@@ -73,6 +73,7 @@ struct MoeLayerImpl::Pipeline {
   int64_t capacity = 0;
   at::Tensor* slot_norms = nullptr;  // routing analysis: each kept slot's expert output norm
   bool shared = false;               // run the shared experts inside the pipeline
+  bool gated_rows = false;  // experts are gated_expert_rows: the gates travel with the rows
   bool observed = false;
   std::vector<at::Tensor> permuted, shared_parts;
   std::vector<PendingRows> dispatched, pair_gates, combining;
@@ -254,6 +255,8 @@ std::unique_ptr<MoeLayerImpl::Pipeline> MoeLayerImpl::start_pipeline(
   p->capacity = capacity;
   p->slot_norms = slot_norms;
   p->shared = shared_experts && with_shared;
+  p->gated_rows = expert_path_ != ExpertPath::kGroupedGemm && gathered_experts_apply(x) &&
+                  slot_norms == nullptr && !(config_.capacity.pad && capacity > 0);
   p->observed = observer_ != nullptr && at::GradMode::is_enabled();
   const auto chunks = p->chunks();
   // The layer's input is fresh per forward inside a model; a caller's leaf would keep the hook.
@@ -278,7 +281,8 @@ std::unique_ptr<MoeLayerImpl::Pipeline> MoeLayerImpl::start_pipeline(
 void MoeLayerImpl::start_dispatch(Pipeline& p, int64_t chunk) {
   const auto& plan = p.plans[chunk];
   p.dispatched[chunk] = dispatcher_.start_dispatch(p.permuted[chunk], plan);
-  if (plan.deduplicated) p.pair_gates[chunk] = dispatcher_.start_gates(p.gates, plan);
+  if (plan.deduplicated || p.gated_rows)
+    p.pair_gates[chunk] = dispatcher_.start_gates(p.gates, plan);
 }
 
 void MoeLayerImpl::run_shared(Pipeline& p, int64_t begin, int64_t count) {
@@ -297,9 +301,10 @@ void MoeLayerImpl::pipeline_experts(Pipeline& p) {
     const auto local_rows = dispatcher_.expand(dispatcher_.finish(p.dispatched[c]), plan);
     mark("dispatch a2a");
     on_gradient(p.observed, local_rows, [this] { mark("experts backward"); });
-    auto expert_rows = run_experts(local_rows, plan, p.capacity);
+    auto expert_rows = run_experts(p, c, local_rows);
     if (plan.deduplicated)  // gate-weighted sum per received row: one row back per token
-      expert_rows = dispatcher_.reduce(expert_rows, dispatcher_.finish(p.pair_gates[c]), plan);
+      expert_rows = dispatcher_.reduce(
+          expert_rows, p.gated_rows ? at::Tensor() : dispatcher_.finish(p.pair_gates[c]), plan);
     on_gradient(p.observed, expert_rows, [this] { mark("combine a2a backward"); });
     p.combining[c] = dispatcher_.start_combine(expert_rows, plan);
   }
@@ -318,7 +323,7 @@ at::Tensor MoeLayerImpl::finish_pipeline(Pipeline& p) {
     if (p.slot_norms)
       p.slot_norms->index_copy_(0, p.plans[c].slot_order,
                                 combined.detach().to(at::kFloat).norm(2, {1}));
-    y = dispatcher_.unpermute(combined, p.gates, p.plans[c], y);
+    y = dispatcher_.unpermute(combined, p.gated_rows ? at::Tensor() : p.gates, p.plans[c], y);
     mark("unpermute");
   }
   auto out = p.shared ? y + at::cat(p.shared_parts, 0) : y;
@@ -360,8 +365,9 @@ at::Tensor MoeLayerImpl::node_hop_experts_combine(const at::Tensor& x, const at:
 // All experts local, CPU fp32 (moe/gathered_experts.hpp): steps 4-7 expert by expert, with no
 // [T·k, H] tensor. Padding to capacity and the routing recorder take the pipeline.
 bool MoeLayerImpl::gathers_in_experts(const at::Tensor& x, int64_t capacity) const {
-  return !force_pipeline_ && dispatcher_.ep_size() == 1 && gathered_experts_apply(x) &&
-         recorder_ == nullptr && !(config_.capacity.pad && capacity > 0);
+  return expert_path_ == ExpertPath::kAuto && dispatcher_.ep_size() == 1 &&
+         gathered_experts_apply(x) && recorder_ == nullptr &&
+         !(config_.capacity.pad && capacity > 0);
 }
 
 at::Tensor MoeLayerImpl::gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,
@@ -382,12 +388,18 @@ at::Tensor MoeLayerImpl::gathered_experts_combine(const at::Tensor& x, const at:
   return y;
 }
 
-// Spine step 6 on one chunk's rows [R_c, H], grouped by local expert.
-at::Tensor MoeLayerImpl::run_experts(const at::Tensor& rows, const DispatchPlan& plan,
-                                     int64_t capacity) {
-  auto out = config_.capacity.pad && capacity > 0
-                 ? padded_experts_forward(rows, plan.rows_per_local_expert, capacity)
-                 : experts->forward(rows, plan.rows_per_local_expert);
+// Spine step 6 on one chunk's rows [R_c, H], grouped by local expert: gate-weighted output rows
+// (the gates came with the rows) or, from the grouped-GEMM experts, plain ones.
+at::Tensor MoeLayerImpl::run_experts(Pipeline& p, int64_t chunk, const at::Tensor& rows) {
+  const auto& counts = p.plans[chunk].rows_per_local_expert;
+  at::Tensor out;
+  if (p.gated_rows)
+    out = gated_expert_rows(rows, dispatcher_.finish(p.pair_gates[chunk]), counts, experts->w_gate,
+                            experts->w_up, experts->w_down);
+  else if (config_.capacity.pad && p.capacity > 0)
+    out = padded_experts_forward(rows, counts, p.capacity);
+  else
+    out = experts->forward(rows, counts);
   mark("experts");
   return out;
 }

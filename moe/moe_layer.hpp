@@ -30,6 +30,13 @@ struct MoeRecompute {
   bool expert_activation = false;  // the routed experts' SwiGLU activation + second GEMM
 };
 
+// Which form of the routed experts a forward takes. kAuto: the gathered experts where every
+// expert is local (ep 1, CPU fp32: moe/gathered_experts.hpp), else the dispatch pipeline, whose
+// experts are gated_expert_rows in CPU fp32 and the grouped-GEMM GroupedExperts otherwise (bf16,
+// CUDA, padded capacity, a recorded forward). Tests and benchmarks force the pipeline (kPipeline)
+// or its grouped-GEMM experts (kGroupedGemm) to compare the forms.
+enum class ExpertPath { kAuto, kPipeline, kGroupedGemm };
+
 // Per-forward inputs besides the tokens.
 struct RoutingInputs {
   // Global-batch aux scope: f over the whole global batch ([P] fractions, no gradient);
@@ -101,9 +108,7 @@ class MoeLayerImpl : public torch::nn::Module {
   // Whether the node hop is in use (the two-hop dispatch applies to this EP group).
   bool uses_node_hop() const { return node_hop_ != nullptr; }
   void set_recompute(MoeRecompute recompute);
-  // Tests and benchmarks: take the dispatch pipeline even where the gathered-experts path
-  // (moe/gathered_experts.hpp) applies, to compare the two.
-  void force_pipeline(bool force) { force_pipeline_ = force; }
+  void force_expert_path(ExpertPath path) { expert_path_ = path; }
   // Tracing / timing of the phases (not owned; null = none).
   void set_observer(PhaseObserver* observer) { observer_ = observer; }
   // Routing analysis: each forward's picks, drops and expert output norms (not owned; null =
@@ -148,7 +153,7 @@ class MoeLayerImpl : public torch::nn::Module {
   bool gathers_in_experts(const at::Tensor& x, int64_t capacity) const;
   at::Tensor gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                       const DispatchPlan& plan);
-  at::Tensor run_experts(const at::Tensor& rows, const DispatchPlan& plan, int64_t capacity);
+  at::Tensor run_experts(Pipeline& p, int64_t chunk, const at::Tensor& rows);
   at::Tensor padded_experts_forward(const at::Tensor& rows,
                                     const std::vector<int64_t>& rows_per_expert, int64_t capacity);
   MoeConfig config_;
@@ -157,7 +162,7 @@ class MoeLayerImpl : public torch::nn::Module {
   DispatchDedup dedup_ = DispatchDedup::kNone;
   parallel::Communicator& ep_;
   std::unique_ptr<NodeHop> node_hop_;
-  bool force_pipeline_ = false;
+  ExpertPath expert_path_ = ExpertPath::kAuto;
   MoeRecompute recompute_;
   PhaseObserver* observer_ = nullptr;
   RoutingRecorder* recorder_ = nullptr;

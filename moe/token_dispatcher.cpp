@@ -216,9 +216,13 @@ at::Tensor TokenDispatcher::expand(const at::Tensor& received, const DispatchPla
 at::Tensor TokenDispatcher::reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,
                                    const DispatchPlan& plan) const {
   // Summed in at least the gates' precision, sent in the experts' dtype (bf16 rows stay bf16).
-  const auto type = at::promote_types(expert_out.scalar_type(), pair_gates.scalar_type());
+  // No gates: the rows are gate-weighted already (gated_expert_rows).
+  const auto type = pair_gates.defined()
+                        ? at::promote_types(expert_out.scalar_type(), pair_gates.scalar_type())
+                        : expert_out.scalar_type();
+  const auto rows = expert_out.to(type);
   return at::zeros({plan.unique_received, expert_out.size(1)}, expert_out.options().dtype(type))
-      .index_add(0, plan.pair_row, expert_out.to(type) * pair_gates.to(type))
+      .index_add(0, plan.pair_row, pair_gates.defined() ? rows * pair_gates.to(type) : rows)
       .to(expert_out.scalar_type());  // [U_in, H]
 }
 
@@ -274,12 +278,15 @@ at::Tensor TokenDispatcher::unpermute(const at::Tensor& combined, const at::Tens
   // (by global expert, then slot): that order does not depend on ep_size, and nothing of
   // size [T·k, H] is materialised. Dropped slots have no row and contribute 0. The sum is in
   // at least the gates' precision (fp32), also when the rows are bf16.
-  const auto type = at::promote_types(combined.scalar_type(), gates.scalar_type());
+  const auto type = gates.defined() ? at::promote_types(combined.scalar_type(), gates.scalar_type())
+                                    : combined.scalar_type();
   const auto base = into.defined() ? into
                                    : at::zeros({plan.num_tokens, combined.size(1)},
                                                combined.options().dtype(type));
-  // Deduplicated: one row per (token, rank), its gates already applied by reduce().
+  // Deduplicated: one row per (token, rank), its gates already applied by reduce(); no gates:
+  // rows gate-weighted on the expert side (gated_expert_rows).
   if (plan.deduplicated) return base.index_add(0, plan.unique_token, combined.to(type));
+  if (!gates.defined()) return base.index_add(0, plan.token_of_row, combined.to(type));
   const auto row_gates = gates.reshape({-1}).index_select(0, plan.slot_order).to(type);  // [N]
   return base.index_add(0, plan.token_of_row,
                         combined.to(type) * row_gates.unsqueeze(1));  // [T, H]

@@ -12,6 +12,9 @@
 // unpermute() y[t] = Σ_j gate[t, j] · out[t, j], summed in permuted-row order (global expert,
 //             then slot); dropped slots contribute 0. The row order is the same for every
 //             ep_size, so the result does not depend on it (CPU index_add is sequential).
+//             Without gates the rows come gate-weighted from the expert side
+//             (moe/gathered_experts.hpp, gated_expert_rows: the gates go out beside the rows,
+//             start_gates()), and the same sum runs on the same products.
 //
 // Deduplicated dispatch (plan_chunks(..., deduplicate = true); parallel.dedup_dispatch): a token
 // goes to each EP rank once, however many of its k experts live there. The receiver copies the
@@ -83,17 +86,19 @@ class TokenDispatcher {
   at::Tensor permute(const at::Tensor& x, const DispatchPlan& plan) const;
   at::Tensor dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
   at::Tensor combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
-  // `into` (optional, [T, H]): add to it instead of to zeros (chunked pipelines).
+  // `into` (optional, [T, H]): add to it instead of to zeros (chunked pipelines). `gates`
+  // undefined: `combined` is gate-weighted already.
   at::Tensor unpermute(const at::Tensor& combined, const at::Tensor& gates,
                        const DispatchPlan& plan, const at::Tensor& into = {}) const;
   // Asynchronous dispatch / combine (parallel::start_all_to_all_blocks); finish() waits.
   PendingRows start_dispatch(const at::Tensor& permuted, const DispatchPlan& plan) const;
   PendingRows start_combine(const at::Tensor& expert_out, const DispatchPlan& plan) const;
   at::Tensor finish(const PendingRows& pending) const;
-  // Deduplicated plans: the row gates [T, k] -> [R, 1] beside the pairs on the expert side
-  // (differentiable: the gates' gradient comes back the same way); received rows [U_in, H] ->
+  // The row gates [T, k] -> [R, 1] beside the pairs on the expert side (differentiable: the
+  // gates' gradient comes back the same way). Deduplicated plans: received rows [U_in, H] ->
   // one row per (local expert, source) pair [R, H]; expert outputs [R, H] weighted by those
-  // gates and summed per received row -> [U_in, H] in the outputs' dtype (summed in fp32).
+  // gates (undefined: weighted already) and summed per received row -> [U_in, H] in the
+  // outputs' dtype (summed in fp32).
   PendingRows start_gates(const at::Tensor& gates, const DispatchPlan& plan) const;
   at::Tensor expand(const at::Tensor& received, const DispatchPlan& plan) const;
   at::Tensor reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,

@@ -188,9 +188,10 @@ at::Tensor reference_moe(const at::Tensor& x, MoeLayerImpl& layer, const MoeConf
 
 // hidden 5 / ffn 6 take grouped_matmul's loop; hidden 8 / ffn 12 (16-byte aligned fp32 rows)
 // take at::_grouped_mm — both must match the float64 loop.
-// pipeline: the dispatch pipeline instead of the gathered-experts path that ep 1 in fp32 takes.
+// path: kAuto is the gathered-experts path ep 1 takes in fp32; kPipeline the dispatch pipeline
+// with the gated-rows experts (expert parallelism's form), kGroupedGemm with grouped_matmul.
 void check_layer_against_reference(int64_t shared, bool force_empty_experts, int64_t hidden = 5,
-                                   int64_t ffn = 6, bool pipeline = false) {
+                                   int64_t ffn = 6, ExpertPath path = ExpertPath::kAuto) {
   auto groups = parallel::make_single_process_groups();
   auto config = small_moe(4, 2);
   config.num_shared_experts = shared;
@@ -198,7 +199,7 @@ void check_layer_against_reference(int64_t shared, bool force_empty_experts, int
   const int64_t H = hidden;
   MoeLayer layer(H, config, *groups.ep);
   randomize(*layer, 4);
-  layer->force_pipeline(pipeline);
+  layer->force_expert_path(path);
   if (force_empty_experts) {
     at::NoGradGuard no_grad;
     layer->router->weight.narrow(0, 2, 2).fill_(0.0);
@@ -258,13 +259,13 @@ TEST(MoeLayer, WithEmptyExperts) {
   check_layer_against_reference(0, true);
 }
 TEST(MoeLayer, GroupedGemmKernelPathMatchesFloat64Loop) {
-  check_layer_against_reference(1, false, 8, 12, /*pipeline=*/true);
+  check_layer_against_reference(1, false, 8, 12, ExpertPath::kGroupedGemm);
 }
 TEST(MoeLayer, GroupedGemmKernelPathWithEmptyExperts) {
-  check_layer_against_reference(0, true, 8, 12, /*pipeline=*/true);
+  check_layer_against_reference(0, true, 8, 12, ExpertPath::kGroupedGemm);
 }
 TEST(MoeLayer, PipelineLoopPathMatchesFloat64Loop) {
-  check_layer_against_reference(1, false, 5, 6, /*pipeline=*/true);
+  check_layer_against_reference(1, false, 5, 6, ExpertPath::kGroupedGemm);
 }
 // The gathered path splits the experts into one share per intra-op thread and runs the shares
 // at once: checked at 1, 2 and 3 threads whatever the machine's default.
@@ -285,9 +286,17 @@ TEST(MoeLayer, GatheredPathAtAlignedSizesMatchesFloat64Loop) {
     check_layer_against_reference(0, true, 8, 12);
   });
 }
+TEST(MoeLayer, GatedRowsPipelineMatchesFloat64Loop) {
+  at_thread_counts([] {
+    check_layer_against_reference(1, false, 8, 12, ExpertPath::kPipeline);
+    check_layer_against_reference(0, true, 8, 12, ExpertPath::kPipeline);
+    check_layer_against_reference(1, false, 5, 6, ExpertPath::kPipeline);
+  });
+}
 
-// The gathered-experts path (ep 1, fp32) against the dispatch pipeline on the same layer and
-// input: outputs and every gradient, with shared experts, capacity drops and expert choice.
+// The gathered-experts path (ep 1, fp32) against the dispatch pipeline with gated-rows and with
+// grouped-GEMM experts on the same layer and input: outputs and every gradient, with shared
+// experts, capacity drops and expert choice.
 void check_gathered_against_pipeline() {
   auto groups = parallel::make_single_process_groups();
   struct Case {
@@ -308,11 +317,11 @@ void check_gathered_against_pipeline() {
     at::manual_seed(5);
     const auto x0 = at::randn({64, 16});
     const auto weight = at::randn({64, 16});
-    for (const bool pipeline : {false, true}) {
+    for (const auto path : {ExpertPath::kAuto, ExpertPath::kPipeline, ExpertPath::kGroupedGemm}) {
       at::manual_seed(6);
       MoeLayer layer(16, config, *groups.ep);
       randomize(*layer, 6);
-      layer->force_pipeline(pipeline);
+      layer->force_expert_path(path);
       const auto x = x0.clone().set_requires_grad(true);
       const auto y = layer->forward(x, 64).y;
       (y * weight).sum().backward();
@@ -320,10 +329,13 @@ void check_gathered_against_pipeline() {
       grads.push_back(x.grad());
       for (const auto& p : layer->parameters()) grads.push_back(p.grad());
     }
-    EXPECT_LT(relative_error(outputs[0], outputs[1]), 1e-6) << c.name;
-    const size_t half = grads.size() / 2;
-    for (size_t i = 0; i < half; ++i)
-      EXPECT_LT(relative_error(grads[i], grads[half + i]), 1e-5) << c.name << " gradient " << i;
+    const size_t per_path = grads.size() / 3;
+    for (size_t path = 1; path < 3; ++path) {
+      EXPECT_LT(relative_error(outputs[0], outputs[path]), 1e-6) << c.name << " path " << path;
+      for (size_t i = 0; i < per_path; ++i)
+        EXPECT_LT(relative_error(grads[i], grads[path * per_path + i]), 1e-5)
+            << c.name << " path " << path << " gradient " << i;
+    }
   }
 }
 TEST(MoeLayer, GatheredPathMatchesPipeline) {

@@ -183,13 +183,13 @@ TEST(RoutingRecorder, RecordsPicksDropsAndExpertOutputNorms) {
   layer->eval();
   at::NoGradGuard no_grad;
   const auto x = at::randn({12, 5});
-  // A recorded forward takes the dispatch pipeline (the ep-1 gathered-experts path keeps no
-  // expert output rows to measure), so recording must leave that path's output untouched, and
-  // agree with the gathered path to fp32 rounding.
+  // A recorded forward takes the dispatch pipeline with grouped-GEMM experts (the gathered and
+  // gated-rows experts keep no ungated output rows to measure), so recording must leave that
+  // path's output untouched, and agree with the gathered path to fp32 rounding.
   const auto gathered = layer->forward(x, 6).y;
-  layer->force_pipeline(true);
+  layer->force_expert_path(moe::ExpertPath::kGroupedGemm);
   const auto plain = layer->forward(x, 6).y;
-  layer->force_pipeline(false);
+  layer->force_expert_path(moe::ExpertPath::kAuto);
   Collect collect;
   layer->set_recorder(&collect);
   const auto recorded = layer->forward(x, 6).y;
