@@ -46,6 +46,23 @@ void add_rows(const at::Tensor& dst, const int64_t* index, const at::Tensor& row
   });
 }
 
+// out[r] = ⟨a[r], b[r]⟩ for fp32 rows (either may have a row stride), summed in double: the
+// gates' gradient without materialising the [n, F] product.
+void row_dots(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  const int64_t width = a.size(1), a_stride = a.stride(0), b_stride = b.stride(0);
+  const float* from_a = a.const_data_ptr<float>();
+  const float* from_b = b.const_data_ptr<float>();
+  float* to = out.data_ptr<float>();
+  at::parallel_for(0, a.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < width; ++c)
+        sum += static_cast<double>(from_a[r * a_stride + c]) * from_b[r * b_stride + c];
+      to[r] = static_cast<float>(sum);
+    }
+  });
+}
+
 // Scratch blocks reused by every expert, sized for the largest one; the [rows, H] blocks only
 // where rows are gathered (the rows form reads and writes its blocks in place).
 struct Scratch {
@@ -53,9 +70,8 @@ struct Scratch {
           const at::TensorOptions& options)
       : rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
         other_rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
-        activation(at::empty({max_rows, ffn}, options)),
-        other_activation(at::empty({max_rows, ffn}, options)) {}
-  at::Tensor rows, other_rows, activation, other_activation;
+        activation(at::empty({max_rows, ffn}, options)) {}
+  at::Tensor rows, other_rows, activation;
 };
 
 int64_t largest(const std::vector<int64_t>& counts) {
@@ -204,13 +220,15 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
   struct Share {
     Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows, const at::Tensor& dx)
         : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), x_in.options()),
+          dh(at::empty({max_rows, wg.size(1)}, x_in.options())),
           gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
           gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
           gate_up_weight_grad(at::empty_like(gate_up_weight)),
           x(dx.defined() ? dx : at::zeros_like(x_in)) {}
     Scratch scratch;
-    at::Tensor gate_up, gate_up_weight, gate_up_weight_grad;  // [rows, 2F], [2F, H], [2F, H]
-    at::Tensor x;                                             // this share's dx (or all of it)
+    at::Tensor dh, gate_up;                          // [rows, F], [rows, 2F]
+    at::Tensor gate_up_weight, gate_up_weight_grad;  // [2F, H], [2F, H]
+    at::Tensor x;                                    // this share's dx (or all of it)
   };
 
   // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
@@ -256,23 +274,23 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const auto dy_rows = expert_rows(dy, index, first, n, scratch.other_rows);
       const auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
       const auto gate = gates_in.narrow(0, first, n).unsqueeze(1);
-      auto silu_g = scratch.activation.narrow(0, 0, n);
-      at::silu_out(silu_g, g);
-      const auto h = silu_g * u;
-      // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
-      // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
-      auto dh = scratch.other_activation.narrow(0, 0, n);
-      at::mm_out(dh, dy_rows, wd[e]);
-      auto d_gates = row_gates.narrow(0, first, n);
-      at::sum_out(d_gates, dh * h, {1});
-      auto d_down = w_down[e];
-      at::mm_out(d_down, dy_rows.t(), h.mul_(gate));
-      dh.mul_(gate);
       // The gate and up projections go back through one GEMM each way, [dg | du]·[Wg; Wu] and
-      // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes.
+      // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes. Until
+      // du is written, its half of the block holds h = silu(g)·u.
       const int64_t ffn = wg.size(1);
       auto d_gate_up = share.gate_up.narrow(0, 0, n);  // [n, 2F]
       auto d_gate = d_gate_up.narrow(1, 0, ffn), d_up = d_gate_up.narrow(1, ffn, ffn);
+      auto silu_g = scratch.activation.narrow(0, 0, n);
+      at::silu_out(silu_g, g);
+      auto h = at::mul_out(d_up, silu_g, u);
+      // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
+      // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
+      auto dh = share.dh.narrow(0, 0, n);
+      at::mm_out(dh, dy_rows, wd[e]);
+      row_dots(dh, h, row_gates.narrow(0, first, n));
+      auto d_down = w_down[e];
+      at::mm_out(d_down, dy_rows.t(), h.mul_(gate));
+      dh.mul_(gate);
       at::mul_out(d_up, dh, silu_g);
       at::silu_backward_out(d_gate, dh.mul_(u), g);
       at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
