@@ -163,14 +163,29 @@ TEST(MemoryReport, ActivationEstimateMatchesHandCountAndFollowsRecompute) {
   const int64_t none = activation_bytes_per_token(config);
   EXPECT_LT(activation_bytes_per_token(bf16(config)), none);
   for (const auto& [name, recompute] :
-       std::vector<std::pair<std::string, RecomputeConfig>>{{"moe_act", {.moe_act = true}},
-                                                            {"moe", {.moe = true}},
+       std::vector<std::pair<std::string, RecomputeConfig>>{{"moe", {.moe = true}},
                                                             {"attention", {.attention = true}},
                                                             {"block", {.block = true}}}) {
     auto with = config;
     with.train.recompute = recompute;
     EXPECT_LT(activation_bytes_per_token(with), none) << name;
   }
+  // moe_act acts on the grouped-GEMM experts (bf16 here); the CPU fp32 experts keep only the
+  // two GEMM outputs anyway. At ep > 1 they also keep the received row: top_k · 4 · H per token
+  // and MoE block.
+  auto with_moe_act = config;
+  with_moe_act.train.recompute.moe_act = true;
+  EXPECT_EQ(activation_bytes_per_token(with_moe_act), none);
+  EXPECT_LT(activation_bytes_per_token(bf16(with_moe_act)),
+            activation_bytes_per_token(bf16(config)));
+  auto expert_parallel = config;
+  expert_parallel.parallel.ep_size = 2;
+  int64_t moe_blocks = 0;
+  for (int64_t block = 0; block < config.model.num_layers; ++block)
+    moe_blocks += is_moe_block(config.moe, block) ? 1 : 0;
+  ASSERT_GT(moe_blocks, 0);
+  EXPECT_EQ(activation_bytes_per_token(expert_parallel) - none,
+            moe_blocks * config.moe.top_k * 4 * config.model.hidden_size);
 }
 
 // Chunks of uneven tensors (7 and 3 elements over 3 members) pack rank-major and come back.
