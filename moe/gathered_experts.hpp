@@ -1,6 +1,8 @@
 #pragma once
 // The routed experts and the gate-weighted combine as one autograd function, expert by expert,
-// for the case where every expert is local (ep_size 1) on the CPU in fp32.
+// on the CPU in fp32: every expert local (ep_size 1; x = the layer's tokens), and at ep > 1 on
+// the rows the all-to-all delivered (gated_expert_rows below, or gathered_experts over the
+// deduplicated dispatch's received rows, token_of_row = each pair's received row).
 //
 // The pipeline (permute → grouped GEMMs → unpermute) materialises several [N, H] tensors for
 // N = T·k routed rows and keeps some for backward; with fine-grained experts (large k) those

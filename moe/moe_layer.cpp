@@ -296,17 +296,13 @@ void MoeLayerImpl::run_shared(Pipeline& p, int64_t begin, int64_t count) {
 // half of the shared experts while the last combine is in flight.
 void MoeLayerImpl::pipeline_experts(Pipeline& p) {
   for (int64_t c = 0; c < p.chunks(); ++c) {
-    const auto& plan = p.plans[c];
-    // [R_c, H] by local expert (deduplicated: each received row copied to its experts).
-    const auto local_rows = dispatcher_.expand(dispatcher_.finish(p.dispatched[c]), plan);
+    // [R_c, H] by local expert, or deduplicated [U_c, H]: one row per (token, source rank).
+    const auto received = dispatcher_.finish(p.dispatched[c]);
     mark("dispatch a2a");
-    on_gradient(p.observed, local_rows, [this] { mark("experts backward"); });
-    auto expert_rows = run_experts(p, c, local_rows);
-    if (plan.deduplicated)  // gate-weighted sum per received row: one row back per token
-      expert_rows = dispatcher_.reduce(
-          expert_rows, p.gated_rows ? at::Tensor() : dispatcher_.finish(p.pair_gates[c]), plan);
+    on_gradient(p.observed, received, [this] { mark("experts backward"); });
+    const auto expert_rows = run_experts(p, c, received);
     on_gradient(p.observed, expert_rows, [this] { mark("combine a2a backward"); });
-    p.combining[c] = dispatcher_.start_combine(expert_rows, plan);
+    p.combining[c] = dispatcher_.start_combine(expert_rows, p.plans[c]);
   }
   const int64_t tokens = p.x.size(0), split = tokens / 2;
   if (p.shared) run_shared(p, split, tokens - split);
@@ -388,18 +384,29 @@ at::Tensor MoeLayerImpl::gathered_experts_combine(const at::Tensor& x, const at:
   return y;
 }
 
-// Spine step 6 on one chunk's rows [R_c, H], grouped by local expert: gate-weighted output rows
-// (the gates came with the rows) or, from the grouped-GEMM experts, plain ones.
-at::Tensor MoeLayerImpl::run_experts(Pipeline& p, int64_t chunk, const at::Tensor& rows) {
-  const auto& counts = p.plans[chunk].rows_per_local_expert;
+// Spine step 6 on one chunk's received rows: one output row per received row, gate-weighted
+// where the gates came with the rows, and for a deduplicated plan the sum over the row's pairs
+// (the local experts it feeds). CPU fp32 runs the gathered experts' code: on the rows in place
+// (gated_expert_rows), or, deduplicated, gathering each expert's pairs from the received rows
+// and adding back into them (gathered_experts with pair_row: expand and reduce in one pass,
+// keeping [U_c, H] instead of [R_c, H]). Otherwise the grouped-GEMM experts on expanded rows.
+at::Tensor MoeLayerImpl::run_experts(Pipeline& p, int64_t chunk, const at::Tensor& received) {
+  const auto& plan = p.plans[chunk];
+  const auto& counts = plan.rows_per_local_expert;
   at::Tensor out;
-  if (p.gated_rows)
-    out = gated_expert_rows(rows, dispatcher_.finish(p.pair_gates[chunk]), counts, experts->w_gate,
-                            experts->w_up, experts->w_down);
-  else if (config_.capacity.pad && p.capacity > 0)
-    out = padded_experts_forward(rows, counts, p.capacity);
-  else
-    out = experts->forward(rows, counts);
+  if (p.gated_rows) {
+    const auto gates = dispatcher_.finish(p.pair_gates[chunk]).reshape({-1});
+    out = plan.deduplicated ? gathered_experts(received, gates, plan.pair_row, counts,
+                                               experts->w_gate, experts->w_up, experts->w_down)
+                            : gated_expert_rows(received, gates, counts, experts->w_gate,
+                                                experts->w_up, experts->w_down);
+  } else {
+    const auto rows = dispatcher_.expand(received, plan);  // [R_c, H] by local expert
+    out = config_.capacity.pad && p.capacity > 0 ? padded_experts_forward(rows, counts, p.capacity)
+                                                 : experts->forward(rows, counts);
+    if (plan.deduplicated)
+      out = dispatcher_.reduce(out, dispatcher_.finish(p.pair_gates[chunk]), plan);
+  }
   mark("experts");
   return out;
 }

@@ -153,7 +153,7 @@ class MoeLayerImpl : public torch::nn::Module {
   bool gathers_in_experts(const at::Tensor& x, int64_t capacity) const;
   at::Tensor gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                       const DispatchPlan& plan);
-  at::Tensor run_experts(Pipeline& p, int64_t chunk, const at::Tensor& rows);
+  at::Tensor run_experts(Pipeline& p, int64_t chunk, const at::Tensor& received);
   at::Tensor padded_experts_forward(const at::Tensor& rows,
                                     const std::vector<int64_t>& rows_per_expert, int64_t capacity);
   MoeConfig config_;

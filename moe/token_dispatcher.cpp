@@ -216,13 +216,9 @@ at::Tensor TokenDispatcher::expand(const at::Tensor& received, const DispatchPla
 at::Tensor TokenDispatcher::reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,
                                    const DispatchPlan& plan) const {
   // Summed in at least the gates' precision, sent in the experts' dtype (bf16 rows stay bf16).
-  // No gates: the rows are gate-weighted already (gated_expert_rows).
-  const auto type = pair_gates.defined()
-                        ? at::promote_types(expert_out.scalar_type(), pair_gates.scalar_type())
-                        : expert_out.scalar_type();
-  const auto rows = expert_out.to(type);
+  const auto type = at::promote_types(expert_out.scalar_type(), pair_gates.scalar_type());
   return at::zeros({plan.unique_received, expert_out.size(1)}, expert_out.options().dtype(type))
-      .index_add(0, plan.pair_row, pair_gates.defined() ? rows * pair_gates.to(type) : rows)
+      .index_add(0, plan.pair_row, expert_out.to(type) * pair_gates.to(type))
       .to(expert_out.scalar_type());  // [U_in, H]
 }
 

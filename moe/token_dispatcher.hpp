@@ -97,8 +97,8 @@ class TokenDispatcher {
   // The row gates [T, k] -> [R, 1] beside the pairs on the expert side (differentiable: the
   // gates' gradient comes back the same way). Deduplicated plans: received rows [U_in, H] ->
   // one row per (local expert, source) pair [R, H]; expert outputs [R, H] weighted by those
-  // gates (undefined: weighted already) and summed per received row -> [U_in, H] in the
-  // outputs' dtype (summed in fp32).
+  // gates and summed per received row -> [U_in, H] in the outputs' dtype (summed in fp32). The
+  // CPU fp32 experts do expand, experts and reduce in one pass (moe/gathered_experts.hpp).
   PendingRows start_gates(const at::Tensor& gates, const DispatchPlan& plan) const;
   at::Tensor expand(const at::Tensor& received, const DispatchPlan& plan) const;
   at::Tensor reduce(const at::Tensor& expert_out, const at::Tensor& pair_gates,

@@ -44,8 +44,9 @@ struct LayerResult {
 
 LayerResult run_layer(const MoeConfig& config, parallel::Communicator& ep, int64_t chunks, int rank,
                       moe::DispatchDedup dedup = moe::DispatchDedup::kNone,
-                      int64_t ranks_per_node = 0) {
+                      int64_t ranks_per_node = 0, moe::ExpertPath path = moe::ExpertPath::kAuto) {
   moe::MoeLayer layer(16, config, ep);
+  layer->force_expert_path(path);
   {
     at::NoGradGuard no_grad;
     for (const auto& p : layer->named_parameters()) {
@@ -186,7 +187,8 @@ TEST(Overlap, PipelinedLayerEqualsOneChunkInEveryMode) {
 
 // One row per (token, rank) on the wire, gates applied on the expert side: the same layer as the
 // row-per-pick dispatch, forward and every gradient (the gates' included, which come back
-// through their own exchange), with and without pipeline chunks.
+// through their own exchange), with and without pipeline chunks, in both expert forms (CPU
+// fp32's gathered experts over the received rows, and expand + grouped GEMMs + reduce).
 TEST(Overlap, DeduplicatedDispatchEqualsRowDispatchInEveryMode) {
   parallel::MpiCommunicator world_comm(MPI_COMM_WORLD);
   const auto groups =
@@ -196,13 +198,15 @@ TEST(Overlap, DeduplicatedDispatchEqualsRowDispatchInEveryMode) {
     const auto config = layer_config(mode);
     SCOPED_TRACE(mode.name);
     const auto reference = run_layer(config, *groups.ep, 1, world_comm.rank());
-    for (const int64_t chunks : {1, 3}) {
-      const auto r =
-          run_layer(config, *groups.ep, chunks, world_comm.rank(), moe::DispatchDedup::kRank);
-      expect_same_layer_result(
-          r, reference,
-          std::string(mode.name) + ", deduplicated, chunks " + std::to_string(chunks));
-    }
+    for (const auto path : {moe::ExpertPath::kAuto, moe::ExpertPath::kGroupedGemm})
+      for (const int64_t chunks : {1, 3}) {
+        const auto r = run_layer(config, *groups.ep, chunks, world_comm.rank(),
+                                 moe::DispatchDedup::kRank, 0, path);
+        expect_same_layer_result(r, reference,
+                                 std::string(mode.name) + ", deduplicated, chunks " +
+                                     std::to_string(chunks) +
+                                     (path == moe::ExpertPath::kAuto ? "" : ", grouped GEMM"));
+      }
   }
 }
 
