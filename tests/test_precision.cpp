@@ -186,6 +186,17 @@ TEST(MemoryReport, ActivationEstimateMatchesHandCountAndFollowsRecompute) {
   ASSERT_GT(moe_blocks, 0);
   EXPECT_EQ(activation_bytes_per_token(expert_parallel) - none,
             moe_blocks * config.moe.top_k * 4 * config.model.hidden_size);
+  // The deduplicated dispatch receives one row per (token, rank): at most min(k, ep) = 2 of a
+  // top-4 token's 4 rows at ep 2.
+  auto top4 = config, top4_ep2 = expert_parallel;
+  top4.moe.top_k = top4_ep2.moe.top_k = 4;
+  auto top4_dedup = top4_ep2;
+  top4_dedup.parallel.dedup_dispatch = moe::DispatchDedup::kRank;
+  const int64_t row = 4 * config.model.hidden_size;
+  EXPECT_EQ(activation_bytes_per_token(top4_ep2) - activation_bytes_per_token(top4),
+            moe_blocks * 4 * row);
+  EXPECT_EQ(activation_bytes_per_token(top4_dedup) - activation_bytes_per_token(top4),
+            moe_blocks * 2 * row);
 }
 
 // Chunks of uneven tensors (7 and 3 elements over 3 members) pack rank-major and come back.

@@ -23,19 +23,26 @@ int64_t swiglu_bytes(int64_t ffn, int64_t b) {
   return b * 4 * ffn;
 }
 
-// What the routed experts keep per routed row. CPU fp32 runs the gathered experts at ep 1 and
-// the gated-rows experts at ep > 1 (moe/gathered_experts.hpp): the two [·, F] GEMM outputs, and
-// at ep > 1 the received row. Otherwise (bf16, CUDA, padded capacity) the grouped-GEMM
-// pipeline: the dispatched row, SwiGLU's four [·, F] tensors (two with moe_act: gate|up), and
-// the fp32 combined row the gates' gradient reads.
-int64_t routed_row_bytes(const Config& config, int64_t b) {
+// What the routed experts keep per token. CPU fp32 runs the gathered experts at ep 1 and the
+// gated-rows experts at ep > 1 (moe/gathered_experts.hpp): the two [·, F] GEMM outputs per
+// routed row and, at ep > 1, the received rows: one per routed row, or with the deduplicated
+// dispatch one per (token, destination), at most min(k, ep). Otherwise (bf16, CUDA, padded
+// capacity) the grouped-GEMM pipeline, per routed row: the dispatched row, SwiGLU's four
+// [·, F] tensors (two with moe_act: gate|up), and the fp32 combined row the gates' gradient
+// reads.
+int64_t routed_bytes_per_token(const Config& config, int64_t b) {
   const auto& moe = config.moe;
   const int64_t hidden = config.model.hidden_size, ffn = moe.expert_ffn_size;
+  const int64_t k = moe.top_k, ep = config.parallel.ep_size;
   const bool cpu_fp32 = config.train.device == DeviceKind::kCpu &&
                         config.train.precision == Precision::kFp32 && !moe.capacity.pad;
-  if (cpu_fp32) return b * 2 * ffn + (config.parallel.ep_size > 1 ? b * hidden : 0);
+  if (cpu_fp32) {
+    const bool dedup = config.parallel.dedup_dispatch != moe::DispatchDedup::kNone;
+    const int64_t received = ep == 1 ? 0 : dedup ? std::min(k, ep) : k;
+    return k * b * 2 * ffn + received * b * hidden;
+  }
   const int64_t swiglu = config.train.recompute.moe_act ? b * 2 * ffn : swiglu_bytes(ffn, b);
-  return b * hidden + swiglu + 4 * hidden;
+  return k * (b * hidden + swiglu + 4 * hidden);
 }
 
 // One block's activations per token, with the recompute options that act inside a block.
@@ -51,7 +58,7 @@ int64_t block_bytes(const Config& config, int64_t block, int64_t b) {
   if (!is_moe_block(moe, block)) return total + b * hidden + swiglu_bytes(m.ffn_size, b);
   total += b * hidden;  // the MoE layer's normed input
   if (recompute.moe) return total;
-  total += 4 * 2 * pool + moe.top_k * routed_row_bytes(config, b);
+  total += 4 * 2 * pool + routed_bytes_per_token(config, b);
   return total + moe.num_shared_experts * swiglu_bytes(moe::shared_expert_size(moe), b);
 }
 
