@@ -15,6 +15,9 @@ namespace moeforge::moe {
 namespace {
 
 constexpr int64_t kRowGrain = 16;  // rows per parallel task: a row is H floats of copy or add
+// An expert's rows go through in blocks of at most this many, so the scratch stays bounded
+// whatever the routing imbalance (a hot expert can hold several times its share of the rows).
+constexpr int64_t kBlockRows = 2048;
 
 // out[r] = src[index[r]] for the first out.size(0) rows.
 void gather_rows(const at::Tensor& src, const int64_t* index, const at::Tensor& out) {
@@ -74,8 +77,9 @@ struct Scratch {
   at::Tensor rows, other_rows, activation;
 };
 
-int64_t largest(const std::vector<int64_t>& counts) {
-  return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+// Rows of scratch: the largest expert's, at most one block.
+int64_t scratch_rows(const std::vector<int64_t>& counts) {
+  return counts.empty() ? 0 : std::min(kBlockRows, *std::max_element(counts.begin(), counts.end()));
 }
 
 // Experts split into contiguous shares, one per thread, balanced by rows: boundaries
@@ -105,15 +109,22 @@ std::vector<int64_t> thread_shares(const std::vector<int64_t>& rows) {
   return balanced ? bounds : std::vector<int64_t>{0, experts};
 }
 
-// per_expert(e, first row, rows, share) for every expert, shares concurrently.
-template <class PerExpert>
+// per_block(e, first row, rows, share, first block of e) for every block of at most kBlockRows
+// rows of every expert, in order (once with 0 rows for an expert without rows), shares
+// concurrently.
+template <class PerBlock>
 void for_each_expert(const std::vector<int64_t>& rows, const std::vector<int64_t>& bounds,
-                     const PerExpert& per_expert) {
+                     const PerBlock& per_block) {
   std::vector<int64_t> first(rows.size() + 1, 0);
   std::partial_sum(rows.begin(), rows.end(), first.begin() + 1);
   const auto run_share = [&](int64_t share) {
-    for (int64_t e = bounds[share]; e < bounds[share + 1]; ++e)
-      per_expert(e, first[e], rows[e], share);
+    for (int64_t e = bounds[share]; e < bounds[share + 1]; ++e) {
+      int64_t done = 0;
+      do {
+        per_block(e, first[e] + done, std::min(kBlockRows, rows[e] - done), share, done == 0);
+        done += kBlockRows;
+      } while (done < rows[e]);
+    }
   };
   const auto shares = static_cast<int64_t>(bounds.size()) - 1;
   if (shares == 1) return run_share(0);
@@ -171,26 +182,28 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                        : std::vector<at::Tensor>{at::empty({rows_total, x.size(1)}, x.options())};
     std::vector<Scratch> scratch;
     for (size_t s = 0; s + 1 < bounds.size(); ++s)
-      scratch.emplace_back(largest(rows_per_expert), x.size(1), ffn, gathered, x.options());
-    for_each_expert(rows_per_expert, bounds, [&](int64_t e, int64_t first, int64_t n, int64_t s) {
-      if (n == 0) return;
-      const int64_t* tokens = gathered ? token_of_row.const_data_ptr<int64_t>() + first : nullptr;
-      const auto rows = expert_rows(x, tokens, first, n, scratch[s].rows);
-      auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
-      at::mm_out(g, rows, w_gate[e].t());
-      at::mm_out(u, rows, w_up[e].t());
-      auto h = scratch[s].activation.narrow(0, 0, n);
-      at::silu_out(h, g).mul_(u);
-      if (gathered) {
-        auto out = scratch[s].other_rows.narrow(0, 0, n);
-        at::mm_out(out, h, w_down[e].t());
-        add_rows(y[s], tokens, out, row_gates.const_data_ptr<float>() + first);
-      } else {
-        auto out = y[0].narrow(0, first, n);
-        at::mm_out(out, h, w_down[e].t());
-        out.mul_(row_gates.narrow(0, first, n).unsqueeze(1));
-      }
-    });
+      scratch.emplace_back(scratch_rows(rows_per_expert), x.size(1), ffn, gathered, x.options());
+    for_each_expert(rows_per_expert, bounds,
+                    [&](int64_t e, int64_t first, int64_t n, int64_t s, bool /*first_block*/) {
+                      if (n == 0) return;
+                      const int64_t* tokens =
+                          gathered ? token_of_row.const_data_ptr<int64_t>() + first : nullptr;
+                      const auto rows = expert_rows(x, tokens, first, n, scratch[s].rows);
+                      auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
+                      at::mm_out(g, rows, w_gate[e].t());
+                      at::mm_out(u, rows, w_up[e].t());
+                      auto h = scratch[s].activation.narrow(0, 0, n);
+                      at::silu_out(h, g).mul_(u);
+                      if (gathered) {
+                        auto out = scratch[s].other_rows.narrow(0, 0, n);
+                        at::mm_out(out, h, w_down[e].t());
+                        add_rows(y[s], tokens, out, row_gates.const_data_ptr<float>() + first);
+                      } else {
+                        auto out = y[0].narrow(0, first, n);
+                        at::mm_out(out, h, w_down[e].t());
+                        out.mul_(row_gates.narrow(0, first, n).unsqueeze(1));
+                      }
+                    });
     ctx->save_for_backward({x, row_gates, w_gate, w_up, w_down, token_of_row, gate_out, up_out});
     ctx->saved_data["rows"] = rows_per_expert;
     ctx->saved_data["gathered"] = gathered;
@@ -202,14 +215,15 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     const auto saved = ctx->get_saved_variables();
     const auto rows_per_expert = ctx->saved_data["rows"].toIntVector();
     const auto bounds = thread_shares(rows_per_expert);
-    Gradients grads(saved, grad_outputs[0].contiguous(), largest(rows_per_expert),
+    Gradients grads(saved, grad_outputs[0].contiguous(), scratch_rows(rows_per_expert),
                     bounds.size() - 1, ctx->saved_data["gathered"].toBool());
-    for_each_expert(rows_per_expert, bounds, [&](int64_t e, int64_t first, int64_t n, int64_t s) {
-      if (n > 0)
-        grads.add_expert(e, first, n, grads.shares[s]);
-      else
-        grads.zero_expert(e);
-    });
+    for_each_expert(rows_per_expert, bounds,
+                    [&](int64_t e, int64_t first, int64_t n, int64_t s, bool first_block) {
+                      if (n > 0)
+                        grads.add_block(e, first, n, grads.shares[s], first_block);
+                      else
+                        grads.zero_expert(e);
+                    });
     return {grads.x(),    grads.row_gates, grads.w_gate, grads.w_up,
             grads.w_down, at::Tensor(),    at::Tensor(), at::Tensor()};
   }
@@ -267,7 +281,9 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       w_down[e].zero_();
     }
 
-    void add_expert(int64_t e, int64_t first, int64_t n, Share& share) {
+    // One block of expert e's rows; the weight gradients are written by its first block and
+    // accumulated by the others.
+    void add_block(int64_t e, int64_t first, int64_t n, Share& share, bool first_block) {
       const int64_t* index = gathered ? tokens.const_data_ptr<int64_t>() + first : nullptr;
       auto& scratch = share.scratch;
       const auto rows = expert_rows(x_in, index, first, n, scratch.rows);
@@ -289,12 +305,19 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       at::mm_out(dh, dy_rows, wd[e]);
       row_dots(dh, h, row_gates.narrow(0, first, n));
       auto d_down = w_down[e];
-      at::mm_out(d_down, dy_rows.t(), h.mul_(gate));
+      if (first_block)
+        at::mm_out(d_down, dy_rows.t(), h.mul_(gate));
+      else
+        d_down.addmm_(dy_rows.t(), h.mul_(gate));
       dh.mul_(gate);
       at::mul_out(d_up, dh, silu_g);
       at::silu_backward_out(d_gate, dh.mul_(u), g);
-      at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
-      at::mm_out(share.gate_up_weight_grad, d_gate_up.t(), rows);
+      if (first_block) {
+        at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
+        at::mm_out(share.gate_up_weight_grad, d_gate_up.t(), rows);
+      } else {
+        share.gate_up_weight_grad.addmm_(d_gate_up.t(), rows);
+      }
       w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));
       w_up[e].copy_(share.gate_up_weight_grad.narrow(0, ffn, ffn));
       // Gathered: into dy_rows' scratch (no longer needed), then added to the tokens' rows.

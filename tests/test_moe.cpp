@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "moe/capacity.hpp"
+#include "moe/gathered_experts.hpp"
 #include "moe/grouped_matmul.hpp"
 #include "moe/load_balancing.hpp"
 #include "moe/moe_layer.hpp"
@@ -340,6 +341,58 @@ void check_gathered_against_pipeline() {
 }
 TEST(MoeLayer, GatheredPathMatchesPipeline) {
   at_thread_counts(check_gathered_against_pipeline);
+}
+
+// Experts larger than one block of rows (2048) go through in blocks, the weight gradients
+// accumulated across them: both forms against a float64 per-expert composite, with an expert of
+// three blocks, one of two, an empty one and a small one, at 1-3 threads.
+void check_expert_blocks_against_float64(bool gathered) {
+  at::manual_seed(21);
+  const std::vector<int64_t> rows_per_expert = {4500, 0, 2100, 7};
+  const int64_t experts = 4, hidden = 8, ffn = 16, tokens = 5000, rows = 6607;
+  const auto wg = (at::randn({experts, ffn, hidden}) * 0.3).set_requires_grad(true);
+  const auto wu = (at::randn({experts, ffn, hidden}) * 0.3).set_requires_grad(true);
+  const auto wd = (at::randn({experts, hidden, ffn}) * 0.3).set_requires_grad(true);
+  const auto gates = at::rand({rows}).set_requires_grad(true);
+  std::vector<at::Tensor> index_parts;  // each expert's tokens distinct
+  for (const int64_t n : rows_per_expert)
+    index_parts.push_back(at::randperm(tokens).narrow(0, 0, n));
+  const auto token_of_row = at::cat(index_parts);
+  const auto x = at::randn({gathered ? tokens : rows, hidden}).set_requires_grad(true);
+  const auto y = gathered ? gathered_experts(x, gates, token_of_row, rows_per_expert, wg, wu, wd)
+                          : gated_expert_rows(x, gates, rows_per_expert, wg, wu, wd);
+  const auto weight = at::randn(y.sizes());
+  (y * weight).sum().backward();
+
+  std::vector<at::Tensor> ref_inputs;
+  for (const auto& t : {x, gates, wg, wu, wd})
+    ref_inputs.push_back(t.detach().to(at::kDouble).set_requires_grad(true));
+  const auto& x64 = ref_inputs[0];
+  const auto rows64 = gathered ? x64.index_select(0, token_of_row) : x64;
+  std::vector<at::Tensor> outs;
+  int64_t first = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    const auto r = rows64.narrow(0, first, rows_per_expert[e]);
+    const auto h =
+        at::silu(at::matmul(r, ref_inputs[2][e].t())) * at::matmul(r, ref_inputs[3][e].t());
+    outs.push_back(at::matmul(h, ref_inputs[4][e].t()) *
+                   ref_inputs[1].narrow(0, first, rows_per_expert[e]).unsqueeze(1));
+    first += rows_per_expert[e];
+  }
+  auto y64 = at::cat(outs);
+  if (gathered) y64 = at::zeros({tokens, hidden}, y64.options()).index_add(0, token_of_row, y64);
+  (y64 * weight.to(at::kDouble)).sum().backward();
+  EXPECT_LT(relative_error(y, y64), 1e-5);
+  const std::vector<at::Tensor> actual = {x, gates, wg, wu, wd};
+  for (size_t i = 0; i < actual.size(); ++i)
+    EXPECT_LT(relative_error(actual[i].grad(), ref_inputs[i].grad()), 1e-5) << "input " << i;
+  EXPECT_EQ(wg.grad()[1].abs().max().item<double>(), 0.0);  // the empty expert
+}
+TEST(GatheredExperts, ExpertsLargerThanOneBlockMatchFloat64) {
+  at_thread_counts([] {
+    check_expert_blocks_against_float64(/*gathered=*/true);
+    check_expert_blocks_against_float64(/*gathered=*/false);
+  });
 }
 
 TEST(GroupedMatmul, KernelAndLoopPathsMatchFloat64PerGroupProducts) {
