@@ -172,42 +172,18 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                             const at::Tensor& w_up, const at::Tensor& w_down,
                             const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert,
                             bool gathered) {
-    const int64_t rows_total = row_gates.size(0), ffn = w_gate.size(1);
-    auto gate_out = at::empty({rows_total, ffn}, x.options());
-    auto up_out = at::empty({rows_total, ffn}, x.options());
     const auto bounds = thread_shares(rows_per_expert);
-    // Gathered: one y per share (shares may add into the same token); rows: disjoint row blocks.
-    const auto y = gathered
-                       ? share_outputs(x, bounds.size() - 1)
-                       : std::vector<at::Tensor>{at::empty({rows_total, x.size(1)}, x.options())};
-    std::vector<Scratch> scratch;
-    for (size_t s = 0; s + 1 < bounds.size(); ++s)
-      scratch.emplace_back(scratch_rows(rows_per_expert), x.size(1), ffn, gathered, x.options());
+    Outputs out(x, row_gates, w_gate, token_of_row, gathered, scratch_rows(rows_per_expert),
+                bounds.size() - 1);
     for_each_expert(rows_per_expert, bounds,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool /*first_block*/) {
-                      if (n == 0) return;
-                      const int64_t* tokens =
-                          gathered ? token_of_row.const_data_ptr<int64_t>() + first : nullptr;
-                      const auto rows = expert_rows(x, tokens, first, n, scratch[s].rows);
-                      auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
-                      at::mm_out(g, rows, w_gate[e].t());
-                      at::mm_out(u, rows, w_up[e].t());
-                      auto h = scratch[s].activation.narrow(0, 0, n);
-                      at::silu_out(h, g).mul_(u);
-                      if (gathered) {
-                        auto out = scratch[s].other_rows.narrow(0, 0, n);
-                        at::mm_out(out, h, w_down[e].t());
-                        add_rows(y[s], tokens, out, row_gates.const_data_ptr<float>() + first);
-                      } else {
-                        auto out = y[0].narrow(0, first, n);
-                        at::mm_out(out, h, w_down[e].t());
-                        out.mul_(row_gates.narrow(0, first, n).unsqueeze(1));
-                      }
+                      if (n > 0) out.add_block(e, first, n, s, w_gate, w_up, w_down);
                     });
-    ctx->save_for_backward({x, row_gates, w_gate, w_up, w_down, token_of_row, gate_out, up_out});
+    ctx->save_for_backward(
+        {x, row_gates, w_gate, w_up, w_down, token_of_row, out.gate_out, out.up_out});
     ctx->saved_data["rows"] = rows_per_expert;
     ctx->saved_data["gathered"] = gathered;
-    return sum_shares(y);
+    return sum_shares(out.y);
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -229,6 +205,51 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
   }
 
  private:
+  // Forward, block by block: the two GEMM outputs kept for backward, and y.
+  struct Outputs {
+    Outputs(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& wg,
+            const at::Tensor& tokens_in, bool gathered_rows, int64_t max_rows, size_t num_shares)
+        : gathered(gathered_rows),
+          x(x_in),
+          gates(gates_in),
+          tokens(tokens_in),
+          gate_out(at::empty({gates_in.size(0), wg.size(1)}, x_in.options())),
+          up_out(at::empty_like(gate_out)),
+          // Gathered: one y per share (shares may add into the same token); rows: one y whose
+          // disjoint row blocks the shares write.
+          y(gathered ? share_outputs(x_in, num_shares)
+                     : std::vector<at::Tensor>{
+                           at::empty({gates_in.size(0), x_in.size(1)}, x_in.options())}) {
+      for (size_t s = 0; s < num_shares; ++s)
+        scratch.emplace_back(max_rows, x_in.size(1), wg.size(1), gathered, x_in.options());
+    }
+
+    void add_block(int64_t e, int64_t first, int64_t n, int64_t s, const at::Tensor& wg,
+                   const at::Tensor& wu, const at::Tensor& wd) {
+      const int64_t* index = gathered ? tokens.const_data_ptr<int64_t>() + first : nullptr;
+      const auto rows = expert_rows(x, index, first, n, scratch[s].rows);
+      auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
+      at::mm_out(g, rows, wg[e].t());
+      at::mm_out(u, rows, wu[e].t());
+      auto h = scratch[s].activation.narrow(0, 0, n);
+      at::silu_out(h, g).mul_(u);
+      if (gathered) {
+        auto out = scratch[s].other_rows.narrow(0, 0, n);
+        at::mm_out(out, h, wd[e].t());
+        add_rows(y[s], index, out, gates.const_data_ptr<float>() + first);
+      } else {
+        auto out = y[0].narrow(0, first, n);
+        at::mm_out(out, h, wd[e].t());
+        out.mul_(gates.narrow(0, first, n).unsqueeze(1));
+      }
+    }
+
+    bool gathered;
+    at::Tensor x, gates, tokens, gate_out, up_out;
+    std::vector<at::Tensor> y;
+    std::vector<Scratch> scratch;
+  };
+
   // One thread share's scratch and, gathered, its part of dx (rows: the shares write disjoint
   // rows of one dx).
   struct Share {

@@ -255,8 +255,7 @@ std::unique_ptr<MoeLayerImpl::Pipeline> MoeLayerImpl::start_pipeline(
   p->capacity = capacity;
   p->slot_norms = slot_norms;
   p->shared = shared_experts && with_shared;
-  p->gated_rows = expert_path_ != ExpertPath::kGroupedGemm && gathered_experts_apply(x) &&
-                  slot_norms == nullptr && !(config_.capacity.pad && capacity > 0);
+  p->gated_rows = expert_path_ != ExpertPath::kGroupedGemm && cpu_fp32_experts(x, capacity);
   p->observed = observer_ != nullptr && at::GradMode::is_enabled();
   const auto chunks = p->chunks();
   // The layer's input is fresh per forward inside a model; a caller's leaf would keep the hook.
@@ -358,12 +357,17 @@ at::Tensor MoeLayerImpl::node_hop_experts_combine(const at::Tensor& x, const at:
   return shared.defined() ? y + shared : y;
 }
 
-// All experts local, CPU fp32 (moe/gathered_experts.hpp): steps 4-7 expert by expert, with no
-// [T·k, H] tensor. Padding to capacity and the routing recorder take the pipeline.
+// The experts of moe/gathered_experts.hpp serve CPU fp32 rows; padding to capacity and the
+// routing recorder (which measures ungated output rows) take the grouped-GEMM experts.
+bool MoeLayerImpl::cpu_fp32_experts(const at::Tensor& x, int64_t capacity) const {
+  return gathered_experts_apply(x) && recorder_ == nullptr &&
+         !(config_.capacity.pad && capacity > 0);
+}
+
+// All experts local, CPU fp32: steps 4-7 expert by expert, with no [T·k, H] tensor.
 bool MoeLayerImpl::gathers_in_experts(const at::Tensor& x, int64_t capacity) const {
   return expert_path_ == ExpertPath::kAuto && dispatcher_.ep_size() == 1 &&
-         gathered_experts_apply(x) && recorder_ == nullptr &&
-         !(config_.capacity.pad && capacity > 0);
+         cpu_fp32_experts(x, capacity);
 }
 
 at::Tensor MoeLayerImpl::gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,

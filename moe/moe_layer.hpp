@@ -150,6 +150,7 @@ class MoeLayerImpl : public torch::nn::Module {
                                       int64_t chunks);
   void record(const RouterOutput& route, const Kept& kept, const at::Tensor& slot_norms,
               int64_t seq_len) const;
+  bool cpu_fp32_experts(const at::Tensor& x, int64_t capacity) const;
   bool gathers_in_experts(const at::Tensor& x, int64_t capacity) const;
   at::Tensor gathered_experts_combine(const at::Tensor& x, const at::Tensor& gates,
                                       const DispatchPlan& plan);
