@@ -12,8 +12,10 @@
 //   eager     a torchtitan-style MoE in eager PyTorch (sort + torch._grouped_mm + index_add);
 //   hf        transformers' MixtralSparseMoeBlock (experts_implementation "grouped_mm");
 //   dense-py  the dense SwiGLU in eager PyTorch;
-//   peak      the shape's FLOPs at the rate of a large square fp32 matmul on all threads (MKL
-//             near the machine's FMA peak): no implementation of the same math in fp32 gets
+//   moeforge-aten, dense-aten  the same with MOEFORGE_CPU_GEMM=aten (MKL's sgemm instead of
+//             oneDNN for the fp32 products, moe/cpu_gemm.hpp);
+//   peak      the shape's FLOPs at the rate of a large square fp32 matmul on all threads
+//             (moe::gemm_into, oneDNN: near the machine's FMA peak): no implementation of the same math in fp32 gets
 //             below this time, so "vs peak" is the fraction of peak reached, and a speed-up over
 //             another column beyond that column's time / peak is out of reach.
 // GFLOP/s count the routed experts only (3 GEMMs of 2·H·F per routed slot, ×3 for forward and
@@ -41,6 +43,7 @@
 #include <vector>
 
 #include "child_process.hpp"
+#include "moe/cpu_gemm.hpp"
 #include "moe/moe_layer.hpp"
 #include "parallel/process_groups.hpp"
 #include "spread.hpp"
@@ -131,18 +134,27 @@ Measurement moeforge_dense(const Shape& s, int iterations) {
       iterations);
 }
 
+// Runs `measure` (which forks its child) with MOEFORGE_CPU_GEMM=aten in the environment the
+// child inherits; the parent does no ATen work, so its own choice is never made.
+Measurement with_aten_gemm(const std::function<Measurement()>& measure) {
+  setenv("MOEFORGE_CPU_GEMM", "aten", 1);
+  const auto result = measure();
+  unsetenv("MOEFORGE_CPU_GEMM");
+  return result;
+}
+
 // The time `s` would take at the rate of a 2048³ fp32 matmul (at least 0.3 s of repeats).
 Measurement fp32_peak(const Shape& s, int /*iterations*/) {
   return bench::run_in_child<Measurement>([&] {
     constexpr int64_t kSize = 2048;
     const auto a = at::randn({kSize, kSize}), b = at::randn({kSize, kSize});
     auto c = at::empty({kSize, kSize});
-    at::mm_out(c, a, b);
+    moe::gemm_into(c, a, b);  // the kernel the layers use (oneDNN for CPU fp32)
     int64_t repeats = 0;
     const auto start = std::chrono::steady_clock::now();
     double seconds = 0;
     while (seconds < 0.3) {
-      at::mm_out(c, a, b);
+      moe::gemm_into(c, a, b);
       ++repeats;
       seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
@@ -316,6 +328,16 @@ std::vector<Column> columns(const std::vector<std::string>& names) {
                           return moeforge_moe(s, n, moe::ExpertPath::kGroupedGemm);
                         }});
     if (name == "dense") chosen.push_back({name, moeforge_dense});
+    // The same code with ATen's CPU fp32 GEMM (MKL) instead of oneDNN: what the kernel choice
+    // alone is worth.
+    if (name == "moeforge-aten")
+      chosen.push_back({name, [](const Shape& s, int n) {
+                          return with_aten_gemm([&] { return moeforge_moe(s, n); });
+                        }});
+    if (name == "dense-aten")
+      chosen.push_back({name, [](const Shape& s, int n) {
+                          return with_aten_gemm([&] { return moeforge_dense(s, n); });
+                        }});
     if (name == "peak") chosen.push_back({name, fp32_peak});
     if (name == "eager" || name == "hf")
       chosen.push_back({name, [name](const Shape& s, int n) { return python_case(name, s, n); }});
@@ -463,7 +485,8 @@ int main(int argc, char** argv) {
   }
   fmt::print("{} rounds x {} iterations, {} threads\n", rounds, iterations, at::get_num_threads());
   if (only != "scaling") {
-    const auto cols = pick({"moeforge", "dense", "eager", "hf", "dense-py", "peak"});
+    const auto cols =
+        pick({"moeforge", "moeforge-aten", "dense", "eager", "hf", "dense-py", "peak"});
     const auto shapes = reference_shapes();
     const auto samples = run_rounds(shapes, cols, rounds, iterations);
     print_table("MoE layer fwd+bwd", shapes, cols, samples);

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "moe/cpu_gemm.hpp"
+
 namespace moeforge::moe {
 namespace {
 
@@ -229,17 +231,17 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const int64_t* index = gathered ? tokens.const_data_ptr<int64_t>() + first : nullptr;
       const auto rows = expert_rows(x, index, first, n, scratch[s].rows);
       auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
-      at::mm_out(g, rows, wg[e].t());
-      at::mm_out(u, rows, wu[e].t());
+      gemm_into(g, rows, wg[e].t());
+      gemm_into(u, rows, wu[e].t());
       auto h = scratch[s].activation.narrow(0, 0, n);
       at::silu_out(h, g).mul_(u);
       if (gathered) {
         auto out = scratch[s].other_rows.narrow(0, 0, n);
-        at::mm_out(out, h, wd[e].t());
+        gemm_into(out, h, wd[e].t());
         add_rows(y[s], index, out, gates.const_data_ptr<float>() + first);
       } else {
         auto out = y[0].narrow(0, first, n);
-        at::mm_out(out, h, wd[e].t());
+        gemm_into(out, h, wd[e].t());
         out.mul_(gates.narrow(0, first, n).unsqueeze(1));
       }
     }
@@ -323,27 +325,19 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
       // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
       auto dh = share.dh.narrow(0, 0, n);
-      at::mm_out(dh, dy_rows, wd[e]);
+      gemm_into(dh, dy_rows, wd[e]);
       row_dots(dh, h, row_gates.narrow(0, first, n));
-      auto d_down = w_down[e];
-      if (first_block)
-        at::mm_out(d_down, dy_rows.t(), h.mul_(gate));
-      else
-        d_down.addmm_(dy_rows.t(), h.mul_(gate));
+      gemm_into(w_down[e], dy_rows.t(), h.mul_(gate), /*accumulate=*/!first_block);
       dh.mul_(gate);
       at::mul_out(d_up, dh, silu_g);
       at::silu_backward_out(d_gate, dh.mul_(u), g);
-      if (first_block) {
-        at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
-        at::mm_out(share.gate_up_weight_grad, d_gate_up.t(), rows);
-      } else {
-        share.gate_up_weight_grad.addmm_(d_gate_up.t(), rows);
-      }
+      if (first_block) at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
+      gemm_into(share.gate_up_weight_grad, d_gate_up.t(), rows, /*accumulate=*/!first_block);
       w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));
       w_up[e].copy_(share.gate_up_weight_grad.narrow(0, ffn, ffn));
       // Gathered: into dy_rows' scratch (no longer needed), then added to the tokens' rows.
       auto d_rows = index ? scratch.other_rows.narrow(0, 0, n) : share.x.narrow(0, first, n);
-      at::mm_out(d_rows, d_gate_up, share.gate_up_weight);
+      gemm_into(d_rows, d_gate_up, share.gate_up_weight);
       if (index) add_rows(share.x, index, d_rows, nullptr);
     }
 

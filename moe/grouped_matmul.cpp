@@ -7,6 +7,8 @@
 #include <mutex>
 #include <optional>
 
+#include "moe/cpu_gemm.hpp"
+
 namespace moeforge::moe {
 namespace {
 
@@ -25,6 +27,8 @@ bool has_grouped_kernel(const at::Tensor& a, const at::Tensor& b, int64_t result
   // On CUDA the grouped GEMM kernel is bf16 (Hopper); other types take the per-group loop there.
   if (a.is_cuda() && type != at::kBFloat16) return false;
   if (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf) return false;
+  // CPU fp32: at::_grouped_mm loops over MKL's sgemm there; the loop's gemm_into is faster.
+  if (a.device().is_cpu() && type == at::kFloat && cpu_gemm() == CpuGemm::kOneDnn) return false;
   return is_16_byte_aligned(a) && is_16_byte_aligned(b) &&
          (result_columns * a.element_size()) % 16 == 0;
 }
@@ -66,8 +70,7 @@ at::Tensor rows_times_groups(const at::Tensor& x, const at::Tensor& w,
   for (size_t g = 0; g < rows_per_group.size(); ++g) {
     const int64_t rows = rows_per_group[g];
     if (rows > 0) {
-      auto block = out.narrow(0, offset, rows);
-      at::mm_out(block, x.narrow(0, offset, rows), w[g]);
+      gemm_into(out.narrow(0, offset, rows), x.narrow(0, offset, rows), w[g]);
     }
     offset += rows;
   }
@@ -89,8 +92,7 @@ at::Tensor per_group_outer(const at::Tensor& a, const at::Tensor& b,
   for (size_t g = 0; g < rows_per_group.size(); ++g) {
     const int64_t rows = rows_per_group[g];
     if (rows > 0) {
-      auto block = out[g];
-      at::mm_out(block, a.narrow(1, offset, rows), b.narrow(0, offset, rows));
+      gemm_into(out[g], a.narrow(1, offset, rows), b.narrow(0, offset, rows));
     }
     offset += rows;
   }

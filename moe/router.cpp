@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "moe/compute_precision.hpp"
+#include "moe/projection.hpp"
 
 namespace moeforge::moe {
 
@@ -53,7 +54,7 @@ RouterOutput RouterImpl::forward(const at::Tensor& x, double capacity_factor, ui
                            .uniform_(1.0 - config_.jitter_eps, 1.0 + config_.jitter_eps, generator);
     input = input * noise.to(input.device());
   }
-  out.logits = at::matmul(input, weight.to(type).t());  // [T, P]
+  out.logits = projection(input, weight.to(type));  // [T, P]
   out.scores = config_.score == ScoreFunction::kSigmoid ? at::sigmoid(out.logits)
                                                         : at::softmax(out.logits, -1);
   const int64_t tokens = x.size(0);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <string>
 
+#include "moe/projection.hpp"
 #include "parallel/recompute.hpp"
 #include "trainer/common/hashing.hpp"
 #include "trainer/model/cross_entropy.hpp"
@@ -99,7 +100,8 @@ std::array<at::Tensor, 3> AttentionImpl::project(const at::Tensor& x) const {
   const auto weight = at::cat({q_proj->weight, k_proj->weight, v_proj->weight});
   const auto bias =
       q_proj->bias.defined() ? at::cat({q_proj->bias, k_proj->bias, v_proj->bias}) : at::Tensor();
-  const auto qkv = at::linear(x, weight, bias).split_with_sizes({q_size, kv_size, kv_size}, -1);
+  const auto qkv =
+      moe::projection(x, weight, bias).split_with_sizes({q_size, kv_size, kv_size}, -1);
   return {qkv[0].view({batch, seq, num_heads_, head_dim_}),
           qkv[1].view({batch, seq, num_kv_heads_, head_dim_}),
           qkv[2].view({batch, seq, num_kv_heads_, head_dim_})};
@@ -150,7 +152,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, AttentionCache* cache) {
     attended = at::scaled_dot_product_attention(q, k, v, visible, 0.0, /*is_causal=*/false,
                                                 std::nullopt, grouped);
   }
-  return o_proj->forward(attended.transpose(1, 2).reshape({batch, seq, num_heads_ * head_dim_}));
+  return moe::projection(attended.transpose(1, 2).reshape({batch, seq, num_heads_ * head_dim_}),
+                         o_proj->weight);
 }
 
 DecoderBlockImpl::DecoderBlockImpl(const Config& config, int64_t index, parallel::Communicator& ep)
@@ -302,7 +305,7 @@ at::Tensor DecoderLMImpl::embed_tokens(const at::Tensor& tokens) {
 void DecoderLMImpl::head(const at::Tensor& h, LmOutput& out) {
   const auto normed = norm->forward(h);
   RECORD_USER_SCOPE("lm head");
-  out.logits = lm_head ? lm_head->forward(normed) : at::matmul(normed, embed->weight.t());
+  out.logits = moe::projection(normed, lm_head ? lm_head->weight : embed->weight);
   out.logits = out.logits.to(at::promote_types(out.logits.scalar_type(), at::kFloat));
 }
 

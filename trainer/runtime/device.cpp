@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include "moe/cpu_gemm.hpp"
 #include "parallel/simulated_link.hpp"
 #include "trainer/common/user_error.hpp"
 
@@ -85,7 +86,8 @@ double measure_matmul_tflops(const c10::Device& device, at::ScalarType dtype, in
   const auto synchronize = [&] {
     if (device.is_cuda()) torch::cuda::synchronize(device.index());
   };
-  at::matmul(a, b);  // warm-up: kernel selection, allocator
+  // The kernel the layers use (moe/cpu_gemm.hpp: oneDNN for CPU fp32), or MFU would exceed 1.
+  moe::gemm(a, b);  // warm-up: kernel selection, allocator
   synchronize();
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
@@ -93,7 +95,7 @@ double measure_matmul_tflops(const c10::Device& device, at::ScalarType dtype, in
   double seconds = 0.0;
   // Several products per check: the clock and the synchronisation stay out of the timing.
   while (seconds < min_seconds || iterations < 3) {
-    for (int i = 0; i < 4; ++i) at::matmul(a, b);
+    for (int i = 0; i < 4; ++i) moe::gemm(a, b);
     iterations += 4;
     synchronize();
     seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -1,0 +1,106 @@
+#include "moe/cpu_gemm.hpp"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+
+// Exported by libtorch_cpu (ATen/native/mkldnn/Matmul.h, not installed with the wheel):
+// result = beta · result + alpha · mat1 · mat2 through oneDNN's matmul primitive.
+namespace at::native {
+void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
+                   float beta, float alpha);
+}  // namespace at::native
+
+namespace moeforge::moe {
+namespace {
+
+// oneDNN sees row and reduction counts in steps of this; the remainder goes to ATen.
+constexpr int64_t kShapeStep = 64;
+
+CpuGemm requested_kernel() {
+  const char* value = std::getenv("MOEFORGE_CPU_GEMM");
+  const std::string choice = value ? value : "onednn";
+  if (choice == "onednn") return CpuGemm::kOneDnn;
+  if (choice == "aten") return CpuGemm::kAten;
+  throw std::invalid_argument("MOEFORGE_CPU_GEMM='" + choice +
+                              "': allowed values are onednn (default) and aten");
+}
+
+// oneDNN takes fp32 in this LibTorch and agrees with a float64 product; anything else (an
+// exception from a build that allows only 16-bit types there, a wrong result) means ATen.
+bool onednn_takes_fp32() {
+  try {
+    const auto a = at::randn({kShapeStep, kShapeStep}), b = at::randn({kShapeStep, kShapeStep});
+    auto out = at::empty({kShapeStep, kShapeStep});
+    at::native::mkldnn_matmul(a, b, out, 0.0F, 1.0F);
+    const auto reference = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+    const double error =
+        ((out.to(at::kDouble) - reference).norm() / reference.norm()).item<double>();
+    if (error < 1e-5) return true;
+    std::cerr << "moeforge: oneDNN's fp32 matmul is off by " << error
+              << " (relative) in this LibTorch; CPU fp32 products use ATen" << std::endl;
+  } catch (const c10::Error& e) {
+    std::cerr << "moeforge: this LibTorch's oneDNN matmul refuses fp32 ("
+              << e.what_without_backtrace() << "); CPU fp32 products use ATen" << std::endl;
+  }
+  return false;
+}
+
+void aten_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    // addmm_ on a const reference: the tensor's data is written, the handle is not changed.
+    at::Tensor target = out;
+    target.addmm_(a, b);
+  } else {
+    at::Tensor target = out;
+    at::mm_out(target, a, b);
+  }
+}
+
+bool uses_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  // A strided result would be copied in and out by LibTorch's wrapper: ATen writes it in place.
+  return a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+         out.scalar_type() == at::kFloat && out.is_contiguous() && cpu_gemm() == CpuGemm::kOneDnn;
+}
+
+}  // namespace
+
+CpuGemm cpu_gemm() {
+  static const CpuGemm kernel = [] {
+    const CpuGemm requested = requested_kernel();
+    if (requested == CpuGemm::kOneDnn && !onednn_takes_fp32()) return CpuGemm::kAten;
+    return requested;
+  }();
+  return kernel;
+}
+
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t rows = a.size(0), depth = a.size(1);
+  const int64_t bulk_rows = rows / kShapeStep * kShapeStep;
+  const int64_t bulk_depth = depth / kShapeStep * kShapeStep;
+  if (bulk_rows == 0 || bulk_depth == 0 || !uses_onednn(out, a, b)) {
+    aten_into(out, a, b, accumulate);
+    return;
+  }
+  const auto bulk_out = out.narrow(0, 0, bulk_rows);
+  const auto bulk_a = a.narrow(0, 0, bulk_rows);
+  at::native::mkldnn_matmul(bulk_a.narrow(1, 0, bulk_depth), b.narrow(0, 0, bulk_depth), bulk_out,
+                            accumulate ? 1.0F : 0.0F, 1.0F);
+  if (bulk_depth < depth)
+    aten_into(bulk_out, bulk_a.narrow(1, bulk_depth, depth - bulk_depth),
+              b.narrow(0, bulk_depth, depth - bulk_depth), /*accumulate=*/true);
+  if (bulk_rows < rows)
+    aten_into(out.narrow(0, bulk_rows, rows - bulk_rows), a.narrow(0, bulk_rows, rows - bulk_rows),
+              b, accumulate);
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_into(out, a, b);
+  return out;
+}
+
+}  // namespace moeforge::moe
