@@ -17,7 +17,9 @@ metrics); the eager loop's is the same FLOPs per token at its tokens/s. 1 / eage
 speed-up over eager that any implementation of the same FLOPs could reach on this machine.
 
 Several --binary (e.g. builds before and after a change) run in the same interleaved rounds;
-each gets its ratio to eager and to the first binary.
+each gets its ratio to eager and to the first binary. --env LABEL:VAR=VALUE gives one of them
+extra environment, e.g. the same binary with MOEFORGE_CPU_GEMM=aten (MKL's sgemm for the fp32
+products instead of oneDNN).
 
 The eager side is `Qwen2MoeForCausalLM` (transformers 5: `grouped_mm` experts, `sdpa`
 attention), the closest Hugging Face family: routed experts with softmax top-k renormalised,
@@ -58,7 +60,7 @@ def child_env(threads):
 
 # ---- moeforge ----------------------------------------------------------------------------------
 
-def run_moeforge(binary, config, steps, warmup, threads, out_dir, extra, launcher):
+def run_moeforge(binary, config, steps, warmup, threads, out_dir, extra, launcher, env):
     cmd = shlex.split(launcher) + [binary, "train", "--config", config, "--overwrite",
            "--set", f"train.steps={steps}", "--set", "train.warmup_steps=1",
            "--set", f"train.eval_every={steps + 1}", "--set", "train.eval_batches=1",
@@ -67,7 +69,7 @@ def run_moeforge(binary, config, steps, warmup, threads, out_dir, extra, launche
            "--set", "logging.every=1", "--set", f"train.out_dir={out_dir}"]
     for item in extra:
         cmd += ["--set", item]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**child_env(threads), **env})
     if out.returncode != 0:
         sys.exit(f"moeforge failed ({out.returncode}): {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))
@@ -228,7 +230,8 @@ def compare(args, config, work):
         line = []
         for label, binary in args.binaries:
             mf[label].append(run_moeforge(binary, config, args.steps, args.warmup, args.threads,
-                                          run_dir, args.set, args.launcher))
+                                          run_dir, args.set, args.launcher,
+                                          args.env_of.get(label, {})))
             line.append(f"{label} {mf[label][-1]['tok_s']:.0f} tok/s "
                         f"{mf[label][-1]['peak_mib']:.0f} MiB")
         resolved = os.path.join(run_dir, "config.resolved.yaml")
@@ -259,6 +262,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--binary", action="append", default=[],
                         help="[LABEL=]PATH of a moeforge binary (repeatable; default build/)")
+    parser.add_argument("--env", action="append", default=[],
+                        help="LABEL:VAR=VALUE, extra environment for one --binary (e.g. "
+                             "--binary onednn=build/moeforge --binary aten=build/moeforge "
+                             "--env aten:MOEFORGE_CPU_GEMM=aten)")
     parser.add_argument("--hf-arch", choices=["qwen2_moe", "mixtral"], default="qwen2_moe")
     parser.add_argument("--launcher", default="",
                         help="runs moeforge under this, e.g. 'mpirun -n 1 --bind-to none'")
@@ -267,6 +274,13 @@ def main():
     args.binaries = [(b.split("=", 1) if "=" in b else (os.path.basename(os.path.dirname(
         os.path.abspath(b))) + "/moeforge", b)) for b in args.binary or
         [os.path.join(ROOT, "build", "moeforge")]]
+    args.env_of = {}
+    for item in args.env:
+        label, _, assignment = item.partition(":")
+        var, equals, value = assignment.partition("=")
+        if not equals or label not in dict(args.binaries):
+            sys.exit(f"--env {item}: expected LABEL:VAR=VALUE with LABEL one of the --binary labels")
+        args.env_of.setdefault(label, {})[var] = value
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-model-") as work:
         for config in args.configs:

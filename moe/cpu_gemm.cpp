@@ -1,6 +1,7 @@
 #include "moe/cpu_gemm.hpp"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <cstdlib>
 #include <iostream>
@@ -85,6 +86,8 @@ void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
     aten_into(out, a, b, accumulate);
     return;
   }
+  // Not an ATen op: named for profiles (bench_moe_layer --profile, profile_step_summary.py).
+  RECORD_FUNCTION("moeforge::onednn_mm_out", std::vector<c10::IValue>());
   const auto bulk_out = out.narrow(0, 0, bulk_rows);
   const auto bulk_a = a.narrow(0, 0, bulk_rows);
   at::native::mkldnn_matmul(bulk_a.narrow(1, 0, bulk_depth), b.narrow(0, 0, bulk_depth), bulk_out,

@@ -12,6 +12,7 @@
 #include <numeric>
 
 #include "moe/cpu_gemm.hpp"
+#include "moe/row_kernels.hpp"
 
 namespace moeforge::moe {
 namespace {
@@ -42,40 +43,28 @@ void add_rows(const at::Tensor& dst, const int64_t* index, const at::Tensor& row
   const float* from = rows.const_data_ptr<float>();
   float* to = dst.data_ptr<float>();
   at::parallel_for(0, rows.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float s = scale ? scale[r] : 1.0f;
-      float* target = to + index[r] * width;
-      const float* source = from + r * width;
-      for (int64_t c = 0; c < width; ++c) target[c] += s * source[c];
-    }
+    for (int64_t r = begin; r < end; ++r)
+      add_scaled(width, scale ? scale[r] : 1.0F, from + r * width, to + index[r] * width);
   });
 }
 
-// out[r] = ⟨a[r], b[r]⟩ for fp32 rows (either may have a row stride), summed in double: the
-// gates' gradient without materialising the [n, F] product.
-void row_dots(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
-  const int64_t width = a.size(1), a_stride = a.stride(0), b_stride = b.stride(0);
-  const float* from_a = a.const_data_ptr<float>();
-  const float* from_b = b.const_data_ptr<float>();
-  float* to = out.data_ptr<float>();
-  at::parallel_for(0, a.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      double sum = 0.0;
-      for (int64_t c = 0; c < width; ++c)
-        sum += static_cast<double>(from_a[r * a_stride + c]) * from_b[r * b_stride + c];
-      to[r] = static_cast<float>(sum);
-    }
-  });
+// An fp32 [rows, width] tensor (rows may be strided) as the row kernels take it.
+RowBlock<const float> block(const at::Tensor& t) {
+  return {t.const_data_ptr<float>(), t.stride(0)};
+}
+RowBlock<float> mutable_block(const at::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0)};
 }
 
 // Scratch blocks reused by every expert, sized for the largest one; the [rows, H] blocks only
 // where rows are gathered (the rows form reads and writes its blocks in place).
+// The [rows, F] activation block only forward needs (backward writes h into its gradient block).
 struct Scratch {
-  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, bool row_blocks,
+  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, bool row_blocks, bool with_activation,
           const at::TensorOptions& options)
       : rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
         other_rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
-        activation(at::empty({max_rows, ffn}, options)) {}
+        activation(at::empty({with_activation ? max_rows : 0, ffn}, options)) {}
   at::Tensor rows, other_rows, activation;
 };
 
@@ -223,7 +212,8 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                      : std::vector<at::Tensor>{
                            at::empty({gates_in.size(0), x_in.size(1)}, x_in.options())}) {
       for (size_t s = 0; s < num_shares; ++s)
-        scratch.emplace_back(max_rows, x_in.size(1), wg.size(1), gathered, x_in.options());
+        scratch.emplace_back(max_rows, x_in.size(1), wg.size(1), gathered,
+                             /*with_activation=*/true, x_in.options());
     }
 
     void add_block(int64_t e, int64_t first, int64_t n, int64_t s, const at::Tensor& wg,
@@ -234,7 +224,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       gemm_into(g, rows, wg[e].t());
       gemm_into(u, rows, wu[e].t());
       auto h = scratch[s].activation.narrow(0, 0, n);
-      at::silu_out(h, g).mul_(u);
+      swiglu_rows(n, h.size(1), block(g), block(u), mutable_block(h));
       if (gathered) {
         auto out = scratch[s].other_rows.narrow(0, 0, n);
         gemm_into(out, h, wd[e].t());
@@ -256,7 +246,8 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
   // rows of one dx).
   struct Share {
     Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows, const at::Tensor& dx)
-        : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), x_in.options()),
+        : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), /*with_activation=*/false,
+                  x_in.options()),
           dh(at::empty({max_rows, wg.size(1)}, x_in.options())),
           gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
           gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
@@ -312,25 +303,23 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const auto rows = expert_rows(x_in, index, first, n, scratch.rows);
       const auto dy_rows = expert_rows(dy, index, first, n, scratch.other_rows);
       const auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
-      const auto gate = gates_in.narrow(0, first, n).unsqueeze(1);
+      const float* gate = gates_in.const_data_ptr<float>() + first;
       // The gate and up projections go back through one GEMM each way, [dg | du]·[Wg; Wu] and
       // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes. Until
-      // du is written, its half of the block holds h = silu(g)·u.
+      // du is written, its half of the block holds h = silu(g)·u (then gate · h).
       const int64_t ffn = wg.size(1);
       auto d_gate_up = share.gate_up.narrow(0, 0, n);  // [n, 2F]
       auto d_gate = d_gate_up.narrow(1, 0, ffn), d_up = d_gate_up.narrow(1, ffn, ffn);
-      auto silu_g = scratch.activation.narrow(0, 0, n);
-      at::silu_out(silu_g, g);
-      auto h = at::mul_out(d_up, silu_g, u);
+      swiglu_rows(n, ffn, block(g), block(u), mutable_block(d_up));
       // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
       // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
       auto dh = share.dh.narrow(0, 0, n);
       gemm_into(dh, dy_rows, wd[e]);
-      row_dots(dh, h, row_gates.narrow(0, first, n));
-      gemm_into(w_down[e], dy_rows.t(), h.mul_(gate), /*accumulate=*/!first_block);
-      dh.mul_(gate);
-      at::mul_out(d_up, dh, silu_g);
-      at::silu_backward_out(d_gate, dh.mul_(u), g);
+      row_dots_then_scale(n, ffn, block(dh), mutable_block(d_up), gate,
+                          row_gates.data_ptr<float>() + first);
+      gemm_into(w_down[e], dy_rows.t(), d_up, /*accumulate=*/!first_block);
+      swiglu_rows_backward(n, ffn, block(dh), block(g), block(u), gate, mutable_block(d_gate),
+                           mutable_block(d_up));
       if (first_block) at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
       gemm_into(share.gate_up_weight_grad, d_gate_up.t(), rows, /*accumulate=*/!first_block);
       w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));

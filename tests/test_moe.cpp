@@ -10,6 +10,7 @@
 #include "moe/grouped_matmul.hpp"
 #include "moe/load_balancing.hpp"
 #include "moe/moe_layer.hpp"
+#include "moe/row_kernels.hpp"
 #include "parallel/process_groups.hpp"
 #include "trainer/config/config.hpp"
 
@@ -455,6 +456,63 @@ TEST(MoeLayer, CapacityDropsGiveZeroContributionForDroppedSlots) {
   layer->eval();
   const auto y_eval = layer->forward(x, 8).y;
   EXPECT_GT(y_eval.abs().amax(1).min().item<double>(), 0.0);
+}
+
+}  // namespace
+}  // namespace moeforge::moe
+
+namespace moeforge::moe {
+namespace {
+
+// The fused row kernels against float64 formulas, over inputs from deep in silu's negative tail
+// to large positive values (where exp is clamped), on strided rows of odd width (vector
+// remainders).
+TEST(RowKernels, SwigluForwardAndBackwardMatchFloat64) {
+  at::manual_seed(21);
+  const int64_t rows = 5, width = 37;
+  const auto g64 = at::cat({at::linspace(-100.0, 100.0, rows * width / 2, at::kDouble),
+                            at::randn({rows * width - rows * width / 2}, at::kDouble) * 4})
+                       .view({rows, width});
+  const auto u64 = at::randn({rows, width}, at::kDouble),
+             dh64 = at::randn({rows, width}, at::kDouble);
+  const auto gate64 = at::rand({rows}, at::kDouble);
+  const auto g = g64.to(at::kFloat), u = u64.to(at::kFloat), dh = dh64.to(at::kFloat);
+  const auto gate = gate64.to(at::kFloat);
+  auto pair = at::full({rows, 2 * width}, std::nan(""));  // strided halves, as the experts use
+  auto h = pair.narrow(1, width, width);
+  swiglu_rows(rows, width, {g.const_data_ptr<float>(), width}, {u.const_data_ptr<float>(), width},
+              {h.data_ptr<float>(), 2 * width});
+  const auto s64 = at::sigmoid(g64);
+  EXPECT_LT(((h.to(at::kDouble) - g64 * s64 * u64).abs() / (g64 * s64 * u64).abs().clamp_min(1e-30))
+                .max()
+                .item<double>(),
+            1e-5);
+  auto d_pair = at::full({rows, 2 * width}, std::nan(""));
+  auto d_g = d_pair.narrow(1, 0, width), d_up = d_pair.narrow(1, width, width);
+  swiglu_rows_backward(rows, width, {dh.const_data_ptr<float>(), width},
+                       {g.const_data_ptr<float>(), width}, {u.const_data_ptr<float>(), width},
+                       gate.const_data_ptr<float>(), {d_g.data_ptr<float>(), 2 * width},
+                       {d_up.data_ptr<float>(), 2 * width});
+  const auto t64 = dh64 * gate64.unsqueeze(1);
+  const auto expected_up = t64 * g64 * s64;
+  const auto expected_g = t64 * u64 * s64 * (1 + g64 * (1 - s64));
+  const auto close = [](const at::Tensor& actual, const at::Tensor& expected) {
+    return ((actual.to(at::kDouble) - expected).abs() - 1e-6 * expected.abs()).max().item<double>();
+  };
+  EXPECT_LT(close(d_up, expected_up), 1e-6);
+  EXPECT_LT(close(d_g, expected_g), 1e-6);
+}
+
+TEST(RowKernels, RowDotsThenScale) {
+  at::manual_seed(22);
+  const auto a = at::randn({4, 203}), b = at::randn({4, 203}), scale = at::randn({4});
+  auto scaled = b.clone();
+  auto dots = at::empty({4});
+  row_dots_then_scale(4, 203, {a.const_data_ptr<float>(), 203}, {scaled.data_ptr<float>(), 203},
+                      scale.const_data_ptr<float>(), dots.data_ptr<float>());
+  const auto expected = (a.to(at::kDouble) * b.to(at::kDouble)).sum(1);
+  EXPECT_LT((dots.to(at::kDouble) - expected).abs().max().item<double>(), 1e-5);
+  EXPECT_TRUE(scaled.allclose(b * scale.unsqueeze(1)));
 }
 
 }  // namespace
