@@ -254,6 +254,7 @@ void memory_section(const parallel::MpiCommunicator& world) {
 
 int main(int argc, char** argv) {
   tune_host_allocator();  // as the trainer does (trainer/common/host_allocator.hpp)
+  bound_onednn_primitive_cache();
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;

@@ -4,6 +4,7 @@
 // FeedForward: one dense SwiGLU, y = (silu(x·Wgᵀ) ⊙ (x·Wuᵀ))·Wdᵀ, weights in nn.Linear layout
 //   (w_gate, w_up [F, H]; w_down [H, F]) so Hugging Face weights copy over unchanged. Used for
 //   dense blocks and for the shared experts (n shared experts of size F == one of size n·F).
+//   CPU fp32 runs it as gated_expert_rows with one expert and unit gates (moe/gathered_experts).
 // GroupedExperts: this rank's E/ep experts stacked ([El, F, H] / [El, H, F]); forward takes rows
 //   already grouped in contiguous per-expert blocks and runs them through grouped GEMMs —
 //   no per-token loop, no expert ever sees another expert's tokens, nothing of shape [T, E, H].

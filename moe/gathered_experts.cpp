@@ -48,12 +48,22 @@ void add_rows(const at::Tensor& dst, const int64_t* index, const at::Tensor& row
   });
 }
 
-// An fp32 [rows, width] tensor (rows may be strided) as the row kernels take it.
-RowBlock<const float> block(const at::Tensor& t) {
-  return {t.const_data_ptr<float>(), t.stride(0)};
+// An fp32 [rows, width] tensor (rows may be strided) from row `first` on, as the row kernels
+// take it.
+RowBlock<const float> block(const at::Tensor& t, int64_t first) {
+  return {t.const_data_ptr<float>() + first * t.stride(0), t.stride(0)};
 }
-RowBlock<float> mutable_block(const at::Tensor& t) {
-  return {t.data_ptr<float>(), t.stride(0)};
+RowBlock<float> mutable_block(const at::Tensor& t, int64_t first) {
+  return {t.data_ptr<float>() + first * t.stride(0), t.stride(0)};
+}
+
+// kernel(first, count) over row ranges of n rows of `width` floats: on every intra-op thread
+// when called outside the experts' shares (one share: a single expert, e.g. the shared experts),
+// inline inside a share (at::parallel_for does not nest).
+template <class Kernel>
+void over_rows(int64_t n, int64_t width, const Kernel& kernel) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { kernel(begin, end - begin); });
 }
 
 // Scratch blocks reused by every expert, sized for the largest one; the [rows, H] blocks only
@@ -183,7 +193,8 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     const auto rows_per_expert = ctx->saved_data["rows"].toIntVector();
     const auto bounds = thread_shares(rows_per_expert);
     Gradients grads(saved, grad_outputs[0].contiguous(), scratch_rows(rows_per_expert),
-                    bounds.size() - 1, ctx->saved_data["gathered"].toBool());
+                    bounds.size() - 1, ctx->saved_data["gathered"].toBool(),
+                    ctx->needs_input_grad(1));
     for_each_expert(rows_per_expert, bounds,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool first_block) {
                       if (n > 0)
@@ -224,7 +235,9 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       gemm_into(g, rows, wg[e].t());
       gemm_into(u, rows, wu[e].t());
       auto h = scratch[s].activation.narrow(0, 0, n);
-      swiglu_rows(n, h.size(1), block(g), block(u), mutable_block(h));
+      over_rows(n, h.size(1), [&](int64_t r, int64_t count) {
+        swiglu_rows(count, h.size(1), block(g, r), block(u, r), mutable_block(h, r));
+      });
       if (gathered) {
         auto out = scratch[s].other_rows.narrow(0, 0, n);
         gemm_into(out, h, wd[e].t());
@@ -262,7 +275,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
   // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
   struct Gradients {
     Gradients(const std::vector<at::Tensor>& saved, at::Tensor grad_y, int64_t max_rows,
-              size_t num_shares, bool gathered_rows)
+              size_t num_shares, bool gathered_rows, bool gate_gradient)
         : gathered(gathered_rows),
           x_in(saved[0]),
           gates_in(saved[1]),
@@ -273,7 +286,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
           gate_out(saved[6]),
           up_out(saved[7]),
           dy(std::move(grad_y)),
-          row_gates(at::empty_like(gates_in)),
+          row_gates(gate_gradient ? at::empty_like(gates_in) : at::Tensor()),
           w_gate(at::empty_like(wg)),  // every expert's slice is written: by a GEMM or zeroed
           w_up(at::empty_like(wu)),
           w_down(at::empty_like(wd)) {
@@ -310,16 +323,24 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const int64_t ffn = wg.size(1);
       auto d_gate_up = share.gate_up.narrow(0, 0, n);  // [n, 2F]
       auto d_gate = d_gate_up.narrow(1, 0, ffn), d_up = d_gate_up.narrow(1, ffn, ffn);
-      swiglu_rows(n, ffn, block(g), block(u), mutable_block(d_up));
+      over_rows(n, ffn, [&](int64_t r, int64_t count) {
+        swiglu_rows(count, ffn, block(g, r), block(u, r), mutable_block(d_up, r));
+      });
       // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
       // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
       auto dh = share.dh.narrow(0, 0, n);
       gemm_into(dh, dy_rows, wd[e]);
-      row_dots_then_scale(n, ffn, block(dh), mutable_block(d_up), gate,
-                          row_gates.data_ptr<float>() + first);
+      // Gates that need no gradient (the shared experts' ones) skip the dots.
+      float* gate_grad = row_gates.defined() ? row_gates.data_ptr<float>() + first : nullptr;
+      over_rows(n, ffn, [&](int64_t r, int64_t count) {
+        row_dots_then_scale(count, ffn, block(dh, r), mutable_block(d_up, r), gate + r,
+                            gate_grad ? gate_grad + r : nullptr);
+      });
       gemm_into(w_down[e], dy_rows.t(), d_up, /*accumulate=*/!first_block);
-      swiglu_rows_backward(n, ffn, block(dh), block(g), block(u), gate, mutable_block(d_gate),
-                           mutable_block(d_up));
+      over_rows(n, ffn, [&](int64_t r, int64_t count) {
+        swiglu_rows_backward(count, ffn, block(dh, r), block(g, r), block(u, r), gate + r,
+                             mutable_block(d_gate, r), mutable_block(d_up, r));
+      });
       if (first_block) at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
       gemm_into(share.gate_up_weight_grad, d_gate_up.t(), rows, /*accumulate=*/!first_block);
       w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));

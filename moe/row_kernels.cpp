@@ -78,17 +78,19 @@ void row_dots_then_scale(int64_t rows, int64_t width, RowBlock<const float> a, R
   for (int64_t r = 0; r < rows; ++r) {
     const float* __restrict ar = a.data + r * a.stride;
     float* __restrict br = b.data + r * b.stride;
-    // Eight partial sums: a single running sum is an ordered reduction no compiler vectorises.
-    double partial[8] = {};
-    int64_t c = 0;
-    for (; c + 8 <= width; c += 8)
-      for (int j = 0; j < 8; ++j) partial[j] += static_cast<double>(ar[c + j]) * br[c + j];
-    double sum = 0.0;
-    for (; c < width; ++c) sum += static_cast<double>(ar[c]) * br[c];
-    for (const double p : partial) sum += p;
-    dots[r] = static_cast<float>(sum);
+    if (dots) {
+      // Eight partial sums: a single running sum is an ordered reduction no compiler vectorises.
+      double partial[8] = {};
+      int64_t c = 0;
+      for (; c + 8 <= width; c += 8)
+        for (int j = 0; j < 8; ++j) partial[j] += static_cast<double>(ar[c + j]) * br[c + j];
+      double sum = 0.0;
+      for (; c < width; ++c) sum += static_cast<double>(ar[c]) * br[c];
+      for (const double p : partial) sum += p;
+      dots[r] = static_cast<float>(sum);
+    }
     const float s = scale[r];
-    for (c = 0; c < width; ++c) br[c] *= s;
+    for (int64_t c = 0; c < width; ++c) br[c] *= s;
   }
 }
 

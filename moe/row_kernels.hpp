@@ -25,7 +25,7 @@ void swiglu_rows_backward(int64_t rows, int64_t width, RowBlock<const float> dh,
                           RowBlock<const float> g, RowBlock<const float> u, const float* gate,
                           RowBlock<float> d_g, RowBlock<float> d_up);
 
-// dots[r] = ⟨a[r], b[r]⟩ summed in double, then b[r] *= scale[r].
+// dots[r] = ⟨a[r], b[r]⟩ summed in double (dots may be null: no dots), then b[r] *= scale[r].
 void row_dots_then_scale(int64_t rows, int64_t width, RowBlock<const float> a, RowBlock<float> b,
                          const float* scale, float* dots);
 

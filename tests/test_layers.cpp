@@ -270,6 +270,36 @@ TEST(SwiGLU, FeedForwardMatchesFormula) {
   EXPECT_LT(relative_error(ffn->forward(x), expected), 1e-6);
 }
 
+// CPU fp32 takes the routed experts' kernel (one expert, unit gates, rows in blocks of 2 048):
+// output and every gradient against the float64 module (the composite path), over 3 blocks.
+TEST(SwiGLU, FeedForwardGradientsMatchFloat64AcrossRowBlocks) {
+  moe::FeedForward ffn(24, 40);
+  at::manual_seed(4);
+  {
+    at::NoGradGuard no_grad;
+    for (auto& p : ffn->parameters()) p.normal_(0, 0.3);
+  }
+  moe::FeedForward reference(24, 40);
+  {
+    at::NoGradGuard no_grad;
+    reference->to(at::kDouble);
+    for (size_t i = 0; i < ffn->parameters().size(); ++i)
+      reference->parameters()[i].copy_(ffn->parameters()[i]);
+  }
+  const auto x = at::randn({3, 1500, 24}).requires_grad_();
+  const auto x64 = x.detach().to(at::kDouble).requires_grad_();
+  const auto dy = at::randn({3, 1500, 24});
+  const auto y = ffn->forward(x);
+  y.backward(dy);
+  const auto y64 = reference->forward(x64);
+  y64.backward(dy.to(at::kDouble));
+  EXPECT_LT(relative_error(y, y64), 1e-6);
+  EXPECT_LT(relative_error(x.grad(), x64.grad()), 1e-6);
+  for (size_t i = 0; i < ffn->parameters().size(); ++i)
+    EXPECT_LT(relative_error(ffn->parameters()[i].grad(), reference->parameters()[i].grad()), 1e-6)
+        << "parameter " << i;
+}
+
 TEST(Model, ForwardShapesAndMoePlacement) {
   Config config;
   config.model.vocab_size = 32;

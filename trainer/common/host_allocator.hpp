@@ -44,14 +44,17 @@ inline std::string host_allocator_glibc_tunables() {
          ":glibc.malloc.top_pad=" + std::to_string(kTopPad) + ":glibc.malloc.arena_max=1";
 }
 
-// oneDNN (LibTorch's CPU kernels for bf16 matmuls) caches a compiled primitive, with its own
-// scratch memory, for every distinct shape, up to 1024 of them by default. MoE experts see new
-// row counts every step, so under train.precision: bf16 the cache grew resident memory by
-// ~100 MiB per step on configs/small.yaml for its first ~20 steps. 64 entries bound it at no
-// measurable speed cost (docs/benchmarks.md). A user's ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
-// Call before the first bf16 matmul.
+// oneDNN (LibTorch's CPU kernels for bf16 matmuls, and ours for fp32: moe/cpu_gemm.hpp) caches
+// a compiled primitive, with its own scratch memory (~0.3-1.5 MiB, growing with the rows), for
+// every distinct shape, up to 1024 of them by default, and LibTorch's ideep wrapper keeps its own
+// 1024-entry cache of the same primitives: one is freed only when both have dropped it. MoE
+// experts see new row counts every step, so under train.precision: bf16 the caches grew resident
+// memory by ~100 MiB per step on configs/small.yaml for its first ~20 steps. 64 entries in both
+// bound it at no measurable speed cost (docs/benchmarks.md). A user's
+// ONEDNN_PRIMITIVE_CACHE_CAPACITY / LRU_CACHE_CAPACITY wins. Call before the first matmul.
 inline void bound_onednn_primitive_cache() {
   setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64", /*overwrite=*/0);
+  setenv("LRU_CACHE_CAPACITY", "64", /*overwrite=*/0);
 }
 
 }  // namespace moeforge
