@@ -18,9 +18,16 @@ std::string mib(int64_t bytes) {
   return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1 << 20));
 }
 
-// SwiGLU of width `ffn` on one token: normed input is counted by the caller.
-int64_t swiglu_bytes(int64_t ffn, int64_t b) {
-  return b * 4 * ffn;
+// CPU fp32 runs the experts' and the feed-forward blocks' own kernels (moe/gathered_experts.hpp).
+bool cpu_fp32(const Config& config) {
+  return config.train.device == DeviceKind::kCpu && config.train.precision == Precision::kFp32;
+}
+
+// A FeedForward of width `ffn` on one token (normed input counted by the caller): the two [·, F]
+// GEMM outputs in CPU fp32, the composite formula's four [·, F] tensors (silu's input and
+// output, up, their product) otherwise.
+int64_t swiglu_bytes(const Config& config, int64_t ffn, int64_t b) {
+  return b * (cpu_fp32(config) ? 2 : 4) * ffn;
 }
 
 // What the routed experts keep per token. CPU fp32 runs the gathered experts at ep 1 and the
@@ -34,14 +41,12 @@ int64_t routed_bytes_per_token(const Config& config, int64_t b) {
   const auto& moe = config.moe;
   const int64_t hidden = config.model.hidden_size, ffn = moe.expert_ffn_size;
   const int64_t k = moe.top_k, ep = config.parallel.ep_size;
-  const bool cpu_fp32 = config.train.device == DeviceKind::kCpu &&
-                        config.train.precision == Precision::kFp32 && !moe.capacity.pad;
-  if (cpu_fp32) {
+  if (cpu_fp32(config) && !moe.capacity.pad) {
     const bool dedup = config.parallel.dedup_dispatch != moe::DispatchDedup::kNone;
     const int64_t received = ep == 1 ? 0 : dedup ? std::min(k, ep) : k;
     return k * b * 2 * ffn + received * b * hidden;
   }
-  const int64_t swiglu = config.train.recompute.moe_act ? b * 2 * ffn : swiglu_bytes(ffn, b);
+  const int64_t swiglu = config.train.recompute.moe_act ? b * 2 * ffn : b * 4 * ffn;
   return k * (b * hidden + swiglu + 4 * hidden);
 }
 
@@ -55,11 +60,11 @@ int64_t block_bytes(const Config& config, int64_t block, int64_t b) {
   const int64_t pool = moe.num_experts + moe.router.num_null_experts;
   int64_t total = b * hidden + 4 * hidden + b * hidden;  // residual, norm input, normed input
   total += recompute.attention ? 0 : b * (2 * q + 2 * kv);
-  if (!is_moe_block(moe, block)) return total + b * hidden + swiglu_bytes(m.ffn_size, b);
+  if (!is_moe_block(moe, block)) return total + b * hidden + swiglu_bytes(config, m.ffn_size, b);
   total += b * hidden;  // the MoE layer's normed input
   if (recompute.moe) return total;
   total += 4 * 2 * pool + routed_bytes_per_token(config, b);
-  return total + moe.num_shared_experts * swiglu_bytes(moe::shared_expert_size(moe), b);
+  return total + moe.num_shared_experts * swiglu_bytes(config, moe::shared_expert_size(moe), b);
 }
 
 }  // namespace
