@@ -68,13 +68,14 @@ void over_rows(int64_t n, int64_t width, const Kernel& kernel) {
 
 // Scratch blocks reused by every expert, sized for the largest one; the [rows, H] blocks only
 // where rows are gathered (the rows form reads and writes its blocks in place).
-// The [rows, F] activation block only forward needs (backward writes h into its gradient block).
+// h = silu(g)·u lives in its own contiguous [rows, F] block in both directions: as a strided
+// GEMM operand (a half of backward's [rows, 2F] block) LibTorch's oneDNN wrapper would copy it.
 struct Scratch {
-  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, bool row_blocks, bool with_activation,
+  Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, bool row_blocks,
           const at::TensorOptions& options)
       : rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
         other_rows(at::empty({row_blocks ? max_rows : 0, hidden}, options)),
-        activation(at::empty({with_activation ? max_rows : 0, ffn}, options)) {}
+        activation(at::empty({max_rows, ffn}, options)) {}
   at::Tensor rows, other_rows, activation;
 };
 
@@ -223,8 +224,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                      : std::vector<at::Tensor>{
                            at::empty({gates_in.size(0), x_in.size(1)}, x_in.options())}) {
       for (size_t s = 0; s < num_shares; ++s)
-        scratch.emplace_back(max_rows, x_in.size(1), wg.size(1), gathered,
-                             /*with_activation=*/true, x_in.options());
+        scratch.emplace_back(max_rows, x_in.size(1), wg.size(1), gathered, x_in.options());
     }
 
     void add_block(int64_t e, int64_t first, int64_t n, int64_t s, const at::Tensor& wg,
@@ -259,8 +259,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
   // rows of one dx).
   struct Share {
     Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows, const at::Tensor& dx)
-        : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), /*with_activation=*/false,
-                  x_in.options()),
+        : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), x_in.options()),
           dh(at::empty({max_rows, wg.size(1)}, x_in.options())),
           gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
           gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
@@ -318,13 +317,13 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
       const float* gate = gates_in.const_data_ptr<float>() + first;
       // The gate and up projections go back through one GEMM each way, [dg | du]·[Wg; Wu] and
-      // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes. Until
-      // du is written, its half of the block holds h = silu(g)·u (then gate · h).
+      // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes.
       const int64_t ffn = wg.size(1);
       auto d_gate_up = share.gate_up.narrow(0, 0, n);  // [n, 2F]
       auto d_gate = d_gate_up.narrow(1, 0, ffn), d_up = d_gate_up.narrow(1, ffn, ffn);
+      auto h = scratch.activation.narrow(0, 0, n);  // silu(g)·u, then gate · h
       over_rows(n, ffn, [&](int64_t r, int64_t count) {
-        swiglu_rows(count, ffn, block(g, r), block(u, r), mutable_block(d_up, r));
+        swiglu_rows(count, ffn, block(g, r), block(u, r), mutable_block(h, r));
       });
       // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
       // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
@@ -333,10 +332,10 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       // Gates that need no gradient (the shared experts' ones) skip the dots.
       float* gate_grad = row_gates.defined() ? row_gates.data_ptr<float>() + first : nullptr;
       over_rows(n, ffn, [&](int64_t r, int64_t count) {
-        row_dots_then_scale(count, ffn, block(dh, r), mutable_block(d_up, r), gate + r,
+        row_dots_then_scale(count, ffn, block(dh, r), mutable_block(h, r), gate + r,
                             gate_grad ? gate_grad + r : nullptr);
       });
-      gemm_into(w_down[e], dy_rows.t(), d_up, /*accumulate=*/!first_block);
+      gemm_into(w_down[e], dy_rows.t(), h, /*accumulate=*/!first_block);
       over_rows(n, ffn, [&](int64_t r, int64_t count) {
         swiglu_rows_backward(count, ffn, block(dh, r), block(g, r), block(u, r), gate + r,
                              mutable_block(d_gate, r), mutable_block(d_up, r));
