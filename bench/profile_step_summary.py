@@ -19,10 +19,13 @@ import json
 import re
 
 # Ops inside the "moe" scope, by name (first match wins); the rest is "moe: other". GatheredExperts
-# (ep 1, fp32) is the routed experts' whole backward in one node: its GEMMs, SwiGLU elementwise
-# work and row gathers all count as expert GEMMs there.
+# (CPU fp32) is the experts' whole backward in one node: its GEMMs, SwiGLU elementwise work and
+# row gathers all count as experts there. In CPU fp32 the shared experts run through it too (one
+# expert, unit gates), and the GEMMs are moe/cpu_gemm's oneDNN calls (moeforge::onednn_mm_out),
+# so routed and shared experts are one category.
 MOE_OPS = [
-    ("moe: expert GEMMs", r"grouped_mm|^aten::mm$|mm_out|GroupedMatmul|GatheredExperts|^aten::bmm$"),
+    ("moe: experts (GEMMs; CPU fp32: routed and shared, with SwiGLU and row gathers)",
+     r"grouped_mm|^aten::mm$|mm_out|GroupedMatmul|GatheredExperts|^aten::bmm$"),
     ("moe: routing (router, top-k, aux/z-loss, counters)",
      r"topk|softmax|sigmoid|logsumexp|bincount|one_hot|histc|entropy|scatter_add|log$|"
      r"^aten::mean|^aten::sum"),
@@ -32,7 +35,10 @@ MOE_OPS = [
     ("moe: combine (gate scaling, index_add)", r"index_add|index_copy|IndexAdd|scatter"),
 ]
 # Custom autograd functions (C++ CppNode<...>) have no forward op with their sequence number.
-CUSTOM_NODES = [("moe: expert GEMMs", r"GroupedMatmul"), ("RMSNorm", r"RmsNorm"),
+CUSTOM_NODES = [("moe: experts (GEMMs; CPU fp32: routed and shared, with SwiGLU and row gathers)",
+                 r"GroupedMatmul"), ("RMSNorm", r"RmsNorm"),
+                # moe/projection's node: attention's q/k/v and o, the router, the LM head.
+                ("projections (attention q/k/v/o, router, LM head)", r"Projection"),
                 ("attention", r"Rotary"), ("loss (cross-entropy)", r"CrossEntropy"),
                 ("moe: permutation (argsort, index_select, all-to-all)", r"AllToAll|Exchange")]
 SCOPE_CATEGORY = {
