@@ -26,8 +26,7 @@ FeedForwardImpl::FeedForwardImpl(int64_t hidden_size, int64_t ffn_size) {
 at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
   if (!gathered_experts_apply(x)) return swiglu(x, w_gate, w_up, w_down);
   // CPU fp32: the routed experts' kernel with one expert and unit gates (which get no
-  // gradient): the gate and up projections back through one GEMM, SwiGLU fused, two [T, F]
-  // kept for backward where the composite keeps four.
+  // gradient): SwiGLU fused, two [T, F] kept for backward where the composite keeps four.
   const auto rows = x.reshape({-1, x.size(-1)});
   const auto unit_gates = at::ones({rows.size(0)}, rows.options());
   return gated_expert_rows(rows, unit_gates, {rows.size(0)}, w_gate.unsqueeze(0), w_up.unsqueeze(0),

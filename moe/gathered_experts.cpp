@@ -261,14 +261,12 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     Share(const at::Tensor& x_in, const at::Tensor& wg, int64_t max_rows, const at::Tensor& dx)
         : scratch(max_rows, x_in.size(1), wg.size(1), !dx.defined(), x_in.options()),
           dh(at::empty({max_rows, wg.size(1)}, x_in.options())),
-          gate_up(at::empty({max_rows, 2 * wg.size(1)}, x_in.options())),
-          gate_up_weight(at::empty({2 * wg.size(1), wg.size(2)}, x_in.options())),
-          gate_up_weight_grad(at::empty_like(gate_up_weight)),
+          d_gate(at::empty({max_rows, wg.size(1)}, x_in.options())),
+          d_up(at::empty_like(d_gate)),
           x(dx.defined() ? dx : at::zeros_like(x_in)) {}
     Scratch scratch;
-    at::Tensor dh, gate_up;                          // [rows, F], [rows, 2F]
-    at::Tensor gate_up_weight, gate_up_weight_grad;  // [2F, H], [2F, H]
-    at::Tensor x;                                    // this share's dx (or all of it)
+    at::Tensor dh, d_gate, d_up;  // [rows, F] each
+    at::Tensor x;                 // this share's dx (or all of it)
   };
 
   // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
@@ -316,11 +314,8 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const auto dy_rows = expert_rows(dy, index, first, n, scratch.other_rows);
       const auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
       const float* gate = gates_in.const_data_ptr<float>() + first;
-      // The gate and up projections go back through one GEMM each way, [dg | du]·[Wg; Wu] and
-      // its transpose: 1.2-1.8x faster than two GEMMs and an add at fine-grained shapes.
       const int64_t ffn = wg.size(1);
-      auto d_gate_up = share.gate_up.narrow(0, 0, n);  // [n, 2F]
-      auto d_gate = d_gate_up.narrow(1, 0, ffn), d_up = d_gate_up.narrow(1, ffn, ffn);
+      auto d_gate = share.d_gate.narrow(0, 0, n), d_up = share.d_up.narrow(0, 0, n);
       auto h = scratch.activation.narrow(0, 0, n);  // silu(g)·u, then gate · h
       over_rows(n, ffn, [&](int64_t r, int64_t count) {
         swiglu_rows(count, ffn, block(g, r), block(u, r), mutable_block(h, r));
@@ -340,13 +335,15 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
         swiglu_rows_backward(count, ffn, block(dh, r), block(g, r), block(u, r), gate + r,
                              mutable_block(d_gate, r), mutable_block(d_up, r));
       });
-      if (first_block) at::cat_out(share.gate_up_weight, {wg[e], wu[e]});  // [2F, H]
-      gemm_into(share.gate_up_weight_grad, d_gate_up.t(), rows, /*accumulate=*/!first_block);
-      w_gate[e].copy_(share.gate_up_weight_grad.narrow(0, 0, ffn));
-      w_up[e].copy_(share.gate_up_weight_grad.narrow(0, ffn, ffn));
+      // The gate and up projections back separately, straight into their gradients and dx:
+      // through oneDNN as fast as one [dg | du]·[Wg; Wu] GEMM each way (bench_moe_layer), without
+      // that one's per-expert weight concatenation and gradient split (3 · 2F·H floats copied).
+      gemm_into(w_gate[e], d_gate.t(), rows, /*accumulate=*/!first_block);
+      gemm_into(w_up[e], d_up.t(), rows, /*accumulate=*/!first_block);
       // Gathered: into dy_rows' scratch (no longer needed), then added to the tokens' rows.
       auto d_rows = index ? scratch.other_rows.narrow(0, 0, n) : share.x.narrow(0, first, n);
-      gemm_into(d_rows, d_gate_up, share.gate_up_weight);
+      gemm_into(d_rows, d_gate, wg[e]);
+      gemm_into(d_rows, d_up, wu[e], /*accumulate=*/true);
       if (index) add_rows(share.x, index, d_rows, nullptr);
     }
 
