@@ -15,9 +15,9 @@
 //   moeforge-aten, dense-aten  the same with MOEFORGE_CPU_GEMM=aten (MKL's sgemm instead of
 //             oneDNN for the fp32 products, moe/cpu_gemm.hpp);
 //   peak      the shape's FLOPs at the rate of a large square fp32 matmul on all threads
-//             (moe::gemm_into, oneDNN: near the machine's FMA peak): no implementation of the same math in fp32 gets
-//             below this time, so "vs peak" is the fraction of peak reached, and a speed-up over
-//             another column beyond that column's time / peak is out of reach.
+//             (moe::gemm_into, oneDNN: near the machine's FMA peak): no implementation of the same
+//             math in fp32 gets below this time, so "vs peak" is the fraction of peak reached, and
+//             a speed-up over another column beyond that column's time / peak is out of reach.
 // GFLOP/s count the routed experts only (3 GEMMs of 2·H·F per routed slot, ×3 for forward and
 // backward). Rounds are interleaved (every column of every shape once per round); a ratio is
 // taken within each round and reported as the median [min–max] over rounds. Peak MiB is the

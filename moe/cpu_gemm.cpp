@@ -53,20 +53,16 @@ bool onednn_takes_fp32() {
 }
 
 void aten_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (accumulate) {
-    // addmm_ on a const reference: the tensor's data is written, the handle is not changed.
-    at::Tensor target = out;
+  at::Tensor target = out;  // a handle to the same data: written, not rebound
+  if (accumulate)
     target.addmm_(a, b);
-  } else {
-    at::Tensor target = out;
+  else
     at::mm_out(target, a, b);
-  }
 }
 
 bool uses_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // A strided result would be copied in and out by LibTorch's wrapper: ATen writes it in place.
-  return a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-         out.scalar_type() == at::kFloat && out.is_contiguous() && cpu_gemm() == CpuGemm::kOneDnn;
+  return onednn_operand(a) && onednn_operand(b) && onednn_operand(out) && out.is_contiguous();
 }
 
 }  // namespace
@@ -78,6 +74,10 @@ CpuGemm cpu_gemm() {
     return requested;
   }();
   return kernel;
+}
+
+bool onednn_operand(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && cpu_gemm() == CpuGemm::kOneDnn;
 }
 
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {

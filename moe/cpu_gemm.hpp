@@ -23,6 +23,9 @@ enum class CpuGemm { kOneDnn, kAten };
 // The kernel CPU fp32 products use in this process (probed once).
 CpuGemm cpu_gemm();
 
+// Whether a product with this operand goes to oneDNN: a CPU fp32 tensor, and oneDNN chosen.
+bool onednn_operand(const at::Tensor& t);
+
 // out = a · b, or out += a · b with accumulate: 2-D operands, any strides (e.g. views made by
 // .t() or .narrow()); out [M, N] must not overlap a or b.
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,

@@ -5,16 +5,15 @@
 #include "moe/compute_precision.hpp"
 #include "moe/gathered_experts.hpp"
 #include "moe/grouped_matmul.hpp"
-#include "moe/projection.hpp"
 #include "parallel/recompute.hpp"
 
 namespace moeforge::moe {
 
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                   const at::Tensor& w_down) {
-  const auto gate = at::silu(projection(x, w_gate));  // [R, F]
-  const auto up = projection(x, w_up);                // [R, F]
-  return projection(gate * up, w_down);               // [R, H]
+  const auto gate = at::silu(at::matmul(x, w_gate.t()));  // [R, F]
+  const auto up = at::matmul(x, w_up.t());                // [R, F]
+  return at::matmul(gate * up, w_down.t());               // [R, H]
 }
 
 FeedForwardImpl::FeedForwardImpl(int64_t hidden_size, int64_t ffn_size) {

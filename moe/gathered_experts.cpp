@@ -67,9 +67,9 @@ void over_rows(int64_t n, int64_t width, const Kernel& kernel) {
 }
 
 // Scratch blocks reused by every expert, sized for the largest one; the [rows, H] blocks only
-// where rows are gathered (the rows form reads and writes its blocks in place).
-// h = silu(g)·u lives in its own contiguous [rows, F] block in both directions: as a strided
-// GEMM operand (a half of backward's [rows, 2F] block) LibTorch's oneDNN wrapper would copy it.
+// where rows are gathered (the rows form reads and writes its blocks in place). `activation`
+// holds h = silu(g)·u in both directions: a contiguous GEMM operand (a strided one would be
+// copied by LibTorch's oneDNN wrapper).
 struct Scratch {
   Scratch(int64_t max_rows, int64_t hidden, int64_t ffn, bool row_blocks,
           const at::TensorOptions& options)

@@ -28,7 +28,7 @@ bool has_grouped_kernel(const at::Tensor& a, const at::Tensor& b, int64_t result
   if (a.is_cuda() && type != at::kBFloat16) return false;
   if (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf) return false;
   // CPU fp32: at::_grouped_mm loops over MKL's sgemm there; the loop's gemm_into is faster.
-  if (a.device().is_cpu() && type == at::kFloat && cpu_gemm() == CpuGemm::kOneDnn) return false;
+  if (onednn_operand(a)) return false;
   return is_16_byte_aligned(a) && is_16_byte_aligned(b) &&
          (result_columns * a.element_size()) % 16 == 0;
 }

@@ -41,9 +41,9 @@ class Projection : public torch::autograd::Function<Projection> {
 };
 
 bool takes_cpu_gemm(const at::Tensor& x, const at::Tensor& w) {
-  return x.device().is_cpu() && x.scalar_type() == at::kFloat && w.device().is_cpu() &&
-         w.scalar_type() == at::kFloat && w.dim() == 2 && x.dim() >= 1 &&
-         !at::autocast::is_autocast_enabled(at::kCPU) && cpu_gemm() == CpuGemm::kOneDnn;
+  // Under autocast at::linear would compute in bf16; this node would not.
+  return onednn_operand(x) && onednn_operand(w) && w.dim() == 2 && x.dim() >= 1 &&
+         !at::autocast::is_autocast_enabled(at::kCPU);
 }
 
 }  // namespace
