@@ -165,7 +165,7 @@ int run_training(PreparedRun& run, const TrainArgs& args, int rank) {
   if (config.train.threads_per_rank > 0) at::set_num_threads(config.train.threads_per_rank);
   if (rank == 0 && !run.options.resume)  // every rank agreed: now replace an old run
     run.options.run_id = start_fresh_run(config.train.out_dir, args.overwrite);
-  install_stop_signal_handlers();
+  listen_for_stop_signals();
   parallel::MpiCommunicator world(MPI_COMM_WORLD);
   world.set_timeout(config.parallel.timeout_s);  // the groups split from it inherit it
   auto groups = parallel::make_process_groups(world, config.parallel.ep_size);

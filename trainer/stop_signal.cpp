@@ -1,28 +1,84 @@
 #include "trainer/stop_signal.hpp"
 
+#include <pthread.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cerrno>
 #include <csignal>
+#include <cstdlib>
+#include <thread>
+
+extern char** environ;
 
 namespace moeforge {
 namespace {
 
-volatile std::sig_atomic_t g_stop_signal = 0;
+std::atomic<int> g_stop_signal{0};
+std::atomic<bool> g_listening{false};
 
-extern "C" void on_stop_signal(int signal) {
-  g_stop_signal = signal;
+sigset_t stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (const int signal : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&set, signal);
+  return set;
+}
+
+// The default action of `signal` (each stop signal's ends the process), taken on this thread.
+[[noreturn]] void end_by(int signal) {
+  std::signal(signal, SIG_DFL);
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, signal);
+  pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+  raise(signal);  // directed at this thread, the only one not blocking it: delivered here
+  std::_Exit(128 + signal);
+}
+
+void receive_stop_signals() {
+  const sigset_t set = stop_signals();
+  for (;;) {
+    int signal = 0;
+    if (sigwait(&set, &signal) != 0) continue;
+    int none = 0;
+    if (!g_listening || !g_stop_signal.compare_exchange_strong(none, signal)) end_by(signal);
+  }
 }
 
 }  // namespace
 
-void install_stop_signal_handlers() {
-  struct sigaction action {};
-  action.sa_handler = on_stop_signal;
-  sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESETHAND | SA_RESTART;  // one-shot; do not break blocking calls
-  for (const int signal : {SIGTERM, SIGINT, SIGUSR1}) sigaction(signal, &action, nullptr);
+void route_stop_signals() {
+  const sigset_t set = stop_signals();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  std::thread(receive_stop_signals).detach();
+}
+
+void listen_for_stop_signals() {
+  g_listening = true;
 }
 
 int requested_stop_signal() {
   return g_stop_signal;
+}
+
+int run_shell_command(const std::string& command) {
+  posix_spawnattr_t attributes;
+  posix_spawnattr_init(&attributes);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attributes, &none);
+  posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
+  const char* argv[] = {"sh", "-c", command.c_str(), nullptr};
+  pid_t child = 0;
+  const int failed =
+      posix_spawn(&child, "/bin/sh", nullptr, &attributes, const_cast<char* const*>(argv), environ);
+  posix_spawnattr_destroy(&attributes);
+  if (failed != 0) return -1;
+  int status = 0;
+  while (waitpid(child, &status, 0) < 0)
+    if (errno != EINTR) return -1;
+  return status;
 }
 
 }  // namespace moeforge

@@ -18,6 +18,7 @@
 #include "trainer/inference/routing_analysis.hpp"
 #include "trainer/inference/text_codec.hpp"
 #include "trainer/model/model_weights.hpp"
+#include "trainer/stop_signal.hpp"
 
 namespace moeforge {
 namespace {
@@ -306,7 +307,7 @@ void plot(const std::string& out, bool skip) {
     std::cout << "plots: run " << command << "\n";
     return;
   }
-  if (std::system(command.c_str()) != 0)
+  if (run_shell_command(command) != 0)
     std::cerr << "moeforge analyze: the plots could not be made (matplotlib in " << project_python()
               << "?); report.json is written; to plot later run:\n  " << command << std::endl;
 }

@@ -11,6 +11,7 @@
 #include "trainer/common/file_io.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/tokenizer_files.hpp"
+#include "trainer/stop_signal.hpp"
 
 namespace fs = std::filesystem;
 
@@ -81,7 +82,7 @@ class HfTokenizerCodec final : public TextCodec {
     const auto command =
         fmt::format("{} -c {} {} {} {} {}", shell_quote(project_python()), shell_quote(kBridge),
                     mode, shell_quote(file_), shell_quote(in), shell_quote(out));
-    const int status = std::system(command.c_str());
+    const int status = run_shell_command(command);
     std::string result = status == 0 && fs::exists(out) ? read_file(out) : "";
     fs::remove_all(dir);
     if (status != 0)
