@@ -14,6 +14,7 @@
 #include <string>
 #include <thread>
 
+#include "trainer/common/shell_command.hpp"
 #include "trainer/stop_signal.hpp"
 
 namespace moeforge {

@@ -9,9 +9,8 @@
 // for them (sigwait). A handler running on a compute thread pushes its frame at that thread's
 // stack pointer, and oneDNN's generated f32 GEMM kernels (oneDNN ≤ 3.11.1; LibTorch 2.11 ships
 // 3.10.2) point rsp into a heap workspace while they run: a preemption signal arriving then
-// corrupted the heap (glibc abort "corrupted size vs. prev_size" in a later free).
-#include <string>
-
+// corrupted the heap (glibc abort "corrupted size vs. prev_size" in a later free). Children are
+// spawned with nothing blocked (trainer/common/shell_command.hpp).
 namespace moeforge {
 
 // First thing in main, before any other thread exists (threads inherit the signal mask):
@@ -23,9 +22,5 @@ void listen_for_stop_signals();
 
 // The signal received (0 = none).
 int requested_stop_signal();
-
-// std::system for a command the user may interrupt: `sh -c command` with the stop signals
-// unblocked in the child (it would inherit them blocked). Returns the wait status (0 = success).
-int run_shell_command(const std::string& command);
 
 }  // namespace moeforge

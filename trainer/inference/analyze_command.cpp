@@ -18,7 +18,7 @@
 #include "trainer/inference/routing_analysis.hpp"
 #include "trainer/inference/text_codec.hpp"
 #include "trainer/model/model_weights.hpp"
-#include "trainer/stop_signal.hpp"
+#include "trainer/common/shell_command.hpp"
 
 namespace moeforge {
 namespace {

@@ -11,7 +11,7 @@
 #include "trainer/common/file_io.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/tokenizer_files.hpp"
-#include "trainer/stop_signal.hpp"
+#include "trainer/common/shell_command.hpp"
 
 namespace fs = std::filesystem;
 
