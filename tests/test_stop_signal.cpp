@@ -35,6 +35,13 @@ int request_after(int signal) {
   return requested_stop_signal();
 }
 
+// Sends `signal` to this process and exits with 2 if still alive 5 s later.
+[[noreturn]] void send_and_outlive(int signal) {
+  kill(getpid(), signal);
+  std::this_thread::sleep_for(std::chrono::seconds(5));
+  std::_Exit(2);
+}
+
 class StopSignal : public ::testing::Test {
  protected:
   void SetUp() override { GTEST_FLAG_SET(death_test_style, "threadsafe"); }
@@ -61,9 +68,7 @@ TEST_F(StopSignal, TheSecondSignalEndsTheProcess) {
         route_stop_signals();
         listen_for_stop_signals();
         if (request_after(SIGUSR1) != SIGUSR1) std::_Exit(1);
-        kill(getpid(), SIGINT);
-        std::this_thread::sleep_for(std::chrono::seconds(5));
-        std::_Exit(2);
+        send_and_outlive(SIGINT);
       },
       ::testing::KilledBySignal(SIGINT), "");
 }
@@ -72,9 +77,7 @@ TEST_F(StopSignal, WithoutARunListeningTheDefaultActionStays) {
   EXPECT_EXIT(
       {
         route_stop_signals();
-        kill(getpid(), SIGTERM);
-        std::this_thread::sleep_for(std::chrono::seconds(5));
-        std::_Exit(2);
+        send_and_outlive(SIGTERM);
       },
       ::testing::KilledBySignal(SIGTERM), "");
 }
