@@ -22,7 +22,7 @@ sigset_t stop_signals() {
 
 // The default action of `signal` (each stop signal's ends the process), taken on this thread.
 [[noreturn]] void end_by(int signal) {
-  std::signal(signal, SIG_DFL);
+  std::signal(signal, SIG_DFL);  // moeforge installs no handler; a library might have
   sigset_t one;
   sigemptyset(&one);
   sigaddset(&one, signal);

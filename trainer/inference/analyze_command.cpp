@@ -4,13 +4,13 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "moe/routing_recorder.hpp"
 #include "trainer/common/file_io.hpp"
+#include "trainer/common/shell_command.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/model_source.hpp"
 #include "trainer/data/data.hpp"
@@ -18,7 +18,6 @@
 #include "trainer/inference/routing_analysis.hpp"
 #include "trainer/inference/text_codec.hpp"
 #include "trainer/model/model_weights.hpp"
-#include "trainer/common/shell_command.hpp"
 
 namespace moeforge {
 namespace {

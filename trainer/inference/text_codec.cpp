@@ -9,9 +9,9 @@
 #include <sstream>
 
 #include "trainer/common/file_io.hpp"
+#include "trainer/common/shell_command.hpp"
 #include "trainer/common/user_error.hpp"
 #include "trainer/convert/tokenizer_files.hpp"
-#include "trainer/common/shell_command.hpp"
 
 namespace fs = std::filesystem;
 
