@@ -450,7 +450,7 @@ int main(int argc, char** argv) {
   bound_onednn_primitive_cache();
   CLI::App app{"MoE layer forward+backward vs dense SwiGLU and eager PyTorch references"};
   int rounds = 5, iterations = 3;
-  std::string only, column_list;
+  std::string only, column_list, shape_filter;
   bool quick = false, no_python = false, profile = false;
   app.add_option("--rounds", rounds, "interleaved rounds")->check(CLI::PositiveNumber);
   app.add_option("--iters", iterations, "timed iterations per case and round")
@@ -462,6 +462,8 @@ int main(int argc, char** argv) {
       "comma-separated columns, first is the one compared (default: all of the table; "
       "also: pipeline = moeforge's dispatch pipeline at ep 1 (gated-rows experts), grouped = "
       "the pipeline with grouped-GEMM experts)");
+  app.add_option("--shape", shape_filter,
+                 "only the shapes whose name contains this text (e.g. E16, 'k6 H512')");
   app.add_flag("--no-python", no_python, "moeforge and its dense column only");
   app.add_flag("--profile", profile, "only: self time per op category of one moeforge step");
   CLI11_PARSE(app, argc, argv);
@@ -477,25 +479,30 @@ int main(int argc, char** argv) {
                     [](const auto& n) { return n == "eager" || n == "hf" || n == "dense-py"; });
     return columns(names);
   };
+  const auto chosen = [&](std::vector<Shape> shapes) {
+    std::erase_if(shapes,
+                  [&](const Shape& s) { return s.name.find(shape_filter) == std::string::npos; });
+    return shapes;
+  };
   if (profile) {
     auto shapes = reference_shapes();
     for (const auto& s : scaling_shapes())
       if (s.experts == 128) shapes.push_back(s);
-    print_profiles(shapes);
+    print_profiles(chosen(shapes));
     return 0;
   }
   fmt::print("{} rounds x {} iterations, {} threads\n", rounds, iterations, at::get_num_threads());
   if (only != "scaling") {
     const auto cols =
         pick({"moeforge", "moeforge-aten", "dense", "eager", "hf", "dense-py", "peak"});
-    const auto shapes = reference_shapes();
+    const auto shapes = chosen(reference_shapes());
     const auto samples = run_rounds(shapes, cols, rounds, iterations);
     print_table("MoE layer fwd+bwd", shapes, cols, samples);
     print_ceilings(shapes, cols, samples);
   }
   if (only != "shapes") {
     const auto cols = pick({"moeforge", "dense", "eager", "peak"});
-    const auto shapes = scaling_shapes();
+    const auto shapes = chosen(scaling_shapes());
     const auto samples = run_rounds(shapes, cols, rounds, iterations);
     print_table("Fine-grained scaling at constant work (T 4096, H 512, k·F 2048)", shapes, cols,
                 samples);

@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "moe/tiled_gemm.hpp"
+
 // Exported by libtorch_cpu (ATen/native/mkldnn/Matmul.h, not installed with the wheel):
 // result = beta · result + alpha · mat1 · mat2 through oneDNN's matmul primitive.
 namespace at::native {
@@ -60,6 +62,19 @@ void aten_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
     at::mm_out(target, a, b);
 }
 
+// Whether the experts' products go through brgemm tiles (MOEFORGE_EXPERT_GEMM).
+bool experts_tiled() {
+  static const bool tiled = [] {
+    const char* value = std::getenv("MOEFORGE_EXPERT_GEMM");
+    const std::string choice = value ? value : "tiles";
+    if (choice != "tiles" && choice != "matmul")
+      throw std::invalid_argument("MOEFORGE_EXPERT_GEMM='" + choice +
+                                  "': allowed values are tiles (default) and matmul");
+    return choice == "tiles";
+  }();
+  return tiled;
+}
+
 bool uses_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // A strided result would be copied in and out by LibTorch's wrapper: ATen writes it in place.
   return onednn_operand(a) && onednn_operand(b) && onednn_operand(out) && out.is_contiguous();
@@ -80,7 +95,13 @@ bool onednn_operand(const at::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == at::kFloat && cpu_gemm() == CpuGemm::kOneDnn;
 }
 
-void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+               RowCounts row_counts) {
+  if (row_counts == RowCounts::kPerStep && experts_tiled() && onednn_operand(a) &&
+      tiled_gemm_takes(out, a, b)) {
+    tiled_gemm_into(out, a, b, accumulate);
+    return;
+  }
   const int64_t rows = a.size(0), depth = a.size(1);
   const int64_t bulk_rows = rows / kShapeStep * kShapeStep;
   const int64_t bulk_depth = depth / kShapeStep * kShapeStep;

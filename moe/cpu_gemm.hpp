@@ -26,10 +26,17 @@ CpuGemm cpu_gemm();
 // Whether a product with this operand goes to oneDNN: a CPU fp32 tensor, and oneDNN chosen.
 bool onednn_operand(const at::Tensor& t);
 
+// Whether a product's row count (or its reduction over rows) is the same every step (dense
+// layers, attention, the LM head) or changes every step (the routed experts'). With oneDNN
+// chosen, the latter go through brgemm tiles (moe/tiled_gemm.hpp), which need no kernel per
+// row count; MOEFORGE_EXPERT_GEMM=matmul (or tiles, the default) sends them through oneDNN's
+// matmul like the others, for A/B measurements.
+enum class RowCounts { kFixed, kPerStep };
+
 // out = a · b, or out += a · b with accumulate: 2-D operands, any strides (e.g. views made by
 // .t() or .narrow()); out [M, N] must not overlap a or b.
 void gemm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-               bool accumulate = false);
+               bool accumulate = false, RowCounts rows = RowCounts::kFixed);
 
 // a · b as a new [M, N] tensor.
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);

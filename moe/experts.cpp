@@ -29,7 +29,7 @@ at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
   const auto rows = x.reshape({-1, x.size(-1)});
   const auto unit_gates = at::ones({rows.size(0)}, rows.options());
   return gated_expert_rows(rows, unit_gates, {rows.size(0)}, w_gate.unsqueeze(0), w_up.unsqueeze(0),
-                           w_down.unsqueeze(0))
+                           w_down.unsqueeze(0), RowCounts::kFixed)
       .view(x.sizes());
 }
 

@@ -139,6 +139,10 @@ void for_each_expert(const std::vector<int64_t>& rows, const std::vector<int64_t
   });
 }
 
+RowCounts row_counts_of(bool fixed_rows) {
+  return fixed_rows ? RowCounts::kFixed : RowCounts::kPerStep;
+}
+
 // One output (y or dx) per share, so concurrent shares never add into the same token; the
 // first is the result, the others are added into it after the shares finish.
 std::vector<at::Tensor> share_outputs(const at::Tensor& like, size_t shares) {
@@ -173,10 +177,10 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                             const at::Tensor& row_gates, const at::Tensor& w_gate,
                             const at::Tensor& w_up, const at::Tensor& w_down,
                             const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert,
-                            bool gathered) {
+                            bool gathered, bool fixed_rows) {
     const auto bounds = thread_shares(rows_per_expert);
     Outputs out(x, row_gates, w_gate, token_of_row, gathered, scratch_rows(rows_per_expert),
-                bounds.size() - 1);
+                bounds.size() - 1, row_counts_of(fixed_rows));
     for_each_expert(rows_per_expert, bounds,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool /*first_block*/) {
                       if (n > 0) out.add_block(e, first, n, s, w_gate, w_up, w_down);
@@ -185,6 +189,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
         {x, row_gates, w_gate, w_up, w_down, token_of_row, out.gate_out, out.up_out});
     ctx->saved_data["rows"] = rows_per_expert;
     ctx->saved_data["gathered"] = gathered;
+    ctx->saved_data["fixed_rows"] = fixed_rows;
     return sum_shares(out.y);
   }
 
@@ -195,7 +200,8 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     const auto bounds = thread_shares(rows_per_expert);
     Gradients grads(saved, grad_outputs[0].contiguous(), scratch_rows(rows_per_expert),
                     bounds.size() - 1, ctx->saved_data["gathered"].toBool(),
-                    ctx->needs_input_grad(1));
+                    ctx->needs_input_grad(1),
+                    row_counts_of(ctx->saved_data["fixed_rows"].toBool()));
     for_each_expert(rows_per_expert, bounds,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool first_block) {
                       if (n > 0)
@@ -203,16 +209,18 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                       else
                         grads.zero_expert(e);
                     });
-    return {grads.x(),    grads.row_gates, grads.w_gate, grads.w_up,
-            grads.w_down, at::Tensor(),    at::Tensor(), at::Tensor()};
+    return {grads.x(),    grads.row_gates, grads.w_gate, grads.w_up,  grads.w_down,
+            at::Tensor(), at::Tensor(),    at::Tensor(), at::Tensor()};
   }
 
  private:
   // Forward, block by block: the two GEMM outputs kept for backward, and y.
   struct Outputs {
     Outputs(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& wg,
-            const at::Tensor& tokens_in, bool gathered_rows, int64_t max_rows, size_t num_shares)
+            const at::Tensor& tokens_in, bool gathered_rows, int64_t max_rows, size_t num_shares,
+            RowCounts counts)
         : gathered(gathered_rows),
+          row_counts(counts),
           x(x_in),
           gates(gates_in),
           tokens(tokens_in),
@@ -232,24 +240,25 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       const int64_t* index = gathered ? tokens.const_data_ptr<int64_t>() + first : nullptr;
       const auto rows = expert_rows(x, index, first, n, scratch[s].rows);
       auto g = gate_out.narrow(0, first, n), u = up_out.narrow(0, first, n);
-      gemm_into(g, rows, wg[e].t());
-      gemm_into(u, rows, wu[e].t());
+      gemm_into(g, rows, wg[e].t(), false, row_counts);
+      gemm_into(u, rows, wu[e].t(), false, row_counts);
       auto h = scratch[s].activation.narrow(0, 0, n);
       over_rows(n, h.size(1), [&](int64_t r, int64_t count) {
         swiglu_rows(count, h.size(1), block(g, r), block(u, r), mutable_block(h, r));
       });
       if (gathered) {
         auto out = scratch[s].other_rows.narrow(0, 0, n);
-        gemm_into(out, h, wd[e].t());
+        gemm_into(out, h, wd[e].t(), false, row_counts);
         add_rows(y[s], index, out, gates.const_data_ptr<float>() + first);
       } else {
         auto out = y[0].narrow(0, first, n);
-        gemm_into(out, h, wd[e].t());
+        gemm_into(out, h, wd[e].t(), false, row_counts);
         out.mul_(gates.narrow(0, first, n).unsqueeze(1));
       }
     }
 
     bool gathered;
+    RowCounts row_counts;
     at::Tensor x, gates, tokens, gate_out, up_out;
     std::vector<at::Tensor> y;
     std::vector<Scratch> scratch;
@@ -272,8 +281,9 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
   // Backward, expert by expert; each block recomputes silu(g)·u from the kept GEMM outputs.
   struct Gradients {
     Gradients(const std::vector<at::Tensor>& saved, at::Tensor grad_y, int64_t max_rows,
-              size_t num_shares, bool gathered_rows, bool gate_gradient)
+              size_t num_shares, bool gathered_rows, bool gate_gradient, RowCounts counts)
         : gathered(gathered_rows),
+          row_counts(counts),
           x_in(saved[0]),
           gates_in(saved[1]),
           wg(saved[2]),
@@ -323,14 +333,14 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       // d(output row) = gate · dy: through w_down, dh = gate · (dy · w_down); the gate's own
       // gradient is ⟨dy, out⟩ = ⟨dy · w_down, h⟩, with no need to keep or recompute out.
       auto dh = share.dh.narrow(0, 0, n);
-      gemm_into(dh, dy_rows, wd[e]);
+      gemm_into(dh, dy_rows, wd[e], false, row_counts);
       // Gates that need no gradient (the shared experts' ones) skip the dots.
       float* gate_grad = row_gates.defined() ? row_gates.data_ptr<float>() + first : nullptr;
       over_rows(n, ffn, [&](int64_t r, int64_t count) {
         row_dots_then_scale(count, ffn, block(dh, r), mutable_block(h, r), gate + r,
                             gate_grad ? gate_grad + r : nullptr);
       });
-      gemm_into(w_down[e], dy_rows.t(), h, /*accumulate=*/!first_block);
+      gemm_into(w_down[e], dy_rows.t(), h, /*accumulate=*/!first_block, row_counts);
       over_rows(n, ffn, [&](int64_t r, int64_t count) {
         swiglu_rows_backward(count, ffn, block(dh, r), block(g, r), block(u, r), gate + r,
                              mutable_block(d_gate, r), mutable_block(d_up, r));
@@ -338,16 +348,17 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
       // The gate and up projections back separately, straight into their gradients and dx:
       // through oneDNN as fast as one [dg | du]·[Wg; Wu] GEMM each way (bench_moe_layer), without
       // that one's per-expert weight concatenation and gradient split (3 · 2F·H floats copied).
-      gemm_into(w_gate[e], d_gate.t(), rows, /*accumulate=*/!first_block);
-      gemm_into(w_up[e], d_up.t(), rows, /*accumulate=*/!first_block);
+      gemm_into(w_gate[e], d_gate.t(), rows, /*accumulate=*/!first_block, row_counts);
+      gemm_into(w_up[e], d_up.t(), rows, /*accumulate=*/!first_block, row_counts);
       // Gathered: into dy_rows' scratch (no longer needed), then added to the tokens' rows.
       auto d_rows = index ? scratch.other_rows.narrow(0, 0, n) : share.x.narrow(0, first, n);
-      gemm_into(d_rows, d_gate, wg[e]);
-      gemm_into(d_rows, d_up, wu[e], /*accumulate=*/true);
+      gemm_into(d_rows, d_gate, wg[e], false, row_counts);
+      gemm_into(d_rows, d_up, wu[e], /*accumulate=*/true, row_counts);
       if (index) add_rows(share.x, index, d_rows, nullptr);
     }
 
     bool gathered;
+    RowCounts row_counts;
     at::Tensor x_in, gates_in, wg, wu, wd, tokens, gate_out, up_out, dy;
     at::Tensor row_gates, w_gate, w_up, w_down;  // the gradients (x's: the shares' sum)
     std::vector<Share> shares;
@@ -364,18 +375,21 @@ at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
                   token_of_row.scalar_type() == at::kLong,
               "gathered_experts: CPU fp32 rows and gates, int64 token indices expected");
   return GatheredExperts::apply(x.contiguous(), row_gates.contiguous(), w_gate, w_up, w_down,
-                                token_of_row.contiguous(), rows_per_expert, /*gathered=*/true);
+                                token_of_row.contiguous(), rows_per_expert, /*gathered=*/true,
+                                /*fixed_rows=*/false);
 }
 
 at::Tensor gated_expert_rows(const at::Tensor& rows, const at::Tensor& row_gates,
                              const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
-                             const at::Tensor& w_up, const at::Tensor& w_down) {
+                             const at::Tensor& w_up, const at::Tensor& w_down,
+                             RowCounts row_counts) {
   TORCH_CHECK(gathered_experts_apply(rows) && row_gates.scalar_type() == at::kFloat &&
                   row_gates.numel() == rows.size(0),
               "gated_expert_rows: CPU fp32 rows and one fp32 gate per row expected");
   return GatheredExperts::apply(rows.contiguous(), row_gates.reshape({-1}).contiguous(), w_gate,
                                 w_up, w_down, at::empty({0}, rows.options().dtype(at::kLong)),
-                                rows_per_expert, /*gathered=*/false);
+                                rows_per_expert, /*gathered=*/false,
+                                /*fixed_rows=*/row_counts == RowCounts::kFixed);
 }
 
 bool gathered_experts_apply(const at::Tensor& x) {

@@ -19,6 +19,8 @@
 
 #include <vector>
 
+#include "moe/cpu_gemm.hpp"
+
 namespace moeforge::moe {
 
 // y [T, H] (fp32) = Σ_r row_gates[r] · SwiGLU_e(r)(x[token_of_row[r]]), where rows r are grouped
@@ -35,9 +37,12 @@ at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
 // gates). Kept for backward: rows, gates and the two [R, F] GEMM outputs, where the grouped-GEMM
 // experts keep four [R, F] tensors (silu's input and output, up, their product) and the combine
 // kept the returned rows for the gates' gradient. Differentiable in rows, gates and weights.
+// row_counts: kPerStep for routed experts, kFixed for a dense FeedForward run as one expert
+// (moe/cpu_gemm.hpp: which kernel its products take).
 at::Tensor gated_expert_rows(const at::Tensor& rows, const at::Tensor& row_gates,
                              const std::vector<int64_t>& rows_per_expert, const at::Tensor& w_gate,
-                             const at::Tensor& w_up, const at::Tensor& w_down);
+                             const at::Tensor& w_up, const at::Tensor& w_down,
+                             RowCounts row_counts = RowCounts::kPerStep);
 
 // Whether gathered_experts and gated_expert_rows serve x: a CPU fp32 input with no autocast (bf16
 // takes the pipeline, whose grouped GEMMs bound oneDNN's shape cache).

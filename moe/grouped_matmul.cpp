@@ -70,7 +70,8 @@ at::Tensor rows_times_groups(const at::Tensor& x, const at::Tensor& w,
   for (size_t g = 0; g < rows_per_group.size(); ++g) {
     const int64_t rows = rows_per_group[g];
     if (rows > 0) {
-      gemm_into(out.narrow(0, offset, rows), x.narrow(0, offset, rows), w[g]);
+      gemm_into(out.narrow(0, offset, rows), x.narrow(0, offset, rows), w[g], false,
+                RowCounts::kPerStep);
     }
     offset += rows;
   }
@@ -92,7 +93,8 @@ at::Tensor per_group_outer(const at::Tensor& a, const at::Tensor& b,
   for (size_t g = 0; g < rows_per_group.size(); ++g) {
     const int64_t rows = rows_per_group[g];
     if (rows > 0) {
-      gemm_into(out[g], a.narrow(1, offset, rows), b.narrow(0, offset, rows));
+      gemm_into(out[g], a.narrow(1, offset, rows), b.narrow(0, offset, rows), false,
+                RowCounts::kPerStep);
     }
     offset += rows;
   }

@@ -95,6 +95,24 @@ void row_dots_then_scale(int64_t rows, int64_t width, RowBlock<const float> a, R
 }
 
 MOEFORGE_VECTOR_CLONES
+void transpose_rows(int64_t rows, int64_t cols, RowBlock<const float> from, RowBlock<float> to) {
+  // 16 x 16 tiles: each tile's 16 source rows are read once into registers' worth of lines and
+  // written as 16 destination rows, so both sides stream whole cache lines.
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r_end = r0 + kTile < rows ? r0 + kTile : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c_end = c0 + kTile < cols ? c0 + kTile : cols;
+      for (int64_t c = c0; c < c_end; ++c) {
+        float* __restrict out = to.data + c * to.stride;
+        const float* __restrict in = from.data + c;
+        for (int64_t r = r0; r < r_end; ++r) out[r] = in[r * from.stride];
+      }
+    }
+  }
+}
+
+MOEFORGE_VECTOR_CLONES
 void add_scaled(int64_t width, float s, const float* __restrict from, float* __restrict to) {
   for (int64_t c = 0; c < width; ++c) to[c] += s * from[c];
 }

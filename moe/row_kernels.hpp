@@ -29,6 +29,10 @@ void swiglu_rows_backward(int64_t rows, int64_t width, RowBlock<const float> dh,
 void row_dots_then_scale(int64_t rows, int64_t width, RowBlock<const float> a, RowBlock<float> b,
                          const float* scale, float* dots);
 
+// to[c][r] = from[r][c] for a [rows, cols] block `from` ([cols, rows] `to`): packs a transposed
+// GEMM operand (moe/tiled_gemm).
+void transpose_rows(int64_t rows, int64_t cols, RowBlock<const float> from, RowBlock<float> to);
+
 // to[c] += s · from[c] for c < width.
 void add_scaled(int64_t width, float s, const float* from, float* to);
 

@@ -1,12 +1,15 @@
-// CPU fp32 products through oneDNN (moe/cpu_gemm, moe/projection) against float64 products:
-// row and reduction counts below, at and around the 64-step split between oneDNN and ATen,
-// transposed operands, accumulation, and the projection's autograd node.
+// CPU fp32 products through oneDNN (moe/cpu_gemm, moe/tiled_gemm, moe/projection) against
+// float64 products: row and reduction counts below, at and around the 64-step split between
+// oneDNN and ATen and the brgemm tiles' pieces, transposed operands, accumulation, threads, and
+// the projection's autograd node.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include "moe/cpu_gemm.hpp"
 #include "moe/projection.hpp"
+#include "moe/tiled_gemm.hpp"
 
 namespace moeforge::moe {
 namespace {
@@ -54,6 +57,79 @@ TEST(CpuGemm, TransposedOperandsAndRowBlocks) {
   EXPECT_LT(relative_error(block, at::mm(a_t.t().to(at::kDouble), b_t.t().to(at::kDouble))), 1e-6);
   EXPECT_TRUE(buffer.narrow(0, 0, 10).eq(7.0F).all().item<bool>());
   EXPECT_TRUE(buffer.narrow(0, 140, 10).eq(7.0F).all().item<bool>());
+}
+
+// An operand in the given layout: row-major, or the transposed view of a row-major matrix.
+at::Tensor laid_out(const at::Tensor& t, bool transposed) {
+  return transposed ? t.t().contiguous().t() : t.contiguous();
+}
+
+// The brgemm tiles at the sizes that pick every kind of piece (whole 256 panels, multiples of
+// 64, powers of two down to 1), with each operand in either layout, written and accumulated.
+TEST(TiledGemm, MatchesFloat64InEveryLayoutAndPiece) {
+  at::manual_seed(15);
+  for (const int64_t rows : {1, 7, 64, 117, 300}) {
+    for (const int64_t depth : {1, 37, 256, 333}) {
+      const int64_t columns = rows == 117 ? 520 : 48;
+      const auto a = at::randn({rows, depth}), b = at::randn({depth, columns});
+      const auto expected = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+      const auto start = at::randn({rows, columns});
+      for (const bool a_t : {false, true}) {
+        for (const bool b_t : {false, true}) {
+          const auto la = laid_out(a, a_t), lb = laid_out(b, b_t);
+          ASSERT_TRUE(tiled_gemm_takes(start, la, lb));
+          auto out = at::full({rows, columns}, std::nan(""));  // every element must be written
+          tiled_gemm_into(out, la, lb, /*accumulate=*/false);
+          EXPECT_LT(relative_error(out, expected), 1e-6) << rows << "x" << depth << "x" << columns;
+          auto sum = start.clone();
+          tiled_gemm_into(sum, la, lb, /*accumulate=*/true);
+          EXPECT_LT(relative_error(sum, expected + start.to(at::kDouble)), 1e-6)
+              << rows << "x" << depth << " accumulated";
+        }
+      }
+    }
+  }
+}
+
+// A row block of a larger buffer as the result (its neighbours untouched), the rows split
+// between threads outside a parallel region and run inline inside one, and an empty reduction.
+TEST(TiledGemm, RowBlocksThreadsAndEmptyReduction) {
+  at::manual_seed(16);
+  const auto a = at::randn({700, 96}), w = at::randn({40, 96});
+  const auto expected = at::mm(a.to(at::kDouble), w.t().to(at::kDouble));
+  auto buffer = at::full({720, 40}, 7.0F);
+  auto block = buffer.narrow(0, 10, 700);
+  tiled_gemm_into(block, a, w.t(), /*accumulate=*/false);
+  EXPECT_LT(relative_error(block, expected), 1e-6);
+  EXPECT_TRUE(buffer.narrow(0, 0, 10).eq(7.0F).all().item<bool>());
+  EXPECT_TRUE(buffer.narrow(0, 710, 10).eq(7.0F).all().item<bool>());
+  std::vector<at::Tensor> outs = {at::empty({700, 40}), at::empty({700, 40})};
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) tiled_gemm_into(outs[i], a, w.t(), false);
+  });
+  for (const auto& out : outs) EXPECT_LT(relative_error(out, expected), 1e-6);
+  auto zeroed = at::full({5, 3}, 2.0F);
+  tiled_gemm_into(zeroed, at::empty({5, 0}), at::empty({0, 3}), /*accumulate=*/false);
+  EXPECT_TRUE(zeroed.eq(0.0F).all().item<bool>());
+}
+
+// Through gemm_into: products marked as changing rows every step take the tiles, the others
+// oneDNN's matmul; both agree with float64, and an operand neither layout serves (a matrix
+// with every second column) still gets the right product.
+TEST(CpuGemm, PerStepRowCountsTakeTheTiles) {
+  at::manual_seed(17);
+  const auto a = at::randn({129, 80}), b = at::randn({80, 33});
+  const auto expected = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+  for (const auto counts : {RowCounts::kFixed, RowCounts::kPerStep}) {
+    auto out = at::empty({129, 33});
+    gemm_into(out, a, b, false, counts);
+    EXPECT_LT(relative_error(out, expected), 1e-6);
+  }
+  const auto strided = at::randn({129, 160}).slice(1, 0, 160, 2);  // strides (160, 2)
+  ASSERT_FALSE(tiled_gemm_takes(at::empty({129, 33}), strided, b));
+  auto out = at::empty({129, 33});
+  gemm_into(out, strided, b, false, RowCounts::kPerStep);
+  EXPECT_LT(relative_error(out, at::mm(strided.to(at::kDouble), b.to(at::kDouble))), 1e-6);
 }
 
 TEST(CpuGemm, FallsBackForOtherTypes) {
