@@ -209,7 +209,9 @@ constexpr const char* kCategoryNames[Profile::kCategories] = {"expert GEMMs",
 int category_of(const std::string& op) {
   const auto has = [&](const char* s) { return op.find(s) != std::string::npos; };
   if (has("autograd::engine") || has("Backward")) return 5;
-  if (has("::mm") || has("mm_out") || has("addmm") || has("grouped_mm") || has("bmm")) return 0;
+  if (has("::mm") || has("mm_out") || has("addmm") || has("grouped_mm") || has("bmm") ||
+      has("brgemm"))
+    return 0;
   if (has("silu") || has("::mul") || has("::add") || has("::sum") || has("sigmoid")) return 1;
   if (has("index") || has("gather") || has("scatter") || has("rows") || has("copy") ||
       has("::cat") || has("clone") || has("contiguous"))

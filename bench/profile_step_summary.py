@@ -21,11 +21,11 @@ import re
 # Ops inside the "moe" scope, by name (first match wins); the rest is "moe: other". GatheredExperts
 # (CPU fp32) is the experts' whole backward in one node: its GEMMs, SwiGLU elementwise work and
 # row gathers all count as experts there. In CPU fp32 the shared experts run through it too (one
-# expert, unit gates), and the GEMMs are moe/cpu_gemm's oneDNN calls (moeforge::onednn_mm_out),
-# so routed and shared experts are one category.
+# expert, unit gates), and the GEMMs are moe/cpu_gemm's oneDNN calls (moeforge::onednn_mm_out;
+# the routed experts' moeforge::brgemm_tiles), so routed and shared experts are one category.
 MOE_OPS = [
     ("moe: experts (GEMMs; CPU fp32: routed and shared, with SwiGLU and row gathers)",
-     r"grouped_mm|^aten::mm$|mm_out|GroupedMatmul|GatheredExperts|^aten::bmm$"),
+     r"grouped_mm|^aten::mm$|mm_out|brgemm_tiles|GroupedMatmul|GatheredExperts|^aten::bmm$"),
     ("moe: routing (router, top-k, aux/z-loss, counters)",
      r"topk|softmax|sigmoid|logsumexp|bincount|one_hot|histc|entropy|scatter_add|log$|"
      r"^aten::mean|^aten::sum"),
