@@ -14,6 +14,8 @@
 //   dense-py  the dense SwiGLU in eager PyTorch;
 //   moeforge-aten, dense-aten  the same with MOEFORGE_CPU_GEMM=aten (MKL's sgemm instead of
 //             oneDNN for the fp32 products, moe/cpu_gemm.hpp);
+//   moeforge-matmul  the same with MOEFORGE_EXPERT_GEMM=matmul (the experts' products through
+//             oneDNN's matmul instead of brgemm tiles);
 //   peak      the shape's FLOPs at the rate of a large square fp32 matmul on all threads
 //             (moe::gemm_into, oneDNN: near the machine's FMA peak): no implementation of the same
 //             math in fp32 gets below this time, so "vs peak" is the fraction of peak reached, and
@@ -134,12 +136,13 @@ Measurement moeforge_dense(const Shape& s, int iterations) {
       iterations);
 }
 
-// Runs `measure` (which forks its child) with MOEFORGE_CPU_GEMM=aten in the environment the
-// child inherits; the parent does no ATen work, so its own choice is never made.
-Measurement with_aten_gemm(const std::function<Measurement()>& measure) {
-  setenv("MOEFORGE_CPU_GEMM", "aten", 1);
+// Runs `measure` (which forks its child) with `variable`=`value` in the environment the child
+// inherits; the parent does no ATen work, so its own kernel choices are never made.
+Measurement with_env(const char* variable, const char* value,
+                     const std::function<Measurement()>& measure) {
+  setenv(variable, value, 1);
   const auto result = measure();
-  unsetenv("MOEFORGE_CPU_GEMM");
+  unsetenv(variable);
   return result;
 }
 
@@ -334,11 +337,20 @@ std::vector<Column> columns(const std::vector<std::string>& names) {
     // alone is worth.
     if (name == "moeforge-aten")
       chosen.push_back({name, [](const Shape& s, int n) {
-                          return with_aten_gemm([&] { return moeforge_moe(s, n); });
+                          return with_env("MOEFORGE_CPU_GEMM", "aten",
+                                          [&] { return moeforge_moe(s, n); });
                         }});
     if (name == "dense-aten")
       chosen.push_back({name, [](const Shape& s, int n) {
-                          return with_aten_gemm([&] { return moeforge_dense(s, n); });
+                          return with_env("MOEFORGE_CPU_GEMM", "aten",
+                                          [&] { return moeforge_dense(s, n); });
+                        }});
+    // The experts' products through oneDNN's matmul (64-row steps, MKL remainder) instead of
+    // the brgemm tiles: what the tiles alone are worth.
+    if (name == "moeforge-matmul")
+      chosen.push_back({name, [](const Shape& s, int n) {
+                          return with_env("MOEFORGE_EXPERT_GEMM", "matmul",
+                                          [&] { return moeforge_moe(s, n); });
                         }});
     if (name == "peak") chosen.push_back({name, fp32_peak});
     if (name == "eager" || name == "hf")
