@@ -40,9 +40,8 @@ float* pack_buffer(int slot) {
   };
   thread_local std::unique_ptr<float[], Aligned> buffers[2];
   auto& buffer = buffers[slot];
-  if (!buffer)
-    buffer.reset(static_cast<float*>(
-        ::operator new[](kPanel* kPanel * sizeof(float), std::align_val_t{64})));
+  constexpr size_t kBytes = sizeof(float) * kPanel * kPanel;
+  if (!buffer) buffer.reset(static_cast<float*>(::operator new[](kBytes, std::align_val_t{64})));
   return buffer.get();
 }
 
