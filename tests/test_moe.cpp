@@ -515,5 +515,21 @@ TEST(RowKernels, RowDotsThenScale) {
   EXPECT_TRUE(scaled.allclose(b * scale.unsqueeze(1)));
 }
 
+// Exact transposes at sizes with and without ragged 8 x 8 edges, from a block inside a wider
+// matrix into a block of a wider one (the destination's other columns untouched).
+TEST(RowKernels, TransposeRowsExactlyWithRaggedEdges) {
+  at::manual_seed(23);
+  for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{
+           {1, 1}, {8, 8}, {7, 9}, {16, 24}, {37, 130}, {256, 5}}) {
+    const auto source = at::randn({rows, cols + 3});
+    auto target = at::full({cols, rows + 2}, 5.0F);
+    transpose_rows(rows, cols, {source.const_data_ptr<float>() + 1, cols + 3},
+                   {target.data_ptr<float>(), rows + 2});
+    EXPECT_TRUE(target.narrow(1, 0, rows).equal(source.narrow(1, 1, cols).t()))
+        << rows << "x" << cols;
+    EXPECT_TRUE(target.narrow(1, rows, 2).eq(5.0F).all().item<bool>()) << rows << "x" << cols;
+  }
+}
+
 }  // namespace
 }  // namespace moeforge::moe
