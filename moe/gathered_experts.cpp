@@ -84,43 +84,49 @@ int64_t scratch_rows(const std::vector<int64_t>& counts) {
   return counts.empty() ? 0 : std::min(kBlockRows, *std::max_element(counts.begin(), counts.end()));
 }
 
-// Experts split into contiguous shares, one per thread, balanced by rows: boundaries
-// [0, b1, ..., E]. Shares run concurrently with each op single-threaded, which beats threading
-// every small GEMM and elementwise op of a fine-grained layer (each a fork and join). One share
-// (every op multi-threaded) when there is one thread or no split keeps the shares within 25% of
-// an even split (one large expert, or fewer experts than threads).
-std::vector<int64_t> thread_shares(const std::vector<int64_t>& rows) {
+// Each thread's experts (ascending within a share). Assigned largest first to the least loaded
+// share (longest-processing-time first; deterministic: ties go to the lower share), an expert
+// costing its rows plus kExpertCost for the per-expert fixed work (its products' packing and
+// tails, its scratch). Shares run concurrently with each op single-threaded, which beats
+// threading every small GEMM and elementwise op of a fine-grained layer (each a fork and join).
+// One share (every op multi-threaded) when there is one thread or the largest share would exceed
+// an even split by 25% (one large expert, or fewer experts than threads).
+constexpr int64_t kExpertCost = 32;  // rows' worth
+using Shares = std::vector<std::vector<int64_t>>;
+Shares thread_shares(const std::vector<int64_t>& rows) {
   const auto experts = static_cast<int64_t>(rows.size());
   const int64_t threads = at::get_num_threads();
-  const int64_t total = std::accumulate(rows.begin(), rows.end(), int64_t{0});
-  std::vector<int64_t> bounds = {0};
-  int64_t sum = 0, biggest = 0, share_start = 0;
-  for (int64_t e = 0; e < experts; ++e) {
-    sum += rows[e];
-    const auto shares = static_cast<int64_t>(bounds.size());
-    if (shares < threads && sum * threads >= total * shares) {
-      biggest = std::max(biggest, sum - share_start);
-      share_start = sum;
-      bounds.push_back(e + 1);
-    }
+  std::vector<int64_t> all(experts);
+  std::iota(all.begin(), all.end(), int64_t{0});
+  if (threads < 2) return {all};
+  const auto cost = [&](int64_t e) { return rows[e] > 0 ? rows[e] + kExpertCost : 0; };
+  std::vector<int64_t> by_cost = all;
+  std::stable_sort(by_cost.begin(), by_cost.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  Shares shares(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const int64_t e : by_cost) {
+    const auto least = std::min_element(load.begin(), load.end()) - load.begin();
+    shares[least].push_back(e);
+    load[least] += cost(e);
   }
-  biggest = std::max(biggest, sum - share_start);
-  if (bounds.back() != experts) bounds.push_back(experts);
-  const bool balanced = threads > 1 && static_cast<int64_t>(bounds.size()) == threads + 1 &&
-                        biggest * threads * 4 <= total * 5;
-  return balanced ? bounds : std::vector<int64_t>{0, experts};
+  const int64_t total = std::accumulate(load.begin(), load.end(), int64_t{0});
+  const int64_t largest = *std::max_element(load.begin(), load.end());
+  if (largest * threads * 4 > total * 5) return {all};
+  for (auto& share : shares) std::sort(share.begin(), share.end());
+  return shares;
 }
 
 // per_block(e, first row, rows, share, first block of e) for every block of at most kBlockRows
-// rows of every expert, in order (once with 0 rows for an expert without rows), shares
-// concurrently.
+// rows of every expert, each share's experts in order (once with 0 rows for an expert without
+// rows), shares concurrently.
 template <class PerBlock>
-void for_each_expert(const std::vector<int64_t>& rows, const std::vector<int64_t>& bounds,
+void for_each_expert(const std::vector<int64_t>& rows, const Shares& shares,
                      const PerBlock& per_block) {
   std::vector<int64_t> first(rows.size() + 1, 0);
   std::partial_sum(rows.begin(), rows.end(), first.begin() + 1);
   const auto run_share = [&](int64_t share) {
-    for (int64_t e = bounds[share]; e < bounds[share + 1]; ++e) {
+    for (const int64_t e : shares[share]) {
       int64_t done = 0;
       do {
         per_block(e, first[e] + done, std::min(kBlockRows, rows[e] - done), share, done == 0);
@@ -128,12 +134,11 @@ void for_each_expert(const std::vector<int64_t>& rows, const std::vector<int64_t
       } while (done < rows[e]);
     }
   };
-  const auto shares = static_cast<int64_t>(bounds.size()) - 1;
-  if (shares == 1) return run_share(0);
+  if (shares.size() == 1) return run_share(0);
   // The shares call ATen ops, which read thread-local state: autograd's grad mode (off inside a
   // custom function), the profiler's. OpenMP's threads start without the caller's.
   const at::ThreadLocalState caller_state;
-  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(shares.size()), 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard state(caller_state);
     for (int64_t share = begin; share < end; ++share) run_share(share);
   });
@@ -178,10 +183,10 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                             const at::Tensor& w_up, const at::Tensor& w_down,
                             const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert,
                             bool gathered, bool fixed_rows) {
-    const auto bounds = thread_shares(rows_per_expert);
+    const auto shares = thread_shares(rows_per_expert);
     Outputs out(x, row_gates, w_gate, token_of_row, gathered, scratch_rows(rows_per_expert),
-                bounds.size() - 1, row_counts_of(fixed_rows));
-    for_each_expert(rows_per_expert, bounds,
+                shares.size(), row_counts_of(fixed_rows));
+    for_each_expert(rows_per_expert, shares,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool /*first_block*/) {
                       if (n > 0) out.add_block(e, first, n, s, w_gate, w_up, w_down);
                     });
@@ -197,12 +202,11 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                                                torch::autograd::tensor_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const auto rows_per_expert = ctx->saved_data["rows"].toIntVector();
-    const auto bounds = thread_shares(rows_per_expert);
+    const auto shares = thread_shares(rows_per_expert);
     Gradients grads(saved, grad_outputs[0].contiguous(), scratch_rows(rows_per_expert),
-                    bounds.size() - 1, ctx->saved_data["gathered"].toBool(),
-                    ctx->needs_input_grad(1),
+                    shares.size(), ctx->saved_data["gathered"].toBool(), ctx->needs_input_grad(1),
                     row_counts_of(ctx->saved_data["fixed_rows"].toBool()));
-    for_each_expert(rows_per_expert, bounds,
+    for_each_expert(rows_per_expert, shares,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool first_block) {
                       if (n > 0)
                         grads.add_block(e, first, n, grads.shares[s], first_block);
