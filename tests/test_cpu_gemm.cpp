@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <functional>
+
 #include "moe/cpu_gemm.hpp"
 #include "moe/projection.hpp"
 #include "moe/tiled_gemm.hpp"
@@ -26,24 +28,32 @@ TEST(CpuGemm, OneDnnServesFp32InThisLibTorch) {
   EXPECT_EQ(cpu_gemm(), CpuGemm::kOneDnn);
 }
 
+using Product = std::function<void(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                   bool accumulate)>;
+
+// product(out, a, b, ·) against float64: written over NaN (every element must be written), and
+// accumulated onto a known start.
+void expect_product(const Product& product, const at::Tensor& a, const at::Tensor& b) {
+  const auto expected = at::mm(a.to(at::kDouble), b.to(at::kDouble));
+  const auto label = ::testing::Message()
+                     << a.size(0) << "x" << a.size(1) << "x" << b.size(1)
+                     << (a.is_contiguous() ? "" : " aT") << (b.is_contiguous() ? "" : " bT");
+  auto out = at::full({a.size(0), b.size(1)}, std::nan(""));
+  product(out, a, b, /*accumulate=*/false);
+  EXPECT_LT(relative_error(out, expected), 1e-6) << label;
+  const auto start = at::randn({a.size(0), b.size(1)});
+  auto sum = start.clone();
+  product(sum, a, b, /*accumulate=*/true);
+  EXPECT_LT(relative_error(sum, expected + start.to(at::kDouble)), 1e-6) << label << " accumulated";
+}
+
 TEST(CpuGemm, MatchesFloat64AroundTheShapeSplit) {
   at::manual_seed(11);
-  for (const int64_t rows : {1, 63, 64, 65, 200}) {
-    for (const int64_t depth : {17, 64, 100, 192}) {
-      const int64_t columns = 48;
-      const auto a = at::randn({rows, depth}), b = at::randn({depth, columns});
-      const auto expected = at::mm(a.to(at::kDouble), b.to(at::kDouble));
-      auto out = at::full({rows, columns}, std::nan(""));  // every element must be written
-      gemm_into(out, a, b);
-      EXPECT_LT(relative_error(out, expected), 1e-6) << rows << "x" << depth;
-      // Accumulate onto a known start.
-      const auto start = at::randn({rows, columns});
-      auto sum = start.clone();
-      gemm_into(sum, a, b, /*accumulate=*/true);
-      EXPECT_LT(relative_error(sum, expected + start.to(at::kDouble)), 1e-6)
-          << rows << "x" << depth << " accumulated";
-    }
-  }
+  const Product product = [](const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                             bool accumulate) { gemm_into(out, a, b, accumulate); };
+  for (const int64_t rows : {1, 63, 64, 65, 200})
+    for (const int64_t depth : {17, 64, 100, 192})
+      expect_product(product, at::randn({rows, depth}), at::randn({depth, 48}));
 }
 
 // The layouts the experts use: aᵀ (weight gradients over rows), bᵀ (weights [N, K]), and a
@@ -68,25 +78,18 @@ at::Tensor laid_out(const at::Tensor& t, bool transposed) {
 // 64, powers of two down to 1), with each operand in either layout, written and accumulated.
 TEST(TiledGemm, MatchesFloat64InEveryLayoutAndPiece) {
   at::manual_seed(15);
+  const Product product = [](const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                             bool accumulate) {
+    ASSERT_TRUE(tiled_gemm_takes(out, a, b));
+    tiled_gemm_into(out, a, b, accumulate);
+  };
   for (const int64_t rows : {1, 7, 64, 117, 300}) {
     for (const int64_t depth : {1, 37, 256, 333}) {
       const int64_t columns = rows == 117 ? 520 : 48;
       const auto a = at::randn({rows, depth}), b = at::randn({depth, columns});
-      const auto expected = at::mm(a.to(at::kDouble), b.to(at::kDouble));
-      const auto start = at::randn({rows, columns});
-      for (const bool a_t : {false, true}) {
-        for (const bool b_t : {false, true}) {
-          const auto la = laid_out(a, a_t), lb = laid_out(b, b_t);
-          ASSERT_TRUE(tiled_gemm_takes(start, la, lb));
-          auto out = at::full({rows, columns}, std::nan(""));  // every element must be written
-          tiled_gemm_into(out, la, lb, /*accumulate=*/false);
-          EXPECT_LT(relative_error(out, expected), 1e-6) << rows << "x" << depth << "x" << columns;
-          auto sum = start.clone();
-          tiled_gemm_into(sum, la, lb, /*accumulate=*/true);
-          EXPECT_LT(relative_error(sum, expected + start.to(at::kDouble)), 1e-6)
-              << rows << "x" << depth << " accumulated";
-        }
-      }
+      for (const bool a_t : {false, true})
+        for (const bool b_t : {false, true})
+          expect_product(product, laid_out(a, a_t), laid_out(b, b_t));
     }
   }
 }
