@@ -85,6 +85,7 @@ bool uses_onednn(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 CpuGemm cpu_gemm() {
   static const CpuGemm kernel = [] {
     const CpuGemm requested = requested_kernel();
+    experts_tiled();  // both variables checked at the first product (the run's MFU probe)
     if (requested == CpuGemm::kOneDnn && !onednn_takes_fp32()) return CpuGemm::kAten;
     return requested;
   }();
