@@ -4,12 +4,19 @@
 // the projection's autograd node.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <functional>
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "moe/cpu_gemm.hpp"
+#include "moe/experts.hpp"
+#include "moe/gathered_experts.hpp"
 #include "moe/projection.hpp"
 #include "moe/tiled_gemm.hpp"
 
@@ -133,6 +140,65 @@ TEST(CpuGemm, PerStepRowCountsTakeTheTiles) {
   auto out = at::empty({129, 33});
   gemm_into(out, strided, b, false, RowCounts::kPerStep);
   EXPECT_LT(relative_error(out, at::mm(strided.to(at::kDouble), b.to(at::kDouble))), 1e-6);
+}
+
+// Kernel calls by name while a guard lives (RecordFunction's global callbacks see every
+// thread, the experts' shares included).
+class KernelCalls {
+ public:
+  KernelCalls()
+      : handle_(at::addGlobalCallback(at::RecordFunctionCallback(&KernelCalls::count)
+                                          .needsInputs(false)
+                                          .scopes({at::RecordScope::FUNCTION}))) {
+    tiles() = matmul() = 0;
+  }
+  ~KernelCalls() { at::removeCallback(handle_); }
+  KernelCalls(const KernelCalls&) = delete;
+  KernelCalls& operator=(const KernelCalls&) = delete;
+  static std::atomic<int>& tiles() {
+    static std::atomic<int> calls{0};
+    return calls;
+  }
+  static std::atomic<int>& matmul() {
+    static std::atomic<int> calls{0};
+    return calls;
+  }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> count(const at::RecordFunction& fn) {
+    const std::string name = fn.name();
+    if (name == "moeforge::brgemm_tiles") ++tiles();
+    if (name == "moeforge::onednn_mm_out") ++matmul();
+    return nullptr;
+  }
+  at::CallbackHandle handle_;
+};
+
+// The routed experts (rows changing every step) take the tiles; a dense FeedForward, run as
+// one expert, takes oneDNN's matmul: which kernel serves which product is part of the speed
+// the benchmarks report, so a silent change of path fails here.
+TEST(CpuGemm, RoutedExpertsTakeTheTilesAndDenseTheMatmul) {
+  if (std::getenv("MOEFORGE_CPU_GEMM") || std::getenv("MOEFORGE_EXPERT_GEMM"))
+    GTEST_SKIP() << "kernel choice set by the caller";
+  at::manual_seed(18);
+  const std::vector<int64_t> rows_per_expert = {70, 0, 130};
+  const auto rows = at::randn({200, 64}).requires_grad_();
+  const auto gates = at::rand({200});
+  const auto wg = at::randn({3, 96, 64}) * 0.1, wu = at::randn({3, 96, 64}) * 0.1;
+  const auto wd = at::randn({3, 64, 96}) * 0.1;
+  {
+    const KernelCalls calls;
+    gated_expert_rows(rows, gates, rows_per_expert, wg, wu, wd).sum().backward();
+    EXPECT_EQ(KernelCalls::tiles(), 2 * 9);  // 3 forward + 6 backward products per expert
+    EXPECT_EQ(KernelCalls::matmul(), 0);
+  }
+  {
+    const KernelCalls calls;
+    FeedForward dense(64, 96);
+    dense(rows).sum().backward();
+    EXPECT_EQ(KernelCalls::tiles(), 0);
+    EXPECT_GT(KernelCalls::matmul(), 0);
+  }
 }
 
 TEST(CpuGemm, FallsBackForOtherTypes) {
