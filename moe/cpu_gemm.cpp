@@ -23,13 +23,20 @@ namespace {
 // oneDNN sees row and reduction counts in steps of this; the remainder goes to ATen.
 constexpr int64_t kShapeStep = 64;
 
+// Whether environment variable `name` chose `other` over `fallback` (its default); any third
+// value is an error naming both.
+bool environment_chose(const char* name, const std::string& fallback, const std::string& other) {
+  const char* value = std::getenv(name);
+  const std::string choice = value ? value : fallback;
+  if (choice != fallback && choice != other)
+    throw std::invalid_argument(std::string(name) + "='" + choice + "': allowed values are " +
+                                fallback + " (default) and " + other);
+  return choice == other;
+}
+
 CpuGemm requested_kernel() {
-  const char* value = std::getenv("MOEFORGE_CPU_GEMM");
-  const std::string choice = value ? value : "onednn";
-  if (choice == "onednn") return CpuGemm::kOneDnn;
-  if (choice == "aten") return CpuGemm::kAten;
-  throw std::invalid_argument("MOEFORGE_CPU_GEMM='" + choice +
-                              "': allowed values are onednn (default) and aten");
+  return environment_chose("MOEFORGE_CPU_GEMM", "onednn", "aten") ? CpuGemm::kAten
+                                                                  : CpuGemm::kOneDnn;
 }
 
 // oneDNN takes fp32 in this LibTorch and agrees with a float64 product; anything else (an
@@ -64,14 +71,7 @@ void aten_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
 
 // Whether the experts' products go through brgemm tiles (MOEFORGE_EXPERT_GEMM).
 bool experts_tiled() {
-  static const bool tiled = [] {
-    const char* value = std::getenv("MOEFORGE_EXPERT_GEMM");
-    const std::string choice = value ? value : "tiles";
-    if (choice != "tiles" && choice != "matmul")
-      throw std::invalid_argument("MOEFORGE_EXPERT_GEMM='" + choice +
-                                  "': allowed values are tiles (default) and matmul");
-    return choice == "tiles";
-  }();
+  static const bool tiled = !environment_chose("MOEFORGE_EXPERT_GEMM", "tiles", "matmul");
   return tiled;
 }
 

@@ -144,10 +144,6 @@ void for_each_expert(const std::vector<int64_t>& rows, const Shares& shares,
   });
 }
 
-RowCounts row_counts_of(bool fixed_rows) {
-  return fixed_rows ? RowCounts::kFixed : RowCounts::kPerStep;
-}
-
 // One output (y or dx) per share, so concurrent shares never add into the same token; the
 // first is the result, the others are added into it after the shares finish.
 std::vector<at::Tensor> share_outputs(const at::Tensor& like, size_t shares) {
@@ -182,10 +178,10 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
                             const at::Tensor& row_gates, const at::Tensor& w_gate,
                             const at::Tensor& w_up, const at::Tensor& w_down,
                             const at::Tensor& token_of_row, std::vector<int64_t> rows_per_expert,
-                            bool gathered, bool fixed_rows) {
+                            bool gathered, RowCounts row_counts) {
     const auto shares = thread_shares(rows_per_expert);
     Outputs out(x, row_gates, w_gate, token_of_row, gathered, scratch_rows(rows_per_expert),
-                shares.size(), row_counts_of(fixed_rows));
+                shares.size(), row_counts);
     for_each_expert(rows_per_expert, shares,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool /*first_block*/) {
                       if (n > 0) out.add_block(e, first, n, s, w_gate, w_up, w_down);
@@ -194,7 +190,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
         {x, row_gates, w_gate, w_up, w_down, token_of_row, out.gate_out, out.up_out});
     ctx->saved_data["rows"] = rows_per_expert;
     ctx->saved_data["gathered"] = gathered;
-    ctx->saved_data["fixed_rows"] = fixed_rows;
+    ctx->saved_data["row_counts"] = static_cast<int64_t>(row_counts);
     return sum_shares(out.y);
   }
 
@@ -205,7 +201,7 @@ class GatheredExperts : public torch::autograd::Function<GatheredExperts> {
     const auto shares = thread_shares(rows_per_expert);
     Gradients grads(saved, grad_outputs[0].contiguous(), scratch_rows(rows_per_expert),
                     shares.size(), ctx->saved_data["gathered"].toBool(), ctx->needs_input_grad(1),
-                    row_counts_of(ctx->saved_data["fixed_rows"].toBool()));
+                    static_cast<RowCounts>(ctx->saved_data["row_counts"].toInt()));
     for_each_expert(rows_per_expert, shares,
                     [&](int64_t e, int64_t first, int64_t n, int64_t s, bool first_block) {
                       if (n > 0)
@@ -380,7 +376,7 @@ at::Tensor gathered_experts(const at::Tensor& x, const at::Tensor& row_gates,
               "gathered_experts: CPU fp32 rows and gates, int64 token indices expected");
   return GatheredExperts::apply(x.contiguous(), row_gates.contiguous(), w_gate, w_up, w_down,
                                 token_of_row.contiguous(), rows_per_expert, /*gathered=*/true,
-                                /*fixed_rows=*/false);
+                                RowCounts::kPerStep);
 }
 
 at::Tensor gated_expert_rows(const at::Tensor& rows, const at::Tensor& row_gates,
@@ -392,8 +388,7 @@ at::Tensor gated_expert_rows(const at::Tensor& rows, const at::Tensor& row_gates
               "gated_expert_rows: CPU fp32 rows and one fp32 gate per row expected");
   return GatheredExperts::apply(rows.contiguous(), row_gates.reshape({-1}).contiguous(), w_gate,
                                 w_up, w_down, at::empty({0}, rows.options().dtype(at::kLong)),
-                                rows_per_expert, /*gathered=*/false,
-                                /*fixed_rows=*/row_counts == RowCounts::kFixed);
+                                rows_per_expert, /*gathered=*/false, row_counts);
 }
 
 bool gathered_experts_apply(const at::Tensor& x) {
